@@ -1,0 +1,67 @@
+"""Runs several vLLM engines one after another in one process; prints JSON results.
+
+Used by the end-to-end tests through a subprocess, so a crashing engine cannot
+take the test process with it and Python/vLLM start-up is paid once per batch.
+Input (stdin): {"jobs": [{"model", "quantization", "dtype", "prompts", "max_tokens"}]}.
+Output (last stdout line): {"results": [{"quantization_used", "prompt_logprobs", "texts"} | {"error"}]}.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+
+
+def run_job(job: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        job["model"],
+        quantization=job.get("quantization"),
+        dtype=job.get("dtype", "float32"),
+        max_model_len=512,
+        enforce_eager=True,
+        seed=0,
+    )
+    try:
+        params = SamplingParams(max_tokens=job.get("max_tokens", 4), temperature=0.0, prompt_logprobs=0)
+        outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
+        return {
+            "quantization_used": llm.llm_engine.vllm_config.model_config.quantization,
+            # logprob of each actual prompt token (the first token has none)
+            "prompt_logprobs": [
+                [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:])]
+                for o, p in zip(outs, job["prompts"])
+            ],
+            "output_token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        }
+    finally:
+        del llm
+        gc.collect()
+
+
+def main() -> None:
+    from vllm_ptq_ascend.env import apply_cpu_defaults
+
+    apply_cpu_defaults()
+    jobs = json.loads(sys.stdin.read())["jobs"]
+    results = []
+    for job in jobs:
+        try:
+            results.append(run_job(job))
+        except Exception as e:  # reported per job; the test decides
+            results.append({"error": f"{type(e).__name__}: {e}"})
+            # a failed start leaves vLLM's process groups half set up: tear them down
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+    print("\n" + json.dumps({"results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Pure-torch float64 references, written independently of the package under test.
+
+`unpack_int32` re-derives compressed-tensors' dense little-endian packing from
+its definition; the fake-quant model dequantizes a checkpoint's tensors and
+quantizes activations exactly as the config says, all in float64.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def unpack_int32(packed: torch.Tensor, num_bits: int, n: int, dim: int) -> torch.Tensor:
+    """Signed values from int32 words holding `num_bits`-wide unsigned fields (value + 2^(bits-1))."""
+    p = packed if dim == 1 else packed.t()
+    words = p.to(torch.int64) & 0xFFFFFFFF
+    per = 32 // num_bits
+    fields = [(words >> (num_bits * i)) & ((1 << num_bits) - 1) for i in range(per)]
+    vals = torch.stack(fields, dim=-1).reshape(p.shape[0], -1)[:, :n]
+    vals = vals - (1 << (num_bits - 1))
+    return vals if dim == 1 else vals.t()
+
+
+def pack_int32(values: torch.Tensor, num_bits: int, dim: int) -> torch.Tensor:
+    """Inverse of unpack_int32 (for building hand-made checkpoints in tests)."""
+    v = values if dim == 1 else values.t()
+    per = 32 // num_bits
+    u = (v.to(torch.int64) + (1 << (num_bits - 1))) & ((1 << num_bits) - 1)
+    pad = (-u.shape[1]) % per
+    u = torch.nn.functional.pad(u, (0, pad)).reshape(u.shape[0], -1, per)
+    words = sum(u[..., i] << (num_bits * i) for i in range(per))
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words if dim == 1 else words.t().contiguous()
+
+
+def quant_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize each row to symmetric int8 (float64)."""
+    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-10) / 127.0
+    return torch.round(x / s).clamp(-128, 127) * s
+
+
+def quant_static(x: torch.Tensor, scale: float, zp: int = 0) -> torch.Tensor:
+    q = torch.round(x / scale) + zp
+    return (q.clamp(-128, 127) - zp) * scale
+
+
+def dequant_weight(sd: dict, name: str, wargs: dict) -> torch.Tensor:
+    """float64 weight [out, in] of layer `name` from its checkpoint tensors."""
+    bits = wargs["num_bits"]
+    scale = sd[f"{name}.weight_scale"].double()
+    if f"{name}.weight_packed" in sd:
+        out_f, in_f = (int(v) for v in sd[f"{name}.weight_shape"])
+        q = unpack_int32(sd[f"{name}.weight_packed"], bits, in_f, 1)
+    else:
+        q = sd[f"{name}.weight"].to(torch.int64)
+        out_f, in_f = q.shape
+    zp = sd.get(f"{name}.weight_zero_point")
+    if zp is not None:
+        zp = unpack_int32(zp, bits, out_f, 0) if zp.shape[0] != out_f else zp.to(torch.int64)
+    if scale.numel() == 1 or scale.dim() == 1:
+        groups = torch.zeros(in_f, dtype=torch.long)
+        scale = scale.reshape(1, 1).expand(out_f, 1)
+    elif f"{name}.weight_g_idx" in sd:
+        groups = sd[f"{name}.weight_g_idx"].long()
+    else:
+        groups = torch.arange(in_f) // (in_f // scale.shape[1])
+    w = q.double()
+    if zp is not None:
+        w = w - zp.double()[:, groups]
+    return w * scale[:, groups]
+
+
+class FakeQuantModel:
+    """The checkpoint's architecture in float64 with dequantized weights and quantized activations."""
+
+    def __init__(self, ckpt: str | Path):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        ckpt = Path(ckpt)
+        cfg = AutoConfig.from_pretrained(ckpt)
+        qcfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        self.model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float64).eval()
+        sd = {}
+        for f in sorted(ckpt.glob("*.safetensors")):
+            sd.update(load_file(f))
+        (group,) = qcfg["config_groups"].values()  # tests build single-group checkpoints
+        ignore = set(qcfg.get("ignore", []))
+        state = {}
+        for mname, module in self.model.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            if mname in ignore:
+                state[f"{mname}.weight"] = sd[f"{mname}.weight"].double()
+                continue
+            state[f"{mname}.weight"] = dequant_weight(sd, mname, group["weights"])
+            acts = group.get("input_activations")
+            if acts:
+                module.register_forward_pre_hook(self._act_hook(sd, mname, acts))
+        for k, v in sd.items():
+            if k not in state and not any(
+                k.endswith(s) for s in ("_scale", "_zero_point", "_packed", "_shape", "_g_idx")
+            ):
+                state.setdefault(k, v.double())
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        assert not unexpected, unexpected
+        assert all("rotary" in m for m in missing), missing
+
+    @staticmethod
+    def _act_hook(sd, name, acts):
+        if acts["dynamic"]:
+            return lambda mod, args: (quant_per_token(args[0]),)
+        scale = float(sd[f"{name}.input_scale"].double().max())
+        zp = int(sd[f"{name}.input_zero_point"].item()) if f"{name}.input_zero_point" in sd else 0
+        return lambda mod, args: (quant_static(args[0], scale, zp),)
+
+    @torch.no_grad()
+    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log p(token_i | tokens_<i) for i >= 1."""
+        ids = torch.tensor([token_ids])
+        logp = torch.log_softmax(self.model(ids).logits[0].double(), -1)
+        return [float(logp[i - 1, t]) for i, t in enumerate(token_ids) if i > 0]

@@ -1,0 +1,113 @@
+"""Each scheme, through a real vLLM linear layer and the CPU backend, against a float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layer_helpers import (
+    W8A8_DYNAMIC,
+    build_layer,
+    ct_config,
+    load_tensors,
+    make_w8a8_tensors,
+    make_wna16_tensors,
+    w8a8_static,
+    wna16,
+)
+from reference import dequant_weight, quant_per_token, quant_static
+
+# (out, in): a kernel-friendly shape and odd ones that force the fallbacks.
+SHAPES = [(128, 256), (40, 96), (33, 72)]
+# Relative error budgets: fp32 differs from float64 only by accumulation order;
+# bf16 outputs carry 8 mantissa bits (2^-8 ~ 0.4%), with activations rounded too.
+REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def run_layer(layer, x):
+    layer.quant_method.process_weights_after_loading(layer)
+    out = layer(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def ref_w8a8(x, tensors, acts_static, symmetric):
+    sd = {f"L.{k}": v for k, v in tensors.items()}
+    w = dequant_weight(sd, "L", {"num_bits": 8})
+    x64 = x.double()
+    if not acts_static:
+        xq = quant_per_token(x64)
+    else:
+        zp = int(tensors["input_zero_point"]) if not symmetric else 0
+        xq = quant_static(x64, float(tensors["input_scale"]), zp)
+    return xq @ w.t()
+
+
+@pytest.mark.parametrize("out_f,in_f", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "mode", ["dynamic", "static-sym", "static-asym", "static-sym-pertensor-weights"]
+)
+@pytest.mark.parametrize("m", [1, 7, 40])
+def test_w8a8(vllm_dist, out_f, in_f, dtype, mode, m):
+    static = mode.startswith("static")
+    symmetric = "asym" not in mode
+    per_channel = "pertensor" not in mode
+    wargs, aargs = W8A8_DYNAMIC if not static else w8a8_static(symmetric, "channel" if per_channel else "tensor")
+    layer = build_layer("ReplicatedLinear", ct_config(wargs, aargs), in_f, out_f, dtype, bias=False)
+    tensors = make_w8a8_tensors(out_f, in_f, per_channel=per_channel, static=static, symmetric=symmetric)
+    load_tensors(layer, tensors)
+    x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out = run_layer(layer, x)
+    assert out.dtype == dtype and out.shape == (m, out_f)
+    ref = ref_w8a8(x, tensors, static, symmetric)
+    assert rel_err(out, ref) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("out_f,in_f", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "bits,group,symmetric,act_order",
+    [
+        (4, 32, True, False),
+        (4, 64, False, False),
+        (4, 128, True, False),
+        (4, None, True, False),  # per-channel
+        (4, None, False, False),
+        (8, 32, True, False),
+        (8, None, False, False),
+        (4, 32, True, True),  # GPTQ act-order (g_idx)
+        (4, 32, False, True),
+    ],
+)
+def test_wna16(vllm_dist, out_f, in_f, dtype, bits, group, symmetric, act_order):
+    if group and in_f % group:
+        pytest.skip(f"group {group} does not divide {in_f} (rejection is tested separately)")
+    cfg = ct_config(wna16(bits, group, symmetric, "group" if act_order else None))
+    layer = build_layer("ReplicatedLinear", cfg, in_f, out_f, dtype, bias=True)
+    tensors = make_wna16_tensors(out_f, in_f, bits, group, symmetric, act_order)
+    tensors["weight_scale"] = tensors["weight_scale"].to(dtype)
+    load_tensors(layer, tensors)
+    bias = torch.randn(out_f).to(dtype)
+    layer.bias.data.copy_(bias)
+    x = torch.randn(5, in_f, generator=torch.Generator().manual_seed(2)).to(dtype)
+    out = run_layer(layer, x)
+    sd = {f"L.{k}": v for k, v in tensors.items()}
+    ref = x.double() @ dequant_weight(sd, "L", {"num_bits": bits}).t() + bias.double()
+    assert out.dtype == dtype and out.shape == (5, out_f)
+    assert rel_err(out, ref) < REL_TOL[dtype]
+
+
+def test_fast_kernels_are_used_where_they_apply(vllm_dist):
+    """bf16 W4A16 at kernel-friendly shapes runs vLLM-CPU's cpu_gemm_wna16, act-order included."""
+    for act_order in (False, True):
+        cfg = ct_config(wna16(4, 32, True, "group" if act_order else None))
+        layer = build_layer("ReplicatedLinear", cfg, 256, 128, torch.bfloat16)
+        tensors = make_wna16_tensors(128, 256, 4, 32, True, act_order)
+        load_tensors(layer, tensors)
+        layer.quant_method.process_weights_after_loading(layer)
+        assert layer.ptq_wna16_fast
+        assert (layer.ptq_perm is not None) == act_order

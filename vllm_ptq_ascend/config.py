@@ -1,0 +1,250 @@
+"""``ptq_ascend``: a compressed-tensors checkpoint -> one scheme per linear layer.
+
+The checkpoint's ``quantization_config`` is parsed with compressed-tensors' own
+pydantic types. Each config group is turned into a scheme plan once (so an
+unsupported group fails at start-up, naming the group); each linear layer is
+then matched to a group by vLLM's own target/ignore matching (exact names,
+``re:`` patterns, module class names), shard by shard for fused layers, which
+must agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig as CTQuantizationConfig,
+    QuantizationStrategy,
+    QuantizationType,
+)
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization.base_config import (
+    QuantizationConfig,
+    QuantizeMethodBase,
+)
+from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
+    find_matched_target,
+    should_ignore_layer,
+)
+
+from vllm_ptq_ascend import QUANT_METHOD
+from vllm_ptq_ascend.schemes import PtqScheme, W8A8Int8Scheme, WNA16Scheme
+from vllm_ptq_ascend.validation import CheckpointError, tensor_file_index
+
+CT_METHOD = "compressed-tensors"
+INT_QUANTIZED = "int-quantized"
+PACK_QUANTIZED = "pack-quantized"
+SUPPORTED_FORMATS = (INT_QUANTIZED, PACK_QUANTIZED)
+
+
+def is_marked(hf_quant_cfg: dict[str, Any] | None) -> bool:
+    """True for a checkpoint written by our recipes (they add a ``ptq_ascend`` block)."""
+    return isinstance(hf_quant_cfg, dict) and isinstance(hf_quant_cfg.get(QUANT_METHOD), dict)
+
+
+@dataclass(frozen=True)
+class SchemePlan:
+    """What one config group asks for, checked to be servable; builds per-layer schemes."""
+
+    group: str
+    kind: str  # "w8a8" | "wna16"
+    options: tuple[tuple[str, Any], ...]
+
+    def build(self, layer_name: str, files: dict[str, str]) -> PtqScheme:
+        cls = W8A8Int8Scheme if self.kind == "w8a8" else WNA16Scheme
+        return cls(layer_name, files=files, **dict(self.options))
+
+
+def _lift_group_actorder(config: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """compressed-tensors 0.19 rejects actorder "group"/"dynamic" (older GPTQ checkpoints);
+    we serve them from their ``weight_g_idx``, so take the flag out before validation."""
+    lifted: set[str] = set()
+    groups = {}
+    for name, group in (config.get("config_groups") or {}).items():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if isinstance(weights, dict) and weights.get("actorder") in ("group", "dynamic"):
+            group = {**group, "weights": {**weights, "actorder": None}}
+            lifted.add(name)
+        groups[name] = group
+    return ({**config, "config_groups": groups} if lifted else config), lifted
+
+
+def plan_group(
+    name: str,
+    weights: QuantizationArgs | None,
+    acts: QuantizationArgs | None,
+    fmt: str,
+    has_g_idx: bool = False,
+) -> SchemePlan | None:
+    """Map one config group to a scheme, or raise naming the group and what is unsupported."""
+    if weights is None:
+        return None
+    where = f"config.json: quantization_config.config_groups['{name}']"
+    if fmt not in SUPPORTED_FORMATS:
+        raise CheckpointError(
+            f"{where}: format {fmt!r} is not supported by {QUANT_METHOD} "
+            f"(supported: {', '.join(SUPPORTED_FORMATS)})"
+        )
+    if weights.type != QuantizationType.INT:
+        raise CheckpointError(f"{where}: weight type {weights.type.value!r}; only int is supported")
+    strategy = weights.strategy
+    if acts is not None:
+        ok = (
+            weights.num_bits == 8
+            and weights.symmetric
+            and strategy in (QuantizationStrategy.CHANNEL, QuantizationStrategy.TENSOR)
+            and acts.type == QuantizationType.INT
+            and acts.num_bits == 8
+            and (
+                (acts.dynamic is True and acts.strategy == QuantizationStrategy.TOKEN and acts.symmetric)
+                or (acts.dynamic is False and acts.strategy == QuantizationStrategy.TENSOR)
+            )
+            and fmt == INT_QUANTIZED
+        )
+        if not ok:
+            raise CheckpointError(
+                f"{where}: weights {_args(weights)} with activations {_args(acts)} "
+                f"(format {fmt}) is not a supported scheme; supported: W8A8 int8 "
+                "(symmetric per-channel/per-tensor weights; per-token dynamic or per-tensor "
+                "static activations), W4A16/W8A16 (pack-quantized, group or channel)"
+            )
+        return SchemePlan(
+            name,
+            "w8a8",
+            (
+                ("weight_per_channel", strategy == QuantizationStrategy.CHANNEL),
+                ("static_input", not acts.dynamic),
+                ("input_symmetric", bool(acts.symmetric)),
+            ),
+        )
+    if fmt != PACK_QUANTIZED or strategy not in (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL):
+        raise CheckpointError(
+            f"{where}: weight-only {_args(weights)} in format {fmt!r} is not supported; "
+            "weight-only layers must be pack-quantized with group or channel scales"
+        )
+    if weights.num_bits not in (4, 8):
+        raise CheckpointError(f"{where}: {weights.num_bits}-bit weights; supported: 4, 8")
+    return SchemePlan(
+        name,
+        "wna16",
+        (
+            ("num_bits", weights.num_bits),
+            ("group_size", weights.group_size if strategy == QuantizationStrategy.GROUP else None),
+            ("symmetric", bool(weights.symmetric)),
+            ("act_order", has_g_idx),  # actorder "weight"/"static" store no g_idx
+        ),
+    )
+
+
+def _args(a: QuantizationArgs) -> str:
+    return a.model_dump_json(include={"num_bits", "type", "symmetric", "strategy", "group_size", "dynamic"})
+
+
+class PtqAscendConfig(QuantizationConfig):
+    """vLLM quantization config for the ``ptq_ascend`` method."""
+
+    def __init__(self, ct_config: CTQuantizationConfig, plans: dict[str, SchemePlan | None], raw: dict[str, Any]):
+        super().__init__()
+        self.ct_config = ct_config
+        self.raw = raw
+        self.plans = plans
+        # target -> group name, in config order (first matching target wins, as in vLLM)
+        self.target_group: dict[str, str] = {}
+        for name, group in ct_config.config_groups.items():
+            for target in group.targets:
+                self.target_group.setdefault(target, name)
+        self.ignore = list(ct_config.ignore or [])
+        self.files: dict[str, str] = {}
+
+    # -- vLLM's QuantizationConfig API ---------------------------------------
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 75
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "PtqAscendConfig":
+        config, g_idx_groups = _lift_group_actorder(config)
+        try:
+            ct = CTQuantizationConfig.model_validate(
+                {k: v for k, v in config.items() if k != QUANT_METHOD}
+            )
+        except Exception as e:  # pydantic's message lists each bad field
+            raise CheckpointError(f"config.json: quantization_config is not valid compressed-tensors: {e}") from e
+        plans = {}
+        for name, group in ct.config_groups.items():
+            fmt = getattr(group, "format", None) or ct.format
+            plans[name] = plan_group(
+                name, group.weights, group.input_activations, fmt, name in g_idx_groups
+            )
+        return cls(ct, plans, config)
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
+        method = (hf_quant_cfg or {}).get("quant_method")
+        if user_quant == QUANT_METHOD and method in (CT_METHOD, QUANT_METHOD):
+            return QUANT_METHOD
+        if user_quant is None and is_marked(hf_quant_cfg):
+            return QUANT_METHOD
+        return None
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None):
+        # Index tensor -> file so load errors can name the file at fault.
+        self.files = tensor_file_index(model_name)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if not isinstance(layer, LinearBase):
+            return None
+        scheme = self.scheme_for(prefix, layer)
+        if scheme is None:
+            return UnquantizedLinearMethod()
+        from vllm_ptq_ascend.linear_method import PtqLinearMethod
+
+        layer.scheme = scheme
+        return PtqLinearMethod(self)
+
+    # -- layer -> scheme ------------------------------------------------------
+    def shard_names(self, prefix: str) -> list[str]:
+        """Checkpoint names behind a (possibly fused) vLLM layer: qkv_proj -> q/k/v_proj."""
+        mapping = getattr(self, "packed_modules_mapping", None) or {}
+        for fused, shards in mapping.items():
+            if prefix.endswith(fused) and prefix.split(".")[-1] == fused:
+                base = prefix[: -len(fused)]
+                return [base + s for s in shards]
+        return [prefix]
+
+    def group_for(self, prefix: str, layer: torch.nn.Module) -> str | None:
+        """The config group serving ``prefix``; fused shards must land in the same one."""
+        per_shard = {}
+        for shard in self.shard_names(prefix):
+            if should_ignore_layer(shard, ignore=self.ignore):
+                per_shard[shard] = None
+                continue
+            target = find_matched_target(shard, layer, self.target_group.keys())
+            per_shard[shard] = self.target_group.get(target) if target else None
+        groups = set(per_shard.values())
+        if len(groups) > 1:
+            detail = ", ".join(f"{s} -> {g or 'unquantized'}" for s, g in per_shard.items())
+            raise CheckpointError(
+                f"config.json: fused layer '{prefix}' mixes schemes across its shards ({detail}); "
+                "vLLM runs a fused layer with one scheme"
+            )
+        return groups.pop()
+
+    def scheme_for(self, prefix: str, layer: torch.nn.Module) -> PtqScheme | None:
+        group = self.group_for(prefix, layer)
+        plan = self.plans.get(group) if group else None
+        return plan.build(prefix, self.files) if plan else None

@@ -1,0 +1,80 @@
+"""The kernel interface every scheme calls; one implementation per platform.
+
+Schemes own the parameters in checkpoint layout (compressed-tensors: weights
+[out, in], scales [out, groups]). A backend reshapes them once in its
+``prepare_*`` hook (transpose, repack, prepack handles) and then serves three
+operations: dynamic/static int8 activation quantization, the int8 x int8
+matmul with dequantization, and the weight-only matmul. Adding a platform means
+adding a backend file, never touching a scheme.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Int8LinearSpec:
+    """What an int8-weight, int8-activation layer needs from a backend."""
+
+    weight_per_channel: bool  # False: one scale per logical shard (per-tensor)
+    static_input: bool  # activation scale from the checkpoint, else per-token dynamic
+    input_symmetric: bool
+
+
+@dataclass(frozen=True)
+class WeightOnlySpec:
+    """What a weight-only (W4A16 / W8A16) layer needs from a backend."""
+
+    num_bits: int
+    group_size: int  # -1: one group spanning the whole input (per-channel)
+    symmetric: bool
+    has_g_idx: bool  # GPTQ act-order: input channels are grouped by g_idx, not by position
+
+
+class KernelBackend(ABC):
+    """One platform's implementation of the quantized linear operations."""
+
+    name: str = "abstract"
+
+    # -- W8A8 ---------------------------------------------------------------
+    @abstractmethod
+    def prepare_int8(self, layer: torch.nn.Module, spec: Int8LinearSpec) -> None:
+        """Turn the loaded checkpoint tensors of ``layer`` into this backend's layout."""
+
+    @abstractmethod
+    def quant_act_int8(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Quantize 2-D activations to int8: (x_q, scale, zero_point or None).
+
+        Per-token dynamic scales unless the layer carries static ones.
+        """
+
+    @abstractmethod
+    def int8_mm(
+        self,
+        layer: torch.nn.Module,
+        x_q: torch.Tensor,
+        x_scale: torch.Tensor,
+        x_zp: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """int8 x int8 matmul, dequantized to ``out_dtype``, plus bias."""
+
+    # -- W4A16 / W8A16 ------------------------------------------------------
+    @abstractmethod
+    def prepare_weight_only(self, layer: torch.nn.Module, spec: WeightOnlySpec) -> None:
+        """Turn the loaded packed weights, scales, zero points, g_idx into this backend's layout."""
+
+    @abstractmethod
+    def weight_only_mm(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Matmul of float activations with the quantized weight of ``layer``."""

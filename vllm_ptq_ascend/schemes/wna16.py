@@ -1,0 +1,206 @@
+"""WNA16: int4 / int8 weights with float activations (GPTQ, AWQ, round-to-nearest).
+
+Per-group (any group size dividing the input) or per-channel scales, symmetric
+or with zero points (AWQ), and GPTQ act-order (``weight_g_idx``), which stock
+vLLM 0.32 refuses. Tensors follow compressed-tensors' pack-quantized format:
+``weight_packed`` int32 [out, in*bits/32], ``weight_scale`` [out, groups],
+``weight_zero_point`` int32 packed along the output dim, ``weight_shape``.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedColumnParameter,
+    PackedvLLMParameter,
+    RowvLLMParameter,
+)
+
+from vllm_ptq_ascend.kernels import WeightOnlySpec
+from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, PtqScheme
+from vllm_ptq_ascend.validation import CheckpointError, require_positive_finite, where
+
+SUPPORTED_BITS = (4, 8)
+
+
+class WNA16Scheme(PtqScheme):
+    def __init__(
+        self,
+        layer_name: str,
+        *,
+        num_bits: int,
+        group_size: int | None,
+        symmetric: bool,
+        act_order: bool = False,
+        files: dict[str, str] | None = None,
+    ):
+        super().__init__(layer_name, files)
+        if num_bits not in SUPPORTED_BITS:
+            raise CheckpointError(
+                f"layer '{layer_name}': {num_bits}-bit weights are not supported "
+                f"(supported: {SUPPORTED_BITS})"
+            )
+        self.spec = WeightOnlySpec(
+            num_bits=num_bits,
+            group_size=-1 if not group_size else int(group_size),
+            symmetric=symmetric,
+            has_g_idx=act_order,
+        )
+        names = ["weight_packed", "weight_scale", "weight_shape"]
+        if not symmetric:
+            names.append("weight_zero_point")
+        if act_order:
+            names.append("weight_g_idx")
+        self.tensor_names = tuple(names)
+
+    def describe(self) -> str:
+        s = self.spec
+        groups = "per-channel" if s.group_size == -1 else f"group {s.group_size}"
+        extras = ("symmetric" if s.symmetric else "zero points") + (
+            ", act-order" if s.has_g_idx else ""
+        )
+        return f"W{s.num_bits}A16 ({groups}, {extras})"
+
+    def create_weights(
+        self,
+        layer,
+        input_size,
+        input_size_per_partition,
+        output_partition_sizes,
+        output_size,
+        params_dtype,
+        weight_loader,
+    ):
+        s = self.spec
+        out_features = sum(output_partition_sizes)
+        layer.logical_widths = output_partition_sizes
+        layer.params_dtype = params_dtype
+        layer.input_size_per_partition = input_size_per_partition
+        layer.output_size_per_partition = out_features
+        layer.full_weight_shape = (output_size, input_size)
+
+        group_size = input_size if s.group_size == -1 else s.group_size
+        if input_size % group_size or (
+            s.group_size != -1 and input_size_per_partition % group_size and not s.has_g_idx
+        ):
+            raise CheckpointError(
+                f"{where(self.files, self.layer_name, 'weight_scale')}: group size "
+                f"{s.group_size} does not divide the input size {input_size_per_partition}"
+                f"{'' if input_size == input_size_per_partition else f' of this rank (full {input_size})'}"
+            )
+        row_parallel = input_size != input_size_per_partition
+        # With act-order, a rank's input channels belong to arbitrary groups, so a
+        # row-parallel rank keeps every group's scale (as vLLM's Marlin path does).
+        partition_groups = not (s.has_g_idx and row_parallel) and s.group_size != -1
+        n_groups = (input_size_per_partition if partition_groups else input_size) // group_size
+        pack = Fraction(32, s.num_bits)
+
+        layer.register_parameter(
+            "weight_packed",
+            PackedvLLMParameter(
+                data=torch.empty(
+                    out_features,
+                    math.ceil(input_size_per_partition * s.num_bits / 32),
+                    dtype=torch.int32,
+                ),
+                input_dim=1,
+                output_dim=0,
+                packed_dim=1,
+                packed_factor=pack,
+                weight_loader=self.loader(weight_loader, "weight_packed", (torch.int32,)),
+            ),
+        )
+        scale_args = dict(
+            data=torch.empty(out_features, n_groups, dtype=params_dtype),
+            weight_loader=self.loader(weight_loader, "weight_scale", SCALE_DTYPES),
+        )
+        layer.register_parameter(
+            "weight_scale",
+            GroupQuantScaleParameter(output_dim=0, input_dim=1, **scale_args)
+            if partition_groups
+            else ChannelQuantScaleParameter(output_dim=0, **scale_args),
+        )
+        if not s.symmetric:
+            zp_args = dict(
+                data=torch.zeros(
+                    math.ceil(out_features * s.num_bits / 32), n_groups, dtype=torch.int32
+                ),
+                output_dim=0,
+                packed_dim=0,
+                packed_factor=pack,
+                weight_loader=self.loader(weight_loader, "weight_zero_point", (torch.int32,)),
+            )
+            layer.register_parameter(
+                "weight_zero_point",
+                PackedvLLMParameter(input_dim=1, **zp_args)
+                if partition_groups
+                else PackedColumnParameter(**zp_args),
+            )
+        else:
+            layer.register_parameter("weight_zero_point", None)
+        if s.has_g_idx:
+            layer.register_parameter(
+                "weight_g_idx",
+                RowvLLMParameter(
+                    data=torch.empty(input_size_per_partition, dtype=torch.int32),
+                    input_dim=0,
+                    weight_loader=self.loader(
+                        self._same_g_idx_for_all_shards(weight_loader), "weight_g_idx", (torch.int32,)
+                    ),
+                ),
+            )
+        layer.register_parameter(
+            "weight_shape",
+            BasevLLMParameter(
+                data=torch.empty(2, dtype=torch.int64),
+                weight_loader=self.loader(
+                    weight_loader, "weight_shape", (torch.int64, torch.int32)
+                ),
+            ),
+        )
+
+    def _same_g_idx_for_all_shards(self, inner):
+        """Fused shards (q/k/v, gate/up) share an input and so one g_idx; refuse any that differ."""
+
+        def load(param, loaded_weight, *args, **kwargs):
+            before = param.data.clone() if getattr(param, "ptq_loaded_shards", None) else None
+            result = inner(param, loaded_weight, *args, **kwargs)
+            if before is not None and not torch.equal(before, param.data):
+                raise CheckpointError(
+                    f"{where(self.files, self.layer_name, 'weight_g_idx')}: the shards of this fused "
+                    "layer have different act-order g_idx; they read one input and must share it"
+                )
+            return result
+
+        return load
+
+    def validate_loaded(self, layer):
+        require_positive_finite(self.layer_name, "weight_scale", layer.weight_scale.data, self.files)
+        # weight_shape holds the unfused shard's full shape; its input size must match ours.
+        in_features = int(layer.weight_shape.data[1])
+        if in_features != layer.full_weight_shape[1]:
+            raise CheckpointError(
+                f"{where(self.files, self.layer_name, 'weight_shape')}: says input size "
+                f"{in_features}, the model's layer has {layer.full_weight_shape[1]}"
+            )
+        if self.spec.has_g_idx:
+            g = layer.weight_g_idx.data
+            n_groups = layer.weight_scale.shape[1]
+            if g.numel() and (int(g.min()) < 0 or int(g.max()) >= n_groups):
+                raise CheckpointError(
+                    f"{where(self.files, self.layer_name, 'weight_g_idx')}: group indices must "
+                    f"lie in [0, {n_groups}), found [{int(g.min())}, {int(g.max())}]"
+                )
+
+    def prepare(self, layer):
+        self.kernels.prepare_weight_only(layer, self.spec)
+        layer.weight_shape = None
+
+    def apply_weights(self, layer, x, bias=None):
+        return self.kernels.weight_only_mm(layer, x, bias)

@@ -1,0 +1,108 @@
+"""Checks on checkpoint tensors as vLLM loads them, with errors that name file, layer and tensor.
+
+vLLM's own loaders cast a tensor of the wrong dtype silently and fail on a wrong
+shape with a bare assertion; a missing shard of a fused layer goes unnoticed.
+Every parameter our schemes create is loaded through :func:`checked_loader`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match what its quantization config promises."""
+
+
+def tensor_file_index(model_dir: str | Path) -> dict[str, str]:
+    """Map every tensor name to the safetensors file holding it (headers only, no data read)."""
+    root = Path(model_dir)
+    index: dict[str, str] = {}
+    if not root.is_dir():
+        return index
+    for f in sorted(root.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name in header:
+            if name != "__metadata__":
+                index[name] = f.name
+    return index
+
+
+def where(files: dict[str, str], layer_name: str, tensor: str) -> str:
+    """'file.safetensors: layer L, tensor T' for error messages (shards of fused layers included)."""
+    candidates = [k for k in files if k.endswith(f".{tensor}") and k.startswith(layer_name)]
+    file = files.get(f"{layer_name}.{tensor}") or (files[candidates[0]] if candidates else None)
+    prefix = f"{file}: " if file else ""
+    return f"{prefix}layer '{layer_name}', tensor '{tensor}'"
+
+
+def checked_loader(
+    inner: Callable,
+    *,
+    layer_name: str,
+    tensor: str,
+    dtypes: Iterable[torch.dtype],
+    files: dict[str, str],
+) -> Callable:
+    """Wrap a vLLM weight loader: reject wrong dtypes and shapes, record which shards arrived."""
+    allowed = tuple(dtypes)
+
+    def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs):
+        shard = args[0] if args else kwargs.get("loaded_shard_id")
+        at = where(files, layer_name, tensor)
+        if loaded_weight.dtype not in allowed:
+            names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+            raise CheckpointError(
+                f"{at}{'' if shard is None else f' (shard {shard})'}: dtype "
+                f"{str(loaded_weight.dtype).removeprefix('torch.')}, expected one of: {names}"
+            )
+        try:
+            result = inner(param, loaded_weight, *args, **kwargs)
+        except (AssertionError, RuntimeError, IndexError) as e:
+            raise CheckpointError(
+                f"{at}{'' if shard is None else f' (shard {shard})'}: shape "
+                f"{tuple(loaded_weight.shape)} does not fit the layer's parameter of shape "
+                f"{tuple(param.shape)} ({e or 'shape mismatch'})"
+            ) from e
+        loaded = getattr(param, "ptq_loaded_shards", set())
+        loaded.add(shard)
+        param.ptq_loaded_shards = loaded
+        return result
+
+    return load
+
+
+def require_loaded(
+    layer: torch.nn.Module, layer_name: str, names: Iterable[str], files: dict[str, str]
+) -> None:
+    """Every checkpoint tensor the scheme needs arrived, for every shard of a fused layer."""
+    shards = len(getattr(layer, "logical_widths", None) or [1])
+    for name in names:
+        param = getattr(layer, name, None)
+        if param is None:
+            continue
+        got = getattr(param, "ptq_loaded_shards", set())
+        if not got or (None not in got and len(got) < shards):
+            missing = "" if not got else f" (loaded shards {sorted(map(str, got))} of {shards})"
+            raise CheckpointError(
+                f"{where(files, layer_name, name)}: missing from the checkpoint{missing}"
+            )
+
+
+def require_positive_finite(layer_name: str, name: str, t: torch.Tensor, files) -> None:
+    """Scales must be finite and > 0: a zero or NaN scale silently destroys a layer."""
+    bad = ~torch.isfinite(t.float()) | (t.float() <= 0)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise CheckpointError(
+            f"{where(files, layer_name, name)}: {int(bad.sum())} scale(s) are zero, negative, "
+            f"NaN or infinite (first at index {idx}: {t.flatten()[bad.flatten()][0].item()})"
+        )
