@@ -46,3 +46,28 @@ def tiny_model(tmp_path_factory) -> Path:
     from vllm_ptq_ascend.models.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def make_ckpt(tiny_model, tmp_path_factory):
+    """Build (once per session) the tiny model's checkpoint for a scheme name from tests/checkpoints.py."""
+    from checkpoints import LLMCOMPRESSOR_SCHEMES, act_order_checkpoint, llmcompressor_checkpoint
+
+    from vllm_ptq_ascend.recipes.quantize import quantize
+
+    root = tmp_path_factory.mktemp("ckpts")
+    cache: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in cache:
+            if name in LLMCOMPRESSOR_SCHEMES:
+                cache[name] = llmcompressor_checkpoint(tiny_model, root / name, name)
+            elif name == "w8a8-dynamic":
+                cache[name] = quantize(tiny_model, root / name, "w8a8-dynamic")
+            elif name == "w4a16-g32-actorder":
+                cache[name] = act_order_checkpoint(tiny_model, root / name)
+            else:
+                raise KeyError(name)
+        return cache[name]
+
+    return make

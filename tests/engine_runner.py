@@ -41,6 +41,22 @@ def run_job(job: dict) -> dict:
         gc.collect()
 
 
+def run_engines(jobs: list[dict], timeout: int = 900) -> list[dict]:
+    """Run ``jobs`` in a fresh Python process (see module docstring); one result per job."""
+    import subprocess
+    from pathlib import Path
+
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())],
+        input=json.dumps({"jobs": jobs}),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+
+
 def main() -> None:
     from vllm_ptq_ascend.env import apply_cpu_defaults
 

@@ -17,31 +17,23 @@ the same bound applies to every W8A8 scheme.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-from checkpoints import LLMCOMPRESSOR_SCHEMES, act_order_checkpoint, llmcompressor_checkpoint
+from checkpoints import LLMCOMPRESSOR_SCHEMES
+from engine_runner import run_engines
 from reference import FakeQuantModel
 
 pytestmark = pytest.mark.engine
-HERE = Path(__file__).parent
 EXACT_TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def ckpts(tiny_model, tmp_path_factory):
-    from vllm_ptq_ascend.recipes.quantize import quantize
-
-    root = tmp_path_factory.mktemp("ckpts")
-    out = {name: llmcompressor_checkpoint(tiny_model, root / name, name) for name in LLMCOMPRESSOR_SCHEMES}
-    out["w8a8-dynamic"] = quantize(tiny_model, root / "w8a8-dynamic", "w8a8-dynamic")
-    out["w4a16-g32-actorder"] = act_order_checkpoint(tiny_model, root / "w4a16-g32-actorder")
+def ckpts(tiny_model, make_ckpt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts-e2e")
+    out = {name: make_ckpt(name) for name in [*LLMCOMPRESSOR_SCHEMES, "w8a8-dynamic", "w4a16-g32-actorder"]}
     # The static checkpoint with every input_scale x50: a plugin that honours static
     # scales must give different outputs, matching the reference built from the new scales.
     x50 = root / "w8a8-static-sym-x50"
@@ -62,18 +54,6 @@ def prompts(tiny_model):
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     return [tok(t)["input_ids"][:48] for t in reasoning_texts()[:3]]
-
-
-def run_engines(jobs: list[dict]) -> list[dict]:
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "engine_runner.py")],
-        input=json.dumps({"jobs": jobs}),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])["results"]
 
 
 # (checkpoint, quantization flag, dtype)

@@ -53,9 +53,9 @@ class SchemePlan:
     kind: str  # "w8a8" | "wna16"
     options: tuple[tuple[str, Any], ...]
 
-    def build(self, layer_name: str, files: dict[str, str]) -> PtqScheme:
+    def build(self, layer_name: str, files: dict[str, str], shards: list[str]) -> PtqScheme:
         cls = W8A8Int8Scheme if self.kind == "w8a8" else WNA16Scheme
-        return cls(layer_name, files=files, **dict(self.options))
+        return cls(layer_name, files=files, shards=shards, **dict(self.options))
 
 
 def _lift_group_actorder(config: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
@@ -247,4 +247,4 @@ class PtqAscendConfig(QuantizationConfig):
     def scheme_for(self, prefix: str, layer: torch.nn.Module) -> PtqScheme | None:
         group = self.group_for(prefix, layer)
         plan = self.plans.get(group) if group else None
-        return plan.build(prefix, self.files) if plan else None
+        return plan.build(prefix, self.files, self.shard_names(prefix)) if plan else None

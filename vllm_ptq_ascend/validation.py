@@ -36,10 +36,16 @@ def tensor_file_index(model_dir: str | Path) -> dict[str, str]:
     return index
 
 
-def where(files: dict[str, str], layer_name: str, tensor: str) -> str:
-    """'file.safetensors: layer L, tensor T' for error messages (shards of fused layers included)."""
-    candidates = [k for k in files if k.endswith(f".{tensor}") and k.startswith(layer_name)]
-    file = files.get(f"{layer_name}.{tensor}") or (files[candidates[0]] if candidates else None)
+def where(files: dict[str, str], layer_name: str, tensor: str, shards: Iterable[str] = ()) -> str:
+    """'file.safetensors: layer L, tensor T' for error messages.
+
+    A fused vLLM layer (qkv_proj) has no tensors of its own name: the file is found
+    through its checkpoint shards (q_proj, k_proj, v_proj), or any tensor of the layer.
+    """
+    names = [layer_name, *shards]
+    file = next((files[f"{n}.{tensor}"] for n in names if f"{n}.{tensor}" in files), None)
+    if file is None:
+        file = next((f for k, f in files.items() if any(k.startswith(f"{n}.") for n in names)), None)
     prefix = f"{file}: " if file else ""
     return f"{prefix}layer '{layer_name}', tensor '{tensor}'"
 
@@ -51,13 +57,14 @@ def checked_loader(
     tensor: str,
     dtypes: Iterable[torch.dtype],
     files: dict[str, str],
+    shards: Iterable[str] = (),
 ) -> Callable:
     """Wrap a vLLM weight loader: reject wrong dtypes and shapes, record which shards arrived."""
     allowed = tuple(dtypes)
 
     def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs):
         shard = args[0] if args else kwargs.get("loaded_shard_id")
-        at = where(files, layer_name, tensor)
+        at = where(files, layer_name, tensor, shards)
         if loaded_weight.dtype not in allowed:
             names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
             raise CheckpointError(
@@ -81,28 +88,37 @@ def checked_loader(
 
 
 def require_loaded(
-    layer: torch.nn.Module, layer_name: str, names: Iterable[str], files: dict[str, str]
+    layer: torch.nn.Module,
+    layer_name: str,
+    names: Iterable[str],
+    files: dict[str, str],
+    shards: list[str],
 ) -> None:
     """Every checkpoint tensor the scheme needs arrived, for every shard of a fused layer."""
-    shards = len(getattr(layer, "logical_widths", None) or [1])
     for name in names:
         param = getattr(layer, name, None)
         if param is None:
             continue
         got = getattr(param, "ptq_loaded_shards", set())
-        if not got or (None not in got and len(got) < shards):
-            missing = "" if not got else f" (loaded shards {sorted(map(str, got))} of {shards})"
-            raise CheckpointError(
-                f"{where(files, layer_name, name)}: missing from the checkpoint{missing}"
-            )
+        if got and (None in got or len(got) >= len(shards)):
+            continue
+        # vLLM names fused shards 'q'/'k'/'v' or 0, 1, ... in checkpoint order
+        ids = ["q", "k", "v"] if len(shards) == 3 and {"q", "k", "v"} >= got else range(len(shards))
+        missing = [s for i, s in zip(ids, shards) if i not in got] if got else shards
+        raise CheckpointError(
+            f"{where(files, layer_name, name, shards)}: missing from the checkpoint"
+            f" (no '{name}' for {', '.join(missing)})"
+        )
 
 
-def require_positive_finite(layer_name: str, name: str, t: torch.Tensor, files) -> None:
+def require_positive_finite(
+    layer_name: str, name: str, t: torch.Tensor, files: dict[str, str], shards: Iterable[str] = ()
+) -> None:
     """Scales must be finite and > 0: a zero or NaN scale silently destroys a layer."""
     bad = ~torch.isfinite(t.float()) | (t.float() <= 0)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise CheckpointError(
-            f"{where(files, layer_name, name)}: {int(bad.sum())} scale(s) are zero, negative, "
+            f"{where(files, layer_name, name, shards)}: {int(bad.sum())} scale(s) are zero, negative, "
             f"NaN or infinite (first at index {idx}: {t.flatten()[bad.flatten()][0].item()})"
         )

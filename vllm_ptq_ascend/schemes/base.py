@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from vllm_ptq_ascend.kernels import KernelBackend, get_backend
-from vllm_ptq_ascend.validation import FLOAT_DTYPES, checked_loader, require_loaded
+from vllm_ptq_ascend.validation import FLOAT_DTYPES, checked_loader, require_loaded, where
 
 # dtypes a checkpoint tensor of each role may arrive in.
 SCALE_DTYPES = FLOAT_DTYPES
@@ -21,9 +21,16 @@ class PtqScheme(ABC):
     #: checkpoint tensors this scheme expects, in the order of error messages
     tensor_names: tuple[str, ...] = ()
 
-    def __init__(self, layer_name: str, files: dict[str, str] | None = None):
+    def __init__(
+        self,
+        layer_name: str,
+        files: dict[str, str] | None = None,
+        shards: list[str] | None = None,
+    ):
         self.layer_name = layer_name
         self.files = files or {}
+        # checkpoint names behind this vLLM layer (q/k/v_proj for qkv_proj)
+        self.shards = shards or [layer_name]
 
     @property
     def kernels(self) -> KernelBackend:
@@ -32,8 +39,16 @@ class PtqScheme(ABC):
 
     def loader(self, inner: Callable, tensor: str, dtypes) -> Callable:
         return checked_loader(
-            inner, layer_name=self.layer_name, tensor=tensor, dtypes=dtypes, files=self.files
+            inner,
+            layer_name=self.layer_name,
+            tensor=tensor,
+            dtypes=dtypes,
+            files=self.files,
+            shards=self.shards,
         )
+
+    def where(self, tensor: str) -> str:
+        return where(self.files, self.layer_name, tensor, self.shards)
 
     @abstractmethod
     def create_weights(
@@ -49,7 +64,7 @@ class PtqScheme(ABC):
         """Register the checkpoint's tensors on ``layer`` as vLLM parameters."""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        require_loaded(layer, self.layer_name, self.tensor_names, self.files)
+        require_loaded(layer, self.layer_name, self.tensor_names, self.files, self.shards)
         self.validate_loaded(layer)
         self.prepare(layer)
 

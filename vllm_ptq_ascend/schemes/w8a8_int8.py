@@ -28,8 +28,9 @@ class W8A8Int8Scheme(PtqScheme):
         static_input: bool,
         input_symmetric: bool = True,
         files: dict[str, str] | None = None,
+        shards: list[str] | None = None,
     ):
-        super().__init__(layer_name, files)
+        super().__init__(layer_name, files, shards)
         self.spec = Int8LinearSpec(weight_per_channel, static_input, input_symmetric)
         names = ["weight", "weight_scale"]
         if static_input:
@@ -110,7 +111,7 @@ class W8A8Int8Scheme(PtqScheme):
         for name in ("weight_scale", "input_scale"):
             t = getattr(layer, name, None)
             if t is not None:
-                require_positive_finite(self.layer_name, name, t.data, self.files)
+                require_positive_finite(self.layer_name, name, t.data, self.files, self.shards)
 
     def prepare(self, layer):
         self.kernels.prepare_int8(layer, self.spec)

@@ -24,7 +24,7 @@ from vllm.model_executor.parameter import (
 
 from vllm_ptq_ascend.kernels import WeightOnlySpec
 from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, PtqScheme
-from vllm_ptq_ascend.validation import CheckpointError, require_positive_finite, where
+from vllm_ptq_ascend.validation import CheckpointError, require_positive_finite
 
 SUPPORTED_BITS = (4, 8)
 
@@ -39,8 +39,9 @@ class WNA16Scheme(PtqScheme):
         symmetric: bool,
         act_order: bool = False,
         files: dict[str, str] | None = None,
+        shards: list[str] | None = None,
     ):
-        super().__init__(layer_name, files)
+        super().__init__(layer_name, files, shards)
         if num_bits not in SUPPORTED_BITS:
             raise CheckpointError(
                 f"layer '{layer_name}': {num_bits}-bit weights are not supported "
@@ -90,7 +91,7 @@ class WNA16Scheme(PtqScheme):
             s.group_size != -1 and input_size_per_partition % group_size and not s.has_g_idx
         ):
             raise CheckpointError(
-                f"{where(self.files, self.layer_name, 'weight_scale')}: group size "
+                f"{self.where('weight_scale')}: group size "
                 f"{s.group_size} does not divide the input size {input_size_per_partition}"
                 f"{'' if input_size == input_size_per_partition else f' of this rank (full {input_size})'}"
             )
@@ -173,7 +174,7 @@ class WNA16Scheme(PtqScheme):
             result = inner(param, loaded_weight, *args, **kwargs)
             if before is not None and not torch.equal(before, param.data):
                 raise CheckpointError(
-                    f"{where(self.files, self.layer_name, 'weight_g_idx')}: the shards of this fused "
+                    f"{self.where('weight_g_idx')}: the shards of this fused "
                     "layer have different act-order g_idx; they read one input and must share it"
                 )
             return result
@@ -181,12 +182,14 @@ class WNA16Scheme(PtqScheme):
         return load
 
     def validate_loaded(self, layer):
-        require_positive_finite(self.layer_name, "weight_scale", layer.weight_scale.data, self.files)
+        require_positive_finite(
+            self.layer_name, "weight_scale", layer.weight_scale.data, self.files, self.shards
+        )
         # weight_shape holds the unfused shard's full shape; its input size must match ours.
         in_features = int(layer.weight_shape.data[1])
         if in_features != layer.full_weight_shape[1]:
             raise CheckpointError(
-                f"{where(self.files, self.layer_name, 'weight_shape')}: says input size "
+                f"{self.where('weight_shape')}: says input size "
                 f"{in_features}, the model's layer has {layer.full_weight_shape[1]}"
             )
         if self.spec.has_g_idx:
@@ -194,7 +197,7 @@ class WNA16Scheme(PtqScheme):
             n_groups = layer.weight_scale.shape[1]
             if g.numel() and (int(g.min()) < 0 or int(g.max()) >= n_groups):
                 raise CheckpointError(
-                    f"{where(self.files, self.layer_name, 'weight_g_idx')}: group indices must "
+                    f"{self.where('weight_g_idx')}: group indices must "
                     f"lie in [0, {n_groups}), found [{int(g.min())}, {int(g.max())}]"
                 )
 
