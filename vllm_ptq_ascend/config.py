@@ -89,7 +89,7 @@ def plan_group(
             f"(supported: {', '.join(SUPPORTED_FORMATS)})"
         )
     if weights.type != QuantizationType.INT:
-        raise CheckpointError(f"{where}: weight type {weights.type.value!r}; only int is supported")
+        raise CheckpointError(f"{where}: weight type {str(getattr(weights.type, 'value', weights.type))!r}; only int is supported")
     strategy = weights.strategy
     if acts is not None:
         ok = (
