@@ -12,9 +12,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from reference import pack_int32
+from safetensors.torch import load_file, save_file
 
 
 def _calibration(tokenizer, n=8, length=64):
@@ -34,9 +33,19 @@ def _group(weights: dict, acts: dict | None = None) -> dict:
 
 
 W = lambda bits, strategy, sym=True, gs=None: {  # noqa: E731
-    "num_bits": bits, "type": "int", "symmetric": sym, "strategy": strategy, "group_size": gs
+    "num_bits": bits,
+    "type": "int",
+    "symmetric": sym,
+    "strategy": strategy,
+    "group_size": gs,
 }
-A_STATIC = lambda sym: {"num_bits": 8, "type": "int", "symmetric": sym, "strategy": "tensor", "dynamic": False}  # noqa: E731
+A_STATIC = lambda sym: {
+    "num_bits": 8,
+    "type": "int",
+    "symmetric": sym,
+    "strategy": "tensor",
+    "dynamic": False,
+}  # noqa: E731
 
 # name -> (config_groups, needs calibration data)
 LLMCOMPRESSOR_SCHEMES = {
@@ -64,7 +73,13 @@ def llmcompressor_checkpoint(model_dir: Path, out: Path, name: str) -> Path:
     return out
 
 
-SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+SHARED_INPUT = {
+    "q_proj": "qkv",
+    "k_proj": "qkv",
+    "v_proj": "qkv",
+    "gate_proj": "gate_up",
+    "up_proj": "gate_up",
+}
 
 
 def act_order_checkpoint(model_dir: Path, out: Path, group_size: int = 32, seed: int = 0) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from reference import pack_int32
 
 
@@ -13,21 +12,35 @@ def ct_config(weights: dict, acts: dict | None = None, fmt: str | None = None) -
     group = {"targets": ["Linear"], "weights": weights, "format": fmt}
     if acts:
         group["input_activations"] = acts
-    return {"quant_method": "compressed-tensors", "format": fmt, "config_groups": {"group_0": group}, "ignore": []}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "config_groups": {"group_0": group},
+        "ignore": [],
+    }
 
 
-W8A8_DYNAMIC = ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
-                {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True})
+W8A8_DYNAMIC = (
+    {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+    {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
+)
 
 
 def w8a8_static(symmetric: bool, weight_strategy: str = "channel"):
-    return ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": weight_strategy},
-            {"num_bits": 8, "type": "int", "symmetric": symmetric, "strategy": "tensor", "dynamic": False})
+    return (
+        {"num_bits": 8, "type": "int", "symmetric": True, "strategy": weight_strategy},
+        {"num_bits": 8, "type": "int", "symmetric": symmetric, "strategy": "tensor", "dynamic": False},
+    )
 
 
 def wna16(bits: int, group_size: int | None, symmetric: bool, actorder: str | None = None) -> dict:
-    w = {"num_bits": bits, "type": "int", "symmetric": symmetric,
-         "strategy": "group" if group_size else "channel", "group_size": group_size}
+    w = {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": symmetric,
+        "strategy": "group" if group_size else "channel",
+        "group_size": group_size,
+    }
     if actorder:
         w["actorder"] = actorder
     return w
@@ -36,7 +49,7 @@ def wna16(bits: int, group_size: int | None, symmetric: bool, actorder: str | No
 def make_w8a8_tensors(out_f, in_f, *, per_channel=True, static=False, symmetric=True, gen=None):
     g = gen or torch.Generator().manual_seed(0)
     t = {"weight": torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8)}
-    t["weight_scale"] = (torch.rand(out_f if per_channel else 1, 1, generator=g) * 0.01 + 1e-3)
+    t["weight_scale"] = torch.rand(out_f if per_channel else 1, 1, generator=g) * 0.01 + 1e-3
     if not per_channel:
         t["weight_scale"] = t["weight_scale"].reshape(1)
     if static:
@@ -64,7 +77,9 @@ def make_wna16_tensors(out_f, in_f, bits, group_size, symmetric, act_order=False
     return t
 
 
-def build_layer(kind, config_dict, in_f, out_f, dtype, prefix="model.layers.0.mlp.down_proj", bias=True, **kw):
+def build_layer(
+    kind, config_dict, in_f, out_f, dtype, prefix="model.layers.0.mlp.down_proj", bias=True, **kw
+):
     """A vLLM linear layer (ReplicatedLinear / Column / Row / MergedColumn) under ptq_ascend."""
     from vllm.model_executor.layers import linear
     from vllm.utils.torch_utils import set_default_torch_dtype

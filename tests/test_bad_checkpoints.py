@@ -7,10 +7,9 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from engine_runner import run_engines
 from layer_helpers import build_layer, ct_config, load_tensors, make_wna16_tensors, wna16
+from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.engine
 FILE = "model.safetensors"
@@ -114,8 +113,15 @@ def test_fused_shards_with_different_g_idx_are_rejected(vllm_dist):
     from vllm_ptq_ascend.validation import CheckpointError
 
     cfg = ct_config(wna16(4, 32, True, "group"))
-    layer = build_layer("MergedColumnParallelLinear", cfg, 256, None, torch.bfloat16, output_sizes=[64, 64],
-                        prefix="model.layers.0.mlp.gate_up_proj")
+    layer = build_layer(
+        "MergedColumnParallelLinear",
+        cfg,
+        256,
+        None,
+        torch.bfloat16,
+        output_sizes=[64, 64],
+        prefix="model.layers.0.mlp.gate_up_proj",
+    )
     for shard, seed in ((0, 1), (1, 2)):
         tensors = make_wna16_tensors(64, 256, 4, 32, True, True, gen=torch.Generator().manual_seed(seed))
         if shard == 0:

@@ -10,7 +10,13 @@ import pytest
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "vllm_ptq_ascend.cli", *args], capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_ptq_ascend.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
 
 
 def test_unknown_recipe(tiny_model, tmp_path):

@@ -5,7 +5,8 @@ and, where stock vLLM supports the scheme, with stock compressed-tensors on the
 same checkpoint.
 
 Tolerances. Weight-only schemes are continuous functions of the activations: the
-engine (float32) and the reference (float64) agree to ~1e-5, so we allow 1e-3. Per-token dynamic activation quantization is not continuous: a
+engine (float32) and the reference (float64) agree to ~1e-5, so we allow 1e-3.
+Per-token dynamic activation quantization is not continuous: a
 float32-vs-float64 difference of one ulp can move a value across a rounding
 boundary, and this small random model amplifies such flips through attention (the
 reference itself run in float32 instead of float64 moves by ~0.1 nats). For the
@@ -20,11 +21,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from safetensors.torch import load_file, save_file
-
 from checkpoints import LLMCOMPRESSOR_SCHEMES
 from engine_runner import run_engines
 from reference import FakeQuantModel
+from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.engine
 EXACT_TOL = 1e-3
@@ -57,7 +57,10 @@ def prompts(tiny_model):
 
 
 # (checkpoint, quantization flag, dtype)
-JOBS = [(name, "ptq_ascend", "float32") for name in [*LLMCOMPRESSOR_SCHEMES, "w8a8-dynamic", "w4a16-g32-actorder", "w8a8-static-sym-x50"]]
+JOBS = [
+    (name, "ptq_ascend", "float32")
+    for name in [*LLMCOMPRESSOR_SCHEMES, "w8a8-dynamic", "w4a16-g32-actorder", "w8a8-static-sym-x50"]
+]
 JOBS += [
     ("w8a8-dynamic", None, "float32"),  # marked checkpoint: plugin chosen with no flag
     ("w8a8-dynamic", "compressed-tensors", "float32"),  # stock path on the same checkpoint

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from layer_helpers import W8A8_DYNAMIC, ct_config, wna16
 
 
@@ -41,7 +40,11 @@ def test_register_is_idempotent():
         ({"quant_method": "compressed-tensors"}, "ptq_ascend", "ptq_ascend"),
         ({"quant_method": "compressed-tensors", "ptq_ascend": {"version": "0.1.0"}}, None, "ptq_ascend"),
         # the user may still force stock vLLM on our checkpoint
-        ({"quant_method": "compressed-tensors", "ptq_ascend": {"version": "0.1.0"}}, "compressed-tensors", None),
+        (
+            {"quant_method": "compressed-tensors", "ptq_ascend": {"version": "0.1.0"}},
+            "compressed-tensors",
+            None,
+        ),
         ({"quant_method": "gptq"}, "ptq_ascend", None),
     ],
 )
@@ -61,9 +64,17 @@ FakeQKV.__name__ = "QKVParallelLinear"
 def make_config(groups: dict, ignore=()):
     from vllm_ptq_ascend.config import PtqAscendConfig
 
-    cfg = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": groups, "ignore": list(ignore)}
+    cfg = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": groups,
+        "ignore": list(ignore),
+    }
     c = PtqAscendConfig.from_config(cfg)
-    c.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    c.packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
     return c
 
 
@@ -89,7 +100,9 @@ def test_fused_layer_with_mixed_schemes_is_rejected():
     k_only = {"targets": ["re:.*k_proj$"], "weights": wna16(8, None, True)}
     rest = {"targets": ["re:.*(q|v)_proj$"], "weights": wna16(4, 32, True)}
     c = make_config({"k": k_only, "qv": rest})
-    with pytest.raises(CheckpointError, match=r"fused layer 'model.layers.0.self_attn.qkv_proj' mixes.*k_proj -> k"):
+    with pytest.raises(
+        CheckpointError, match=r"fused layer 'model.layers.0.self_attn.qkv_proj' mixes.*k_proj -> k"
+    ):
         c.group_for("model.layers.0.self_attn.qkv_proj", FakeQKV())
 
 
@@ -104,8 +117,24 @@ def test_fused_layer_partly_ignored_is_rejected():
     [
         ({"targets": ["Linear"], "weights": wna16(4, 32, True)}, "marlin-24", "format 'marlin-24'"),
         ({"targets": ["Linear"], "weights": wna16(3, 32, True)}, "pack-quantized", "3-bit"),
-        ({"targets": ["Linear"], "weights": {**W8A8_DYNAMIC[0], "type": "float"}, "input_activations": W8A8_DYNAMIC[1]}, "int-quantized", "weight type 'float'"),
-        ({"targets": ["Linear"], "weights": W8A8_DYNAMIC[0], "input_activations": {**W8A8_DYNAMIC[1], "num_bits": 4}}, "int-quantized", "not a supported scheme"),
+        (
+            {
+                "targets": ["Linear"],
+                "weights": {**W8A8_DYNAMIC[0], "type": "float"},
+                "input_activations": W8A8_DYNAMIC[1],
+            },
+            "int-quantized",
+            "weight type 'float'",
+        ),
+        (
+            {
+                "targets": ["Linear"],
+                "weights": W8A8_DYNAMIC[0],
+                "input_activations": {**W8A8_DYNAMIC[1], "num_bits": 4},
+            },
+            "int-quantized",
+            "not a supported scheme",
+        ),
     ],
 )
 def test_unsupported_groups_fail_at_startup_naming_the_group(group, fmt, match):
@@ -122,7 +151,12 @@ def test_invalid_config_is_a_clear_error():
     from vllm_ptq_ascend.validation import CheckpointError
 
     with pytest.raises(CheckpointError, match="config.json: quantization_config is not valid"):
-        PtqAscendConfig.from_config({"quant_method": "compressed-tensors", "config_groups": {"g": {"targets": "Linear", "weights": {"num_bits": "eight"}}}})
+        PtqAscendConfig.from_config(
+            {
+                "quant_method": "compressed-tensors",
+                "config_groups": {"g": {"targets": "Linear", "weights": {"num_bits": "eight"}}},
+            }
+        )
 
 
 def test_act_order_group_checkpoints_are_accepted():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from layer_helpers import (
     W8A8_DYNAMIC,
     build_layer,
@@ -48,15 +47,15 @@ def ref_w8a8(x, tensors, acts_static, symmetric):
 
 @pytest.mark.parametrize("out_f,in_f", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "mode", ["dynamic", "static-sym", "static-asym", "static-sym-pertensor-weights"]
-)
+@pytest.mark.parametrize("mode", ["dynamic", "static-sym", "static-asym", "static-sym-pertensor-weights"])
 @pytest.mark.parametrize("m", [1, 7, 40])
 def test_w8a8(vllm_dist, out_f, in_f, dtype, mode, m):
     static = mode.startswith("static")
     symmetric = "asym" not in mode
     per_channel = "pertensor" not in mode
-    wargs, aargs = W8A8_DYNAMIC if not static else w8a8_static(symmetric, "channel" if per_channel else "tensor")
+    wargs, aargs = (
+        W8A8_DYNAMIC if not static else w8a8_static(symmetric, "channel" if per_channel else "tensor")
+    )
     layer = build_layer("ReplicatedLinear", ct_config(wargs, aargs), in_f, out_f, dtype, bias=False)
     tensors = make_w8a8_tensors(out_f, in_f, per_channel=per_channel, static=static, symmetric=symmetric)
     load_tensors(layer, tensors)
@@ -67,25 +66,25 @@ def test_w8a8(vllm_dist, out_f, in_f, dtype, mode, m):
     assert rel_err(out, ref) < REL_TOL[dtype]
 
 
-@pytest.mark.parametrize("out_f,in_f", SHAPES)
+WNA16_VARIANTS = [  # bits, group (None: per channel), symmetric, act-order
+    (4, 32, True, False),
+    (4, 64, False, False),
+    (4, 128, True, False),
+    (4, None, True, False),
+    (4, None, False, False),
+    (8, 32, True, False),
+    (8, None, False, False),
+    (4, 32, True, True),  # GPTQ act-order (g_idx)
+    (4, 32, False, True),
+]
+# every variant on every shape its group size divides (rejection is tested in test_bad_checkpoints)
+WNA16_CASES = [(shape, v) for shape in SHAPES for v in WNA16_VARIANTS if not v[1] or shape[1] % v[1] == 0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "bits,group,symmetric,act_order",
-    [
-        (4, 32, True, False),
-        (4, 64, False, False),
-        (4, 128, True, False),
-        (4, None, True, False),  # per-channel
-        (4, None, False, False),
-        (8, 32, True, False),
-        (8, None, False, False),
-        (4, 32, True, True),  # GPTQ act-order (g_idx)
-        (4, 32, False, True),
-    ],
-)
-def test_wna16(vllm_dist, out_f, in_f, dtype, bits, group, symmetric, act_order):
-    if group and in_f % group:
-        pytest.skip(f"group {group} does not divide {in_f} (rejection is tested separately)")
+@pytest.mark.parametrize("shape,variant", WNA16_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_wna16(vllm_dist, shape, variant, dtype):
+    (out_f, in_f), (bits, group, symmetric, act_order) = shape, variant
     cfg = ct_config(wna16(bits, group, symmetric, "group" if act_order else None))
     layer = build_layer("ReplicatedLinear", cfg, in_f, out_f, dtype, bias=True)
     tensors = make_wna16_tensors(out_f, in_f, bits, group, symmetric, act_order)

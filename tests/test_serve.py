@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
 
 pytestmark = pytest.mark.engine
@@ -30,8 +29,22 @@ def server(make_ckpt, tmp_path_factory):
     port = free_port()
     vllm_cli = Path(sys.executable).parent / "vllm"
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [str(vllm_cli), "serve", str(ckpt), "--quantization", "ptq_ascend", "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16"]
+    cmd = [
+        str(vllm_cli),
+        "serve",
+        str(ckpt),
+        "--quantization",
+        "ptq_ascend",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "512",
+        "--enforce-eager",
+        "--dtype",
+        "bfloat16",
+    ]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
     base = f"http://127.0.0.1:{port}"
@@ -55,16 +68,25 @@ def server(make_ckpt, tmp_path_factory):
 
 def test_completions(server):
     base, _, _, model = server
-    out = post(f"{base}/v1/completions", {"model": model, "prompt": "Melanie sold", "max_tokens": 5, "temperature": 0})
+    out = post(
+        f"{base}/v1/completions",
+        {"model": model, "prompt": "Melanie sold", "max_tokens": 5, "temperature": 0},
+    )
     assert out["usage"]["completion_tokens"] == 5
     assert isinstance(out["choices"][0]["text"], str) and out["choices"][0]["text"]
 
 
 def test_chat_completions(server):
     base, _, _, model = server
-    out = post(f"{base}/v1/chat/completions", {
-        "model": model, "messages": [{"role": "user", "content": "How many apples?"}],
-        "max_tokens": 4, "temperature": 0})
+    out = post(
+        f"{base}/v1/chat/completions",
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "How many apples?"}],
+            "max_tokens": 4,
+            "temperature": 0,
+        },
+    )
     assert out["choices"][0]["message"]["role"] == "assistant"
     assert out["usage"]["completion_tokens"] >= 1
 

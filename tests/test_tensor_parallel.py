@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from layer_helpers import (
     W8A8_DYNAMIC,
     build_layer,
@@ -45,14 +44,22 @@ CASES = {
     "w4a16-g32-asym": (ct_config(wna16(4, 32, False)), "wna16", {"group": 32, "symmetric": False}),
     "w4a16-channel-asym": (ct_config(wna16(4, None, False)), "wna16", {"group": None, "symmetric": False}),
     "w8a16-g64-sym": (ct_config(wna16(8, 64, True)), "wna16", {"bits": 8, "group": 64, "symmetric": True}),
-    "w4a16-g32-actorder": (ct_config(wna16(4, 32, True, "group")), "wna16", {"group": 32, "symmetric": True, "act_order": True}),
+    "w4a16-g32-actorder": (
+        ct_config(wna16(4, 32, True, "group")),
+        "wna16",
+        {"group": 32, "symmetric": True, "act_order": True},
+    ),
 }
 
 
 def full_tensors(kind, opts):
     if kind == "w8a8":
-        return make_w8a8_tensors(OUT, IN, static=opts.get("static", False), symmetric=opts.get("symmetric", True))
-    return make_wna16_tensors(OUT, IN, opts.get("bits", 4), opts["group"], opts["symmetric"], opts.get("act_order", False))
+        return make_w8a8_tensors(
+            OUT, IN, static=opts.get("static", False), symmetric=opts.get("symmetric", True)
+        )
+    return make_wna16_tensors(
+        OUT, IN, opts.get("bits", 4), opts["group"], opts["symmetric"], opts.get("act_order", False)
+    )
 
 
 def full_weight(kind, tensors, opts):

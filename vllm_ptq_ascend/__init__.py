@@ -1,4 +1,4 @@
-"""vllm-ptq-ascend: post-training quantization of reasoning LLMs, served by vLLM on Ascend NPUs, CUDA GPUs and CPUs."""
+"""vllm-ptq-ascend: post-training quantization of reasoning LLMs, served by vLLM on NPUs, GPUs and CPUs."""
 
 __version__ = "0.1.0"
 

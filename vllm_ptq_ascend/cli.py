@@ -15,7 +15,9 @@ def _quantize(args: argparse.Namespace) -> int:
     from vllm_ptq_ascend.recipes.quantize import quantize
 
     if args.recipe not in PRESETS:
-        print(f"error: unknown recipe {args.recipe!r}; available: {', '.join(sorted(PRESETS))}", file=sys.stderr)
+        print(
+            f"error: unknown recipe {args.recipe!r}; available: {', '.join(sorted(PRESETS))}", file=sys.stderr
+        )
         return 2
     if not (Path(args.model) / "config.json").is_file():
         print(f"error: {args.model}: not a model directory (no config.json)", file=sys.stderr)

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from compressed_tensors.quantization import (
     QuantizationArgs,
-    QuantizationConfig as CTQuantizationConfig,
     QuantizationStrategy,
     QuantizationType,
+)
+from compressed_tensors.quantization import (
+    QuantizationConfig as CTQuantizationConfig,
 )
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import (
@@ -89,7 +91,10 @@ def plan_group(
             f"(supported: {', '.join(SUPPORTED_FORMATS)})"
         )
     if weights.type != QuantizationType.INT:
-        raise CheckpointError(f"{where}: weight type {str(getattr(weights.type, 'value', weights.type))!r}; only int is supported")
+        raise CheckpointError(
+            f"{where}: weight type {str(getattr(weights.type, 'value', weights.type))!r}; "
+            "only int is supported"
+        )
     strategy = weights.strategy
     if acts is not None:
         ok = (
@@ -146,7 +151,9 @@ def _args(a: QuantizationArgs) -> str:
 class PtqAscendConfig(QuantizationConfig):
     """vLLM quantization config for the ``ptq_ascend`` method."""
 
-    def __init__(self, ct_config: CTQuantizationConfig, plans: dict[str, SchemePlan | None], raw: dict[str, Any]):
+    def __init__(
+        self, ct_config: CTQuantizationConfig, plans: dict[str, SchemePlan | None], raw: dict[str, Any]
+    ):
         super().__init__()
         self.ct_config = ct_config
         self.raw = raw
@@ -179,17 +186,15 @@ class PtqAscendConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "PtqAscendConfig":
         config, g_idx_groups = _lift_group_actorder(config)
         try:
-            ct = CTQuantizationConfig.model_validate(
-                {k: v for k, v in config.items() if k != QUANT_METHOD}
-            )
+            ct = CTQuantizationConfig.model_validate({k: v for k, v in config.items() if k != QUANT_METHOD})
         except Exception as e:  # pydantic's message lists each bad field
-            raise CheckpointError(f"config.json: quantization_config is not valid compressed-tensors: {e}") from e
+            raise CheckpointError(
+                f"config.json: quantization_config is not valid compressed-tensors: {e}"
+            ) from e
         plans = {}
         for name, group in ct.config_groups.items():
             fmt = getattr(group, "format", None) or ct.format
-            plans[name] = plan_group(
-                name, group.weights, group.input_activations, fmt, name in g_idx_groups
-            )
+            plans[name] = plan_group(name, group.weights, group.input_activations, fmt, name in g_idx_groups)
         return cls(ct, plans, config)
 
     @classmethod

@@ -65,9 +65,7 @@ def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x_q, scale
 
 
-def static_quant_int8(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None
-) -> torch.Tensor:
+def static_quant_int8(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
     """Per-tensor int8 quantization with the checkpoint's scale (and zero point)."""
     q = torch.round(x.float() / scale.float())
     if zero_point is not None:

@@ -81,7 +81,7 @@ def build_tiny_llama(
     model = LlamaForCausalLM(config)
     # Larger-than-default init so logits are peaked enough for logprob comparisons to mean something.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
     model = model.to(getattr(torch, dtype))

@@ -99,9 +99,7 @@ class W8A8Int8Scheme(PtqScheme):
             if not self.spec.input_symmetric:
                 input_zero_point = PerTensorScaleParameter(
                     data=torch.empty(n_shards, dtype=torch.int8),
-                    weight_loader=self.loader(
-                        weight_loader, "input_zero_point", (torch.int8, torch.int32)
-                    ),
+                    weight_loader=self.loader(weight_loader, "input_zero_point", (torch.int8, torch.int32)),
                 )
         layer.register_parameter("input_scale", input_scale)
         layer.register_parameter("input_zero_point", input_zero_point)

@@ -63,9 +63,7 @@ class WNA16Scheme(PtqScheme):
     def describe(self) -> str:
         s = self.spec
         groups = "per-channel" if s.group_size == -1 else f"group {s.group_size}"
-        extras = ("symmetric" if s.symmetric else "zero points") + (
-            ", act-order" if s.has_g_idx else ""
-        )
+        extras = ("symmetric" if s.symmetric else "zero points") + (", act-order" if s.has_g_idx else "")
         return f"W{s.num_bits}A16 ({groups}, {extras})"
 
     def create_weights(
@@ -129,9 +127,7 @@ class WNA16Scheme(PtqScheme):
         )
         if not s.symmetric:
             zp_args = dict(
-                data=torch.zeros(
-                    math.ceil(out_features * s.num_bits / 32), n_groups, dtype=torch.int32
-                ),
+                data=torch.zeros(math.ceil(out_features * s.num_bits / 32), n_groups, dtype=torch.int32),
                 output_dim=0,
                 packed_dim=0,
                 packed_factor=pack,
@@ -160,9 +156,7 @@ class WNA16Scheme(PtqScheme):
             "weight_shape",
             BasevLLMParameter(
                 data=torch.empty(2, dtype=torch.int64),
-                weight_loader=self.loader(
-                    weight_loader, "weight_shape", (torch.int64, torch.int32)
-                ),
+                weight_loader=self.loader(weight_loader, "weight_shape", (torch.int64, torch.int32)),
             ),
         )
 
