@@ -2,7 +2,7 @@
 
 Used by the end-to-end tests through a subprocess, so a crashing engine cannot
 take the test process with it and Python/vLLM start-up is paid once per batch.
-Input (stdin): {"jobs": [{"model", "quantization", "dtype", "prompts", "max_tokens"}]}.
+Input (stdin): {"jobs": [{"model", "quantization", "dtype", "prompts", "max_tokens", "env"}]}.
 Output (last stdout line): {"results": [{"quantization_used", "prompt_logprobs", "texts"} | {"error"}]}.
 """
 
@@ -14,7 +14,11 @@ import sys
 
 
 def run_job(job: dict) -> dict:
+    import os
+
     from vllm import LLM, SamplingParams
+
+    os.environ.update(job.get("env", {}))  # e.g. the kernel backend for this job
 
     llm = LLM(
         job["model"],
@@ -39,6 +43,8 @@ def run_job(job: dict) -> dict:
     finally:
         del llm
         gc.collect()
+        for key in job.get("env", {}):
+            os.environ.pop(key, None)
 
 
 def run_engines(jobs: list[dict], timeout: int = 900) -> list[dict]:

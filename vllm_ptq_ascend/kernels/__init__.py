@@ -2,25 +2,45 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from functools import lru_cache
 
 from vllm_ptq_ascend.kernels.base import Int8LinearSpec, KernelBackend, WeightOnlySpec
 
 __all__ = ["Int8LinearSpec", "KernelBackend", "WeightOnlySpec", "get_backend"]
+logger = logging.getLogger(__name__)
+
+
+BACKEND_ENV = "VLLM_PTQ_ASCEND_KERNELS"
+
+
+def get_backend(name: str | None = None) -> KernelBackend:
+    """The kernel backend: ``name``, else $VLLM_PTQ_ASCEND_KERNELS, else by vLLM's platform.
+
+    "cpu" uses vLLM-CPU's kernels; "torch" is the portable backend, also used (with a
+    warning) on platforms that have no backend of their own yet.
+    """
+    name = name or os.environ.get(BACKEND_ENV)
+    if name is None:
+        from vllm.platforms import current_platform
+
+        name = current_platform.device_type
+    return _backend(name)
 
 
 @lru_cache(maxsize=None)
-def get_backend(platform: str | None = None) -> KernelBackend:
-    """The backend for ``platform`` ("cpu", "cuda", "npu"), default: vLLM's current platform."""
-    if platform is None:
-        from vllm.platforms import current_platform
-
-        platform = current_platform.device_type
-    if platform == "cpu":
+def _backend(name: str) -> KernelBackend:
+    if name == "cpu":
         from vllm_ptq_ascend.kernels.cpu import CpuBackend
 
         return CpuBackend()
-    raise NotImplementedError(
-        f"vllm-ptq-ascend has no kernel backend for platform {platform!r} yet; "
-        "available: cpu (the NPU and CUDA backends are tracked in issue 4)."
-    )
+    from vllm_ptq_ascend.kernels.torch_generic import TorchBackend
+
+    if name != "torch":
+        logger.warning(
+            "vllm-ptq-ascend has no optimized kernels for platform %r yet; using the portable torch "
+            "backend (exact, but weight-only layers are dequantized at load and nothing is fused)",
+            name,
+        )
+    return TorchBackend()

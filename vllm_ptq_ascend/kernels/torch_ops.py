@@ -73,6 +73,24 @@ def static_quant_int8(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     return q.clamp(INT8_MIN, INT8_MAX).to(torch.int8)
 
 
+def merge_static_input_ranges(
+    scales: torch.Tensor, zero_points: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One per-tensor (scale, zero point) covering every fused shard's calibrated range.
+
+    Shards of a fused layer read the same input, so their ranges agree in practice;
+    taking the union keeps the result exact when they do and safe when they do not
+    (the same rule as vLLM's oneDNN path).
+    """
+    if zero_points is None:
+        return scales.max(), None
+    zps = zero_points.to(torch.int32).float()
+    hi = (scales * (INT8_MAX - zps)).max()
+    lo = (scales * (INT8_MIN - zps)).min()
+    scale = (hi - lo) / (INT8_MAX - INT8_MIN)
+    return scale, torch.round(INT8_MIN - lo / scale).to(torch.int32)
+
+
 def int8_mm_dequant(
     x_q: torch.Tensor,
     w_q_t: torch.Tensor,
@@ -83,10 +101,20 @@ def int8_mm_dequant(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """s_x * s_w * ((x_q - zp_x) @ w_q_t) + bias, with an exact int32 accumulator."""
-    acc = torch._int_mm(x_q.contiguous(), w_q_t.contiguous())
+    acc = _int_mm(x_q.contiguous(), w_q_t.contiguous())
     if x_zp is not None:
         acc = acc - x_zp.to(torch.int32) * w_q_t.to(torch.int32).sum(dim=0, keepdim=True)
     out = acc.float() * x_scale.float().reshape(-1, 1) * w_scale.float().reshape(1, -1)
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
+
+
+def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 x int8 -> int32. torch._int_mm on CUDA wants M > 16 and K, N multiples of 8."""
+    m, k = a.shape
+    n = b.shape[1]
+    if a.device.type == "cpu" or (m > 16 and k % 8 == 0 and n % 8 == 0):
+        return torch._int_mm(a, b)
+    # exact in float64: |sum| <= 128 * 128 * K stays far below 2^53
+    return (a.double() @ b.double()).to(torch.int32)
