@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from vllm import _custom_ops as ops  # this module is imported only on vLLM's CPU platform
 
 from vllm_ptq_ascend.kernels import torch_ops
 from vllm_ptq_ascend.kernels.base import Int8LinearSpec, WeightOnlySpec
@@ -50,15 +51,11 @@ class CpuBackend(TorchBackend):
         layer.ptq_input_symmetric = spec.input_symmetric
 
     def quant_act_int8(self, layer, x):
-        from vllm import _custom_ops as ops
-
         return ops.onednn_scaled_int8_quant(
             x, layer.input_scale, layer.input_zero_point, layer.ptq_input_symmetric
         )
 
     def int8_mm(self, layer, x_q, x_scale, x_zp, bias, out_dtype):
-        from vllm import _custom_ops as ops
-
         out = torch.empty((x_q.shape[0], layer.ptq_dnnl.n), dtype=out_dtype)
         ops.onednn_scaled_mm(layer.ptq_dnnl, x_q, out, x_scale, x_zp, layer.azp_adj, bias)
         return out
@@ -113,8 +110,6 @@ class CpuBackend(TorchBackend):
     def weight_only_mm(self, layer, x, bias):
         if not layer.ptq_fast:
             return super().weight_only_mm(layer, x, bias)
-        from vllm import _custom_ops as ops
-
         if layer.ptq_perm is not None:
             x = x[..., layer.ptq_perm]
         return ops.cpu_gemm_wna16(

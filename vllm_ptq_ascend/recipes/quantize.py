@@ -74,6 +74,7 @@ def quantize(
         (tmp / "ptq_ascend_card.json").write_text(json.dumps(info, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
+        tmp.chmod(0o755)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

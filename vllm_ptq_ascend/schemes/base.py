@@ -32,10 +32,14 @@ class PtqScheme(ABC):
         # checkpoint names behind this vLLM layer (q/k/v_proj for qkv_proj)
         self.shards = shards or [layer_name]
 
+    _kernels: KernelBackend | None = None
+
     @property
     def kernels(self) -> KernelBackend:
-        # Resolved in the process that runs the layer (configs are pickled to workers).
-        return get_backend()
+        # Resolved once, in the process that runs the layer (configs are pickled to workers).
+        if self._kernels is None:
+            self._kernels = get_backend()
+        return self._kernels
 
     def loader(self, inner: Callable, tensor: str, dtypes) -> Callable:
         return checked_loader(

@@ -115,7 +115,8 @@ class W8A8Int8Scheme(PtqScheme):
         self.kernels.prepare_int8(layer, self.spec)
 
     def apply_weights(self, layer, x, bias=None):
+        kernels = self.kernels
         x2 = x.reshape(-1, x.shape[-1])
-        x_q, x_scale, x_zp = self.kernels.quant_act_int8(layer, x2)
-        out = self.kernels.int8_mm(layer, x_q, x_scale, x_zp, bias, x.dtype)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        x_q, x_scale, x_zp = kernels.quant_act_int8(layer, x2)
+        out = kernels.int8_mm(layer, x_q, x_scale, x_zp, bias, x.dtype)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])

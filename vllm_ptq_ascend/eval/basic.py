@@ -1,0 +1,98 @@
+"""Small measurements through a vLLM ``LLM``: perplexity, greedy answers, throughput, memory.
+
+The full evaluation harness (per CoT mode, GSM8K/HellaSwag/HumanEval, reports)
+builds on these.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass
+
+
+def perplexity_from_logprobs(token_logprobs: list[list[float]]) -> float:
+    """exp(mean negative log-likelihood) over every scored token of every text."""
+    flat = [lp for text in token_logprobs for lp in text]
+    if not flat:
+        raise ValueError("no scored tokens: every text needs at least two tokens")
+    return math.exp(-sum(flat) / len(flat))
+
+
+def prompt_token_logprobs(llm, texts: list[str], max_tokens_per_text: int = 256) -> list[list[float]]:
+    """log p(token_i | tokens_<i) for i >= 1 of each text (truncated), from vLLM's prompt_logprobs."""
+    from vllm import SamplingParams
+
+    tok = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": tok(t)["input_ids"][:max_tokens_per_text]} for t in texts]
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    result = []
+    for out, p in zip(outs, prompts):
+        ids = p["prompt_token_ids"]
+        result.append([d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])])
+    return result
+
+
+def perplexity(llm, texts: list[str], max_tokens_per_text: int = 256) -> tuple[float, int]:
+    """(perplexity, number of scored tokens) of ``texts`` under ``llm``."""
+    lps = prompt_token_logprobs(llm, texts, max_tokens_per_text)
+    return perplexity_from_logprobs(lps), sum(len(x) for x in lps)
+
+
+def generate_answers(llm, questions: list[str], max_tokens: int = 96) -> list[str]:
+    """Greedy chat answers (the tokenizer's chat template is applied by vLLM)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    outs = llm.chat(convs, params, use_tqdm=False)
+    return [o.outputs[0].text.strip() for o in outs]
+
+
+@dataclass
+class Throughput:
+    prefill_tok_s: float
+    decode_tok_s: float
+    prompt_tokens: int
+    generated_tokens: int
+
+
+def throughput(llm, n_prompts: int = 8, prompt_len: int = 256, gen_len: int = 64) -> Throughput:
+    """Offline prefill and decode rates for a batch of ``n_prompts`` synthetic prompts.
+
+    Prefill: a batch generating one token each, prompt tokens / wall time.
+    Decode: the same batch generating ``gen_len`` tokens (ignore_eos), minus the
+    prefill time just measured, generated tokens after the first / remaining time.
+    A warm-up run precedes both.
+    """
+    from vllm import SamplingParams
+
+    vocab = llm.get_tokenizer().vocab_size
+    prompts = [
+        {"prompt_token_ids": [(7919 * (i + 1) * (j + 3)) % (vocab - 10) + 5 for j in range(prompt_len)]}
+        for i in range(n_prompts)
+    ]
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    many = SamplingParams(max_tokens=gen_len, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:2], one, use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    llm.generate(prompts, one, use_tqdm=False)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, many, use_tqdm=False)
+    total_s = time.perf_counter() - t0
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    decode_s = max(total_s - prefill_s, 1e-9)
+    return Throughput(
+        prefill_tok_s=n_prompts * prompt_len / prefill_s,
+        decode_tok_s=(generated - n_prompts) / decode_s,
+        prompt_tokens=n_prompts * prompt_len,
+        generated_tokens=generated,
+    )
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

