@@ -11,6 +11,7 @@ demo: venv
 	$(PY) -m vllm_ptq_ascend.demo
 
 test: venv
+	.venv/bin/ruff check vllm_ptq_ascend tests benchmarks examples
 	$(PY) -m pytest -q -m "not slow and not cuda" tests
 
 test-all: venv

@@ -60,6 +60,20 @@ def run_one(model: str, quantization: str | None, repeats: int) -> dict:
     }
 
 
+def merge_runs(rs: list[dict]) -> dict:
+    """One configuration's rounds: medians over every run, the largest peak RSS."""
+    prefill = [x for r in rs for x in r["prefill_runs"]]
+    decode = [x for r in rs for x in r["decode_runs"]]
+    return {
+        "quantization_used": rs[0]["quantization_used"],
+        "prefill_tok_s": statistics.median(prefill),
+        "decode_tok_s": statistics.median(decode),
+        "prefill_runs": prefill,
+        "decode_runs": decode,
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+    }
+
+
 def machine() -> dict:
     cpu = next(
         (
@@ -92,24 +106,16 @@ def main() -> None:
         print(json.dumps(run_one(model, None if quant == "none" else quant, args.repeats)))
         return
     paths = models()
-    rows = {}
-    for name, (key, quant) in CONFIGS.items():
-        print(f"[bench] {name} ...", flush=True)
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--repeats",
-                str(args.repeats),
-                "--child",
-                paths[key],
-                quant or "none",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    for r in range(args.rounds):
+        for name, (key, quant) in CONFIGS.items():
+            print(f"[bench] round {r + 1}/{args.rounds}: {name} ...", flush=True)
+            child = ["--repeats", str(args.repeats), "--child", paths[key], quant or "none"]
+            out = subprocess.run(
+                [sys.executable, __file__, *child], capture_output=True, text=True, check=True
+            )
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = {name: merge_runs(rs) for name, rs in runs.items()}
     ours, stock = rows["w8a8 ptq_ascend"], rows["w8a8 stock compressed-tensors"]
     ratio = {k: ours[k] / stock[k] for k in ("prefill_tok_s", "decode_tok_s")}
     info = machine()
@@ -141,7 +147,14 @@ def main() -> None:
     (RESULTS / "w8a8_cpu.md").write_text(table + "\n")
     (RESULTS / "w8a8_cpu.json").write_text(
         json.dumps(
-            {"machine": info, "repeats": args.repeats, "rows": rows, "ratio_ptq_over_stock": ratio}, indent=2
+            {
+                "machine": info,
+                "rounds": args.rounds,
+                "repeats": args.repeats,
+                "rows": rows,
+                "ratio_ptq_over_stock": ratio,
+            },
+            indent=2,
         )
     )
 

@@ -25,7 +25,8 @@ class TorchBackend(KernelBackend):
         if not spec.weight_per_channel:  # one scale per fused shard -> one per output channel
             counts = torch.tensor(widths, device=w_scale.device)
             w_scale = torch.repeat_interleave(w_scale.reshape(-1), counts)
-        layer.ptq_w_t = layer.weight.data.t().contiguous()
+        # a transposed *view* of the [out, in] weight: the column-major operand cuBLASLt wants
+        layer.ptq_w_t = layer.weight.data.contiguous().t()
         layer.ptq_w_scale = w_scale.reshape(-1)
         layer.ptq_x_scale = layer.ptq_x_zp = None
         if spec.static_input:

@@ -101,7 +101,7 @@ def int8_mm_dequant(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """s_x * s_w * ((x_q - zp_x) @ w_q_t) + bias, with an exact int32 accumulator."""
-    acc = _int_mm(x_q.contiguous(), w_q_t.contiguous())
+    acc = _int_mm(x_q.contiguous(), w_q_t)
     if x_zp is not None:
         acc = acc - x_zp.to(torch.int32) * w_q_t.to(torch.int32).sum(dim=0, keepdim=True)
     out = acc.float() * x_scale.float().reshape(-1, 1) * w_scale.float().reshape(1, -1)
@@ -111,10 +111,20 @@ def int8_mm_dequant(
 
 
 def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 x int8 -> int32. torch._int_mm on CUDA wants M > 16 and K, N multiples of 8."""
+    """int8 x int8 -> int32.
+
+    On CUDA, torch._int_mm (cuBLASLt) wants M > 16, K and N multiples of 8, and ``b``
+    column-major, i.e. the transposed view of a contiguous [N, K] weight.
+    """
     m, k = a.shape
     n = b.shape[1]
-    if a.device.type == "cpu" or (m > 16 and k % 8 == 0 and n % 8 == 0):
+    if a.device.type == "cpu":
         return torch._int_mm(a, b)
+    if k % 8 == 0 and n % 8 == 0:
+        if m > 16:
+            return torch._int_mm(a, b)
+        padded = torch.zeros(32, k, dtype=a.dtype, device=a.device)  # decode-sized M: pad rows
+        padded[:m] = a
+        return torch._int_mm(padded, b)[:m]
     # exact in float64: |sum| <= 128 * 128 * K stays far below 2^53
     return (a.double() @ b.double()).to(torch.int32)
