@@ -1,4 +1,4 @@
-"""The main job, end to end: embedded SmolLM2 -> W8A8 with llmcompressor -> served by ptq_ascend -> compared."""
+"""The main job end to end: embedded SmolLM2 -> W8A8 (llmcompressor) -> served by ptq_ascend -> compared."""
 
 from __future__ import annotations
 
