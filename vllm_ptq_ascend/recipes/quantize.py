@@ -10,13 +10,12 @@ leaves a half-written checkpoint. Its ``quantization_config`` keeps
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
 
 from vllm_ptq_ascend import QUANT_METHOD, __version__
+from vllm_ptq_ascend.atomic import atomic_directory
 from vllm_ptq_ascend.recipes.presets import build_recipe
 
 
@@ -52,9 +51,7 @@ def quantize(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.time()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         oneshot(model=model, recipe=modifiers)
@@ -72,11 +69,4 @@ def quantize(
         }
         mark_checkpoint(tmp, info)
         (tmp / "ptq_ascend_card.json").write_text(json.dumps(info, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.chmod(0o755)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
