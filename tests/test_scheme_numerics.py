@@ -107,17 +107,3 @@ def test_wna16(vllm_dist, shape, variant, dtype):
     ref = x.double() @ dequant_weight(sd, "L", {"num_bits": bits}).t() + bias.double()
     assert out.dtype == dtype and out.shape == (5, out_f)
     assert rel_err(out, ref) < REL_TOL[dtype]
-
-
-def test_fast_kernels_are_used_where_they_apply(vllm_dist, backend):
-    """bf16 W4A16 at kernel-friendly shapes runs vLLM-CPU's cpu_gemm_wna16, act-order included."""
-    if backend != "cpu":
-        pytest.skip("about the CPU backend's kernel choice")
-    for act_order in (False, True):
-        cfg = ct_config(wna16(4, 32, True, "group" if act_order else None))
-        layer = build_layer("ReplicatedLinear", cfg, 256, 128, torch.bfloat16)
-        tensors = make_wna16_tensors(128, 256, 4, 32, True, act_order)
-        load_tensors(layer, tensors)
-        layer.quant_method.process_weights_after_loading(layer)
-        assert layer.ptq_fast
-        assert (layer.ptq_perm is not None) == act_order

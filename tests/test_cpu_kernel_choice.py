@@ -1,0 +1,42 @@
+"""Which vLLM-CPU kernel the CPU backend picks (numerics are in test_scheme_numerics.py)."""
+
+from __future__ import annotations
+
+import torch
+from layer_helpers import build_layer, ct_config, load_tensors, make_wna16_tensors, wna16
+
+
+def test_fast_kernels_are_used_where_they_apply(vllm_dist):
+    """bf16 W4A16 at kernel-friendly shapes runs vLLM-CPU's cpu_gemm_wna16, act-order included."""
+    for act_order in (False, True):
+        cfg = ct_config(wna16(4, 32, True, "group" if act_order else None))
+        layer = build_layer("ReplicatedLinear", cfg, 256, 128, torch.bfloat16)
+        tensors = make_wna16_tensors(128, 256, 4, 32, True, act_order)
+        load_tensors(layer, tensors)
+        layer.quant_method.process_weights_after_loading(layer)
+        assert layer.ptq_fast
+        assert (layer.ptq_perm is not None) == act_order
+
+
+def test_fp32_and_irregular_g_idx_fall_back_to_exact_torch(vllm_dist):
+    from reference import dequant_weight
+
+    # fp32: cpu_gemm_wna16 has no fp32 kernel
+    layer = build_layer("ReplicatedLinear", ct_config(wna16(4, 32, True)), 256, 128, torch.float32)
+    load_tensors(layer, make_wna16_tensors(128, 256, 4, 32, True))
+    layer.quant_method.process_weights_after_loading(layer)
+    assert not layer.ptq_fast
+
+    # g_idx whose groups are not all group_size wide: no contiguous layout exists
+    tensors = make_wna16_tensors(128, 256, 4, 32, True, act_order=True)
+    g = torch.Generator().manual_seed(5)
+    tensors["weight_g_idx"] = torch.randint(0, 8, (256,), generator=g, dtype=torch.int32)
+    cfg = ct_config(wna16(4, 32, True, "group"))
+    layer = build_layer("ReplicatedLinear", cfg, 256, 128, torch.bfloat16, bias=False)
+    load_tensors(layer, tensors)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert not layer.ptq_fast
+    x = torch.randn(4, 256, generator=g).to(torch.bfloat16)
+    out = layer(x)[0].double()
+    ref = x.double() @ dequant_weight({f"L.{k}": v for k, v in tensors.items()}, "L", {"num_bits": 4}).t()
+    assert float((out - ref).norm() / ref.norm()) < 2e-2
