@@ -52,12 +52,11 @@ class SchemePlan:
     """What one config group asks for, checked to be servable; builds per-layer schemes."""
 
     group: str
-    kind: str  # "w8a8" | "wna16"
+    scheme: type[PtqScheme]
     options: tuple[tuple[str, Any], ...]
 
     def build(self, layer_name: str, files: dict[str, str], shards: list[str]) -> PtqScheme:
-        cls = W8A8Int8Scheme if self.kind == "w8a8" else WNA16Scheme
-        return cls(layer_name, files=files, shards=shards, **dict(self.options))
+        return self.scheme(layer_name, files=files, shards=shards, **dict(self.options))
 
 
 def _lift_group_actorder(config: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
@@ -118,7 +117,7 @@ def plan_group(
             )
         return SchemePlan(
             name,
-            "w8a8",
+            W8A8Int8Scheme,
             (
                 ("weight_per_channel", strategy == QuantizationStrategy.CHANNEL),
                 ("static_input", not acts.dynamic),
@@ -134,7 +133,7 @@ def plan_group(
         raise CheckpointError(f"{where}: {weights.num_bits}-bit weights; supported: 4, 8")
     return SchemePlan(
         name,
-        "wna16",
+        WNA16Scheme,
         (
             ("num_bits", weights.num_bits),
             ("group_size", weights.group_size if strategy == QuantizationStrategy.GROUP else None),
