@@ -12,7 +12,6 @@ from vllm_ptq_ascend.validation import FLOAT_DTYPES, checked_loader, require_loa
 
 # dtypes a checkpoint tensor of each role may arrive in.
 SCALE_DTYPES = FLOAT_DTYPES
-INT_DTYPES = (torch.int8, torch.int32)
 
 
 class PtqScheme(ABC):
