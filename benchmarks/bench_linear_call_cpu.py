@@ -19,6 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import conftest  # noqa: E402,F401  (vLLM-CPU environment defaults)
 from layer_helpers import W8A8_DYNAMIC, build_layer, ct_config, load_tensors, make_w8a8_tensors  # noqa: E402
 
@@ -91,12 +92,20 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
+    from bench_w8a8_cpu import machine  # same machine/date/version record as the end-to-end benchmark
+
+    info = machine()
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "linear_call_cpu.md").write_text(
-        "# W8A8 dynamic linear, one call, bf16, vLLM-CPU 0.32 (outputs bit-identical)\n\n" + table + "\n"
+        f"# W8A8 dynamic linear, one call, bf16 (outputs bit-identical), {info['date']}\n\n"
+        f"{info['cpu']}, {info['cores']} cores; "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+        + ".\n\n"
+        + table
+        + "\n"
     )
-    (out / "linear_call_cpu.json").write_text(json.dumps(rows, indent=2))
+    (out / "linear_call_cpu.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
