@@ -71,3 +71,21 @@ def make_ckpt(tiny_model, tmp_path_factory):
         return cache[name]
 
     return make
+
+
+PRESET_CALIBRATION = dict(num_samples=16, max_seq_length=64)
+
+
+@pytest.fixture(scope="session")
+def preset_ckpts(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """Every preset recipe run by `quantize()` on the tiny model (shipped calibration text)."""
+    from vllm_ptq_ascend.recipes.calibration import CalibrationSpec
+    from vllm_ptq_ascend.recipes.presets import PRESETS
+    from vllm_ptq_ascend.recipes.quantize import quantize
+
+    root = tmp_path_factory.mktemp("presets")
+    calib = CalibrationSpec(**PRESET_CALIBRATION)
+    return {
+        name: quantize(tiny_model, root / name, name, calibration=calib if p.needs_calibration else None)
+        for name, p in PRESETS.items()
+    }

@@ -1,61 +1,216 @@
-"""Named quantization presets built from llmcompressor's own modifiers.
+"""Named quantization presets: llmcompressor recipes built from llmcompressor's own modifiers.
 
-Only the calibration-free round-to-nearest presets live here for now; the
-calibrated ones (SmoothQuant, GPTQ, AWQ, W4A8) arrive with the recipe issue.
+Each preset is a Python builder (keyword knobs -> list of modifiers). Its default
+form also ships as YAML (``recipes/yaml/NAME.yaml``) for ``llmcompressor.oneshot(recipe=PATH)``;
+the YAML is generated from the builder (``python -m vllm_ptq_ascend.recipes.presets``)
+and a test keeps the two in step. Calibration knobs (number and length of samples,
+CoT modes) belong to the calibration data, not the recipe: see ``calibration.py``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
-PRESETS: dict[str, Callable[..., list]] = {}
+YAML_DIR = Path(__file__).with_name("yaml")
+DEFAULT_IGNORE = ("lm_head",)
+ACTORDERS = ("static", "weight", None)  # "group" is refused by llmcompressor 0.14's GPTQ
 
 
-def preset(name: str):
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    build: Callable[..., list]
+    needs_calibration: bool
+    summary: str
+
+    def options(self) -> dict[str, Any]:
+        """The knobs this preset takes, with their defaults."""
+        return {p.name: p.default for p in inspect.signature(self.build).parameters.values()}
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def preset(name: str, needs_calibration: bool):
     def register(fn):
-        PRESETS[name] = fn
+        PRESETS[name] = Preset(name, fn, needs_calibration, inspect.getdoc(fn).splitlines()[0])
         return fn
 
     return register
 
 
-def _ignore(ignore: list[str] | None) -> list[str]:
-    return list(ignore) if ignore is not None else ["lm_head"]
+# -- config groups (compressed-tensors QuantizationArgs as plain dicts) --------------
 
 
-@preset("w8a8-dynamic")
+def _weights(bits: int, group_size: int | None, symmetric: bool = True):
+    """int weights per group of ``group_size`` input channels, or per output channel if None."""
+    if group_size is not None and (type(group_size) is not int or group_size < 1):
+        raise ValueError(f"group_size must be a positive integer or None (per channel), got {group_size!r}")
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": symmetric,
+        "strategy": "channel" if group_size is None else "group",
+        "group_size": group_size,
+    }
+
+
+def _gptq(groups: dict, ignore, actorder: str | None):
+    """GPTQ on ``groups``. actorder is set on the modifier: in the weights' args, None would
+    be overridden by GPTQModifier's own default ("static")."""
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    if actorder not in ACTORDERS:
+        raise ValueError(f"actorder must be one of {ACTORDERS}, got {actorder!r}")
+    return GPTQModifier(config_groups=groups, ignore=_ignore(ignore), actorder=actorder)
+
+
+def _activations(kind: str):
+    """int8 activations: per-token scales computed at run time, or one calibrated per-tensor scale."""
+    if kind == "dynamic":
+        return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    if kind == "static":
+        return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
+    raise ValueError(f"activations must be 'dynamic' or 'static', got {kind!r}")
+
+
+def _groups(weights: dict, activations: dict | None = None, fmt: str | None = None) -> dict:
+    group: dict[str, Any] = {"targets": ["Linear"], "weights": weights}
+    if activations is not None:
+        group["input_activations"] = activations
+    if fmt is not None:  # otherwise llmcompressor infers it
+        group["format"] = fmt
+    return {"group_0": group}
+
+
+def _ignore(ignore) -> list[str]:
+    return list(DEFAULT_IGNORE if ignore is None else ignore)
+
+
+# -- presets ----------------------------------------------------------------------
+
+
+@preset("w8a8-dynamic", needs_calibration=False)
 def w8a8_dynamic(ignore: list[str] | None = None) -> list:
-    """int8 per-channel weights (RTN), int8 per-token dynamic activations; no calibration data."""
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-
-    return [QuantizationModifier(targets="Linear", scheme="W8A8", ignore=_ignore(ignore))]
-
-
-@preset("w4a16-rtn")
-def w4a16_rtn(ignore: list[str] | None = None, group_size: int = 128) -> list:
-    """int4 symmetric group-wise weights (RTN), float activations; no calibration data."""
+    """W8A8 round-to-nearest: int8 per-channel weights, int8 per-token dynamic activations; no data."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     return [
         QuantizationModifier(
-            config_groups={
-                "group_0": {
-                    "targets": ["Linear"],
-                    "weights": {
-                        "num_bits": 4,
-                        "type": "int",
-                        "symmetric": True,
-                        "strategy": "group",
-                        "group_size": group_size,
-                    },
-                }
-            },
-            ignore=_ignore(ignore),
+            config_groups=_groups(_weights(8, None), _activations("dynamic")), ignore=_ignore(ignore)
         )
     ]
 
 
-def build_recipe(name: str, **options) -> list:
+@preset("w8a8-smoothquant", needs_calibration=True)
+def w8a8_smoothquant(
+    ignore: list[str] | None = None, activations: str = "static", smoothing_strength: float = 0.8
+) -> list:
+    """W8A8 SmoothQuant + GPTQ: int8 per-channel weights, int8 static per-tensor (or dynamic) activations."""
+    from llmcompressor.modifiers.transform import SmoothQuantModifier
+
+    if not 0.0 <= smoothing_strength <= 1.0:
+        raise ValueError(f"smoothing_strength must lie in [0, 1], got {smoothing_strength!r}")
+    return [
+        SmoothQuantModifier(smoothing_strength=smoothing_strength),
+        _gptq(_groups(_weights(8, None), _activations(activations)), ignore, "static"),
+    ]
+
+
+@preset("w4a16-awq", needs_calibration=True)
+def w4a16_awq(ignore: list[str] | None = None, group_size: int | None = 128) -> list:
+    """W4A16 AWQ: int4 asymmetric (zero point) weights per group of 128, float activations."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier
+
+    groups = _groups(_weights(4, group_size, symmetric=False), fmt="pack-quantized")
+    return [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=_ignore(ignore))]
+
+
+@preset("w4a16-gptq", needs_calibration=True)
+def w4a16_gptq(
+    ignore: list[str] | None = None, group_size: int | None = 128, actorder: str | None = "static"
+) -> list:
+    """W4A16 GPTQ: int4 symmetric weights per group of 128 (act-order option), float activations."""
+    return [_gptq(_groups(_weights(4, group_size), fmt="pack-quantized"), ignore, actorder)]
+
+
+@preset("w8a16-gptq", needs_calibration=True)
+def w8a16_gptq(
+    ignore: list[str] | None = None, group_size: int | None = 128, actorder: str | None = "static"
+) -> list:
+    """W8A16 GPTQ: int8 symmetric weights per group of 128, float activations."""
+    return [_gptq(_groups(_weights(8, group_size), fmt="pack-quantized"), ignore, actorder)]
+
+
+@preset("w4a8", needs_calibration=True)
+def w4a8(
+    ignore: list[str] | None = None, group_size: int | None = 128, actorder: str | None = "static"
+) -> list:
+    """W4A8 GPTQ: int4 symmetric weights per group of 128 (or channel), int8 per-token dynamic activations."""
+    # pack-quantized: without it llmcompressor saves the int4 values unpacked in int8 (2x the size).
+    groups = _groups(_weights(4, group_size), _activations("dynamic"), fmt="pack-quantized")
+    return [_gptq(groups, ignore, actorder)]
+
+
+@preset("w4a16-rtn", needs_calibration=False)
+def w4a16_rtn(ignore: list[str] | None = None, group_size: int | None = 128) -> list:
+    """W4A16 round-to-nearest: int4 symmetric weights per group of 128; no data (a baseline)."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    groups = _groups(_weights(4, group_size), fmt="pack-quantized")
+    return [QuantizationModifier(config_groups=groups, ignore=_ignore(ignore))]
+
+
+# -- lookup -------------------------------------------------------------------------
+
+
+def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown recipe {name!r}; available: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name](**options)
+    return PRESETS[name]
+
+
+def build_recipe(name: str, **options) -> list:
+    """The modifiers of preset ``name`` with ``options``; an option the preset lacks is an error."""
+    p = get_preset(name)
+    known = p.options()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"recipe {name!r} takes no option {', '.join(map(repr, unknown))} "
+            f"(its options: {', '.join(known) or 'none'})"
+        )
+    return p.build(**options)
+
+
+def preset_yaml(name: str) -> str:
+    """The YAML form of preset ``name`` with its default knobs (what recipes/yaml/ ships)."""
+    from llmcompressor.recipe import Recipe
+
+    from vllm_ptq_ascend.recipes.recipe_yaml import dump_recipe_dict
+
+    header = f"# {name}: {get_preset(name).summary}\n# Generated by `python -m vllm_ptq_ascend.recipes.presets`.\n"
+    return header + dump_recipe_dict(Recipe.from_modifiers(build_recipe(name)).to_dict())
+
+
+def yaml_path(name: str) -> Path:
+    return YAML_DIR / f"{get_preset(name).name}.yaml"
+
+
+def write_yaml_files() -> list[Path]:
+    YAML_DIR.mkdir(exist_ok=True)
+    paths = []
+    for name in sorted(PRESETS):
+        path = yaml_path(name)
+        path.write_text(preset_yaml(name))
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    for p in write_yaml_files():
+        print(f"wrote {p}")

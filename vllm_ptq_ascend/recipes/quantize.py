@@ -1,22 +1,29 @@
-"""Run an llmcompressor recipe on a model directory and write a checkpoint atomically.
+"""Run a preset on a model directory and write a checkpoint atomically.
 
 The checkpoint is written into a hidden temporary directory beside ``out_dir``
 and renamed into place only when complete, so a failed or interrupted run never
 leaves a half-written checkpoint. Its ``quantization_config`` keeps
-``quant_method: compressed-tensors`` (stock vLLM still loads it) and gains a
-``ptq_ascend`` block, which makes vLLM pick our plugin with no flag.
+``quant_method: compressed-tensors`` (stock vLLM still loads the schemes it has)
+and gains a ``ptq_ascend`` block, which makes vLLM pick our plugin with no flag.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from vllm_ptq_ascend import QUANT_METHOD, __version__
 from vllm_ptq_ascend.atomic import atomic_directory
-from vllm_ptq_ascend.recipes.presets import build_recipe
+from vllm_ptq_ascend.recipes.calibration import CalibrationSpec, build_calibration
+from vllm_ptq_ascend.recipes.presets import build_recipe, get_preset
+from vllm_ptq_ascend.recipes.recipe_yaml import make_recipe_file_plain
+
+LIBRARIES = ("vllm_ptq_ascend", "llmcompressor", "compressed-tensors", "transformers", "torch")
+CARD_JSON = "ptq_ascend_card.json"
 
 
 def mark_checkpoint(ckpt_dir: Path, info: dict) -> None:
@@ -30,43 +37,154 @@ def mark_checkpoint(ckpt_dir: Path, info: dict) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def check_recipe_fits_model(model_dir: Path, modifiers: list) -> None:
+    """Before any data or weights are loaded: every group size divides the input size of
+    each layer it applies to, and every ignore entry names a layer of the model.
+
+    Uses a weightless (meta-device) copy of the model built from config.json.
+    """
+    import torch
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.utils import match_named_modules
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    for modifier in modifiers:
+        ignore = list(getattr(modifier, "ignore", None) or [])
+        for pattern in ignore:
+            if not any(True for _ in match_named_modules(model, [pattern])):
+                raise ValueError(f"{model_dir}: ignore entry {pattern!r} matches no layer of the model")
+        for group in (getattr(modifier, "config_groups", None) or {}).values():
+            scheme = QuantizationScheme.model_validate(group) if isinstance(group, dict) else group
+            size = scheme.weights.group_size if scheme.weights else None
+            if not size:
+                continue
+            bad = [
+                f"{layer} (input size {m.in_features})"
+                for layer, m in match_named_modules(model, scheme.targets, ignore)
+                if isinstance(m, torch.nn.Linear) and m.in_features % size
+            ]
+            if bad:
+                more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+                raise ValueError(
+                    f"{model_dir}: group size {size} does not divide the input size of "
+                    f"{', '.join(bad[:3])}{more}; choose a group size that divides every input size, "
+                    "add those layers to the ignore list, or use per-channel scales (group size 'channel')"
+                )
+
+
+@contextmanager
+def cpu_without_pinned_memory():
+    """llmcompressor's AWQ pins its activation cache for faster host->device copies; with no
+    accelerator torch refuses ("Cannot access accelerator device when none is available").
+    Pinning only speeds up copies, so on such machines it is skipped for the run."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.accelerator.is_available():
+        yield
+        return
+    pin = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = pin
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """A short human-readable README for the checkpoint."""
+    calib = info["calibration"]
+    lines = [
+        f"# {Path(info['source_model']).name} quantized with `{info['recipe']}`",
+        "",
+        f"Made by vllm-ptq-ascend {info['libraries']['vllm_ptq_ascend']} in {info['seconds']} s.",
+        f"Serve it with `vllm serve DIR` (the `{QUANT_METHOD}` plugin is picked from config.json).",
+        "",
+        f"- recipe: `{info['recipe']}` {json.dumps(info['recipe_options'])} ({info['recipe_summary']})",
+    ]
+    if calib is None:
+        lines.append("- calibration: none (round-to-nearest)")
+    else:
+        modes = ", ".join(f"{m}: {n}" for m, n in calib.get("mode_counts", {}).items())
+        lines.append(
+            f"- calibration: {calib.get('source')}, {calib.get('num_samples')} samples, "
+            f"{calib.get('num_tokens')} tokens, modes {{{modes}}}, seed {calib.get('seed')}"
+        )
+    lines.append("- libraries: " + ", ".join(f"{k} {v}" for k, v in info["libraries"].items()))
+    lines.append(f"\nFull details: `{CARD_JSON}`.\n")
+    return "\n".join(lines)
+
+
 def quantize(
     model_dir: str | Path,
     out_dir: str | Path,
     recipe: str = "w8a8-dynamic",
     *,
+    calibration: CalibrationSpec | None = None,
     overwrite: bool = False,
     **recipe_options,
 ) -> Path:
-    """Quantize ``model_dir`` with a named preset into ``out_dir``; returns ``out_dir``."""
+    """Quantize ``model_dir`` with preset ``recipe`` into ``out_dir``; returns ``out_dir``.
+
+    ``calibration`` defaults to ``CalibrationSpec()`` (shipped reasoning text) for presets
+    that need data; presets that need none refuse one. Every argument is checked before
+    the model is loaded.
+    """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    preset = get_preset(recipe)
     modifiers = build_recipe(recipe, **recipe_options)
+    if preset.needs_calibration:
+        calibration = calibration or CalibrationSpec()
+    elif calibration is not None:
+        raise ValueError(
+            f"recipe {recipe!r} uses no calibration data (round-to-nearest); pass no calibration"
+        )
+    check_recipe_fits_model(model_dir, modifiers)
 
     import torch
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data_kwargs: dict[str, Any] = {}
+    calib_summary = None
+    if calibration is not None:
+        from vllm_ptq_ascend.env import repo_cache_root
+
+        dataset, calib_summary = build_calibration(
+            model_dir, tokenizer, calibration, cache_dir=repo_cache_root() / "calibration"
+        )
+        data_kwargs = dict(
+            dataset=dataset,
+            num_calibration_samples=len(dataset),
+            max_seq_length=calibration.max_seq_length,
+            shuffle_calibration_samples=False,  # the calibration set is already shuffled by its seed
+        )
     with atomic_directory(out_dir) as tmp:
+        torch.manual_seed(calibration.seed if calibration else 0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        oneshot(model=model, recipe=modifiers)
+        with cpu_without_pinned_memory():
+            oneshot(model=model, recipe=modifiers, **data_kwargs)
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)
+        make_recipe_file_plain(tmp / "recipe.yaml")
         info = {
             "recipe": recipe,
             "recipe_options": recipe_options,
-            "source_model": str(model_dir),
-            "calibration": None,
+            "recipe_summary": preset.summary,
+            "source_model": str(model_dir.resolve()),
+            "calibration": calib_summary,
             "seconds": round(time.time() - start, 1),
-            "libraries": {
-                p: version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch")
-            },
+            "libraries": {p: version(p.replace("_", "-")) for p in LIBRARIES},
         }
-        mark_checkpoint(tmp, info)
-        (tmp / "ptq_ascend_card.json").write_text(json.dumps(info, indent=2) + "\n")
+        mark_checkpoint(tmp, {k: info[k] for k in ("recipe", "recipe_options")})
+        (tmp / CARD_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(info))
     return out_dir

@@ -1,0 +1,112 @@
+"""Every preset's checkpoint served by a real vLLM-CPU engine through ptq_ascend, checked against
+llmcompressor's own fake-quantized model in transformers.
+
+The reference: transformers loads the checkpoint with compressed-tensors'
+``run_compressed=False``: weights are decompressed (int x scale, exact) and the
+quantization config stays active, so activations are fake-quantized by
+compressed-tensors' own code. It runs in float64; vLLM runs in float32.
+
+Tolerances (the reasoning is that of tests/test_engine_e2e.py): weight-only presets are
+continuous in the activations, so 1e-3 nats. Presets that quantize activations round
+them, and a float32-vs-float64 difference of one ulp can flip a rounding; this random
+model amplifies flips, so the mean difference is bounded by 0.05 and the worst by 0.3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_runner import run_engines
+
+from vllm_ptq_ascend.recipes.presets import PRESETS
+
+pytestmark = pytest.mark.engine
+WEIGHT_ONLY = {"w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn"}
+# presets stock vLLM-CPU 0.32 also serves (as compressed-tensors), and the dtype it needs
+STOCK = {
+    "w8a8-smoothquant": "float32",
+    "w8a8-dynamic": "float32",
+    "w4a16-awq": "bfloat16",
+    "w4a16-gptq": "bfloat16",
+}
+
+JOBS = [(name, "ptq_ascend", "float32") for name in sorted(PRESETS)]
+JOBS += [("w4a8", None, "float32")]  # marked by quantize(): detected with no flag
+JOBS += [(name, "compressed-tensors", dtype) for name, dtype in STOCK.items()]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model):
+    from transformers import AutoTokenizer
+
+    from vllm_ptq_ascend.models.shipped_text import reasoning_texts
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    return [tok(t)["input_ids"][:48] for t in reasoning_texts()[-3:]]
+
+
+@pytest.fixture(scope="module")
+def results(preset_ckpts, prompts):
+    jobs = [
+        {"model": str(preset_ckpts[n]), "quantization": q, "dtype": d, "prompts": prompts} for n, q, d in JOBS
+    ]
+    return dict(zip(JOBS, run_engines(jobs)))
+
+
+def llmcompressor_fake_quant_logprobs(ckpt, prompts) -> list[list[float]]:
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    return float64_logprobs(ckpt, prompts, quantization_config=CompressedTensorsConfig(run_compressed=False))
+
+
+@torch.no_grad()
+def float64_logprobs(model_dir, prompts, **kwargs) -> list[list[float]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, **kwargs).eval()
+    out = []
+    for ids in prompts:
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        out.append([float(logp[i - 1, t]) for i, t in enumerate(ids) if i > 0])
+    return out
+
+
+def diffs(a, b) -> list[float]:
+    return [abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v)]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_served_by_plugin_matches_llmcompressor(results, preset_ckpts, prompts, name):
+    res = results[(name, "ptq_ascend", "float32")]
+    assert "error" not in res, res
+    assert res["quantization_used"] == "ptq_ascend"
+    d = diffs(res["prompt_logprobs"], llmcompressor_fake_quant_logprobs(preset_ckpts[name], prompts))
+    assert len(d) == 3 * 47
+    if name in WEIGHT_ONLY:
+        assert max(d) < 1e-3
+    else:
+        assert sum(d) / len(d) < 0.05 and max(d) < 0.3
+
+
+def test_quantized_model_is_measurably_quantized(results, tiny_model, prompts):
+    """The comparison above would pass trivially if nothing were quantized: it is not."""
+    base = float64_logprobs(tiny_model, prompts)
+    for name in ("w4a8", "w4a16-gptq"):
+        d = diffs(results[(name, "ptq_ascend", "float32")]["prompt_logprobs"], base)
+        assert sum(d) / len(d) > 0.01, name
+
+
+def test_marked_checkpoint_is_detected(results):
+    auto, flagged = results[("w4a8", None, "float32")], results[("w4a8", "ptq_ascend", "float32")]
+    assert auto["quantization_used"] == "ptq_ascend"
+    assert auto["prompt_logprobs"] == flagged["prompt_logprobs"]
+
+
+@pytest.mark.parametrize("name", sorted(STOCK))
+def test_stock_vllm_still_loads_supported_presets(results, preset_ckpts, prompts, name):
+    res = results[(name, "compressed-tensors", STOCK[name])]
+    assert "error" not in res, res
+    assert res["quantization_used"] == "compressed-tensors"
+    d = diffs(res["prompt_logprobs"], llmcompressor_fake_quant_logprobs(preset_ckpts[name], prompts))
+    # bf16 runs carry ~3 significant digits per layer (tests/test_engine_e2e.py: 0.15 nats)
+    assert sum(d) / len(d) < 0.05 and max(d) < (0.3 if STOCK[name] == "float32" else 0.15)
