@@ -25,10 +25,12 @@ def _calibration(tokenizer, n=8, length=64):
     return Dataset.from_dict({"input_ids": ids})
 
 
-def _group(weights: dict, acts: dict | None = None) -> dict:
+def _group(weights: dict, acts: dict | None = None, fmt: str | None = None) -> dict:
     g = {"targets": ["Linear"], "weights": weights}
     if acts:
         g["input_activations"] = acts
+    if fmt:
+        g["format"] = fmt  # else llmcompressor infers it (int-quantized when activations are quantized)
     return {"group_0": g}
 
 
@@ -46,6 +48,7 @@ A_STATIC = lambda sym: {
     "strategy": "tensor",
     "dynamic": False,
 }  # noqa: E731
+A_DYNAMIC_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
 
 # name -> (config_groups, needs calibration data)
 LLMCOMPRESSOR_SCHEMES = {
@@ -55,6 +58,9 @@ LLMCOMPRESSOR_SCHEMES = {
     "w4a16-g64-asym": (_group(W(4, "group", False, 64)), False),
     "w4a16-channel-sym": (_group(W(4, "channel")), False),
     "w8a16-g128-sym": (_group(W(8, "group", True, 128)), False),
+    # W4A8 (llmcompressor's W4A8 preset with a group size): int4 symmetric weights, int8 dynamic tokens
+    "w4a8-g32-packed": (_group(W(4, "group", True, 32), A_DYNAMIC_TOKEN, "pack-quantized"), False),
+    "w4a8-g64-int": (_group(W(4, "group", True, 64), A_DYNAMIC_TOKEN), False),
 }
 
 

@@ -46,6 +46,32 @@ def wna16(bits: int, group_size: int | None, symmetric: bool, actorder: str | No
     return w
 
 
+def w4a8(group_size: int | None) -> tuple[dict, dict]:
+    """llmcompressor's W4A8 preset: symmetric int4 group/channel weights, int8 per-token dynamic acts."""
+    w = {
+        "num_bits": 4,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group" if group_size else "channel",
+        "group_size": group_size,
+    }
+    return w, dict(W8A8_DYNAMIC[1])
+
+
+def make_w4a8_tensors(out_f, in_f, group_size, packed, gen=None):
+    """int4 values in [-8, 7]: packed into int32 (pack-quantized) or one per int8 (int-quantized)."""
+    g = gen or torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (out_f, in_f), generator=g)
+    n_groups = 1 if not group_size else in_f // group_size
+    t = {"weight_scale": torch.rand(out_f, n_groups, generator=g) * 0.02 + 1e-3}
+    if packed:
+        t["weight_packed"] = pack_int32(q, 4, 1)
+        t["weight_shape"] = torch.tensor([out_f, in_f], dtype=torch.int64)
+    else:
+        t["weight"] = q.to(torch.int8)
+    return t
+
+
 def make_w8a8_tensors(out_f, in_f, *, per_channel=True, static=False, symmetric=True, gen=None):
     g = gen or torch.Generator().manual_seed(0)
     t = {"weight": torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8)}

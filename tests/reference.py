@@ -43,6 +43,17 @@ def quant_per_token(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x / s).clamp(-128, 127) * s
 
 
+def quant_per_token_asym(x: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize each row to asymmetric int8 over [min(x, 0), max(x, 0)] (float64).
+
+    What torch's reference ``_dyn_quant_matmul_4bit`` (stock vLLM-CPU's W4A8 path on x86) does.
+    """
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    s = ((hi - lo) / 255.0).clamp(min=1e-10)
+    zp = torch.round(-128 - lo / s)
+    return (torch.round(x / s) + zp).clamp(-128, 127).sub(zp) * s
+
+
 def quant_static(x: torch.Tensor, scale: float, zp: int = 0) -> torch.Tensor:
     q = torch.round(x / scale) + zp
     return (q.clamp(-128, 127) - zp) * scale
@@ -77,7 +88,7 @@ def dequant_weight(sd: dict, name: str, wargs: dict) -> torch.Tensor:
 class FakeQuantModel:
     """The checkpoint's architecture in float64 with dequantized weights and quantized activations."""
 
-    def __init__(self, ckpt: str | Path):
+    def __init__(self, ckpt: str | Path, asymmetric_tokens: bool = False):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         ckpt = Path(ckpt)
@@ -101,7 +112,7 @@ class FakeQuantModel:
             state[f"{mname}.weight"] = dequant_weight(sd, mname, group["weights"])
             acts = group.get("input_activations")
             if acts:
-                module.register_forward_pre_hook(self._act_hook(sd, mname, acts))
+                module.register_forward_pre_hook(self._act_hook(sd, mname, acts, asymmetric_tokens))
         for k, v in sd.items():
             if k not in state and not any(
                 k.endswith(s) for s in ("_scale", "_zero_point", "_packed", "_shape", "_g_idx")
@@ -112,9 +123,10 @@ class FakeQuantModel:
         assert all("rotary" in m for m in missing), missing
 
     @staticmethod
-    def _act_hook(sd, name, acts):
+    def _act_hook(sd, name, acts, asymmetric_tokens=False):
         if acts["dynamic"]:
-            return lambda mod, args: (quant_per_token(args[0]),)
+            quant = quant_per_token_asym if asymmetric_tokens else quant_per_token
+            return lambda mod, args: (quant(args[0]),)
         scale = float(sd[f"{name}.input_scale"].double().max())
         zp = int(sd[f"{name}.input_zero_point"].item()) if f"{name}.input_zero_point" in sd else 0
         return lambda mod, args: (quant_static(args[0], scale, zp),)

@@ -8,7 +8,15 @@ import shutil
 import pytest
 import torch
 from engine_runner import run_engines
-from layer_helpers import build_layer, ct_config, load_tensors, make_wna16_tensors, wna16
+from layer_helpers import (
+    build_layer,
+    ct_config,
+    load_tensors,
+    make_w4a8_tensors,
+    make_wna16_tensors,
+    w4a8,
+    wna16,
+)
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.engine
@@ -82,6 +90,11 @@ BAD_CONFIGS = {
         lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=48),
         ["weight_scale", "group size 48", "does not divide"],
     ),
+    "w4a8 static activations": (
+        "w4a8-g64-int",
+        lambda q: q["config_groups"]["group_0"]["input_activations"].update(dynamic=False, strategy="tensor"),
+        ["config.json", "group_0", "not a supported scheme", "W4A8 int"],
+    ),
 }
 
 
@@ -129,3 +142,28 @@ def test_fused_shards_with_different_g_idx_are_rejected(vllm_dist):
             continue
         with pytest.raises(CheckpointError, match="gate_up_proj.*weight_g_idx.*different act-order g_idx"):
             load_tensors(layer, tensors, shard)
+
+
+@pytest.mark.parametrize(
+    "fmt,group,edit,match",
+    [
+        ("pack-quantized", 48, None, r"down_proj', tensor 'weight_scale': group size 48 does not divide"),
+        ("int-quantized", 32, "out of range", r"down_proj', tensor 'weight': values must lie in \[-8, 7\]"),
+        ("int-quantized", None, "nan scale", r"down_proj', tensor 'weight_scale': 1 scale\(s\).*NaN"),
+    ],
+)
+def test_bad_w4a8_layers_are_rejected(vllm_dist, fmt, group, edit, match):
+    from vllm_ptq_ascend.validation import CheckpointError
+
+    def build_and_load():
+        layer = build_layer("ReplicatedLinear", ct_config(*w4a8(group), fmt=fmt), 256, 64, torch.float32)
+        tensors = make_w4a8_tensors(64, 256, group, packed=fmt == "pack-quantized")
+        if edit == "out of range":  # an int8 weight that is not int4
+            tensors["weight"][3, 5] = 9
+        if edit == "nan scale":
+            tensors["weight_scale"][0, 0] = float("nan")
+        load_tensors(layer, tensors)
+        layer.quant_method.process_weights_after_loading(layer)
+
+    with pytest.raises(CheckpointError, match=match):
+        build_and_load()

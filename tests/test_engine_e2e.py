@@ -13,7 +13,11 @@ reference itself run in float32 instead of float64 moves by ~0.1 nats). For the
 dynamic scheme we therefore bound the mean difference (0.05) and the worst (0.3)
 and require the result to be identical to stock vLLM, which runs the same oneDNN kernels. Static activation
 scales have the same boundary effect (a value one ulp from x.5 of the grid), so
-the same bound applies to every W8A8 scheme.
+the same bound applies to every W8A8 scheme, and to W4A8 (int8 per-token dynamic
+activations too). Stock vLLM-CPU serves int-quantized W4A8 on x86 through torch's
+reference `_dyn_quant_matmul_4bit` (the KleidiAI kernel's fallback), which quantizes
+activations per row *asymmetrically*: a different grid, so stock is checked against
+the reference with asymmetric per-row activations instead.
 """
 
 from __future__ import annotations
@@ -73,6 +77,11 @@ JOBS += [
     # the portable torch backend (used where a platform has no kernels of its own)
     ("w8a8-static-asym", "ptq_ascend", "float32", "torch"),
     ("w4a16-g32-actorder", "ptq_ascend", "bfloat16", "torch"),
+    ("w4a8-g32-packed", "ptq_ascend", "float32", "torch"),
+    ("w4a8-g32-packed", "ptq_ascend", "bfloat16"),
+    # stock vLLM-CPU serves int-quantized W4A8 (its pack-quantized route, CompressedTensorsWNA8Int,
+    # ends in cpu_gemm_wna16 and so has no fp32 kernel: not run here, a failed engine breaks the next)
+    ("w4a8-g64-int", "compressed-tensors", "float32"),
     ("w8a16-g128-sym", None, "float32"),  # unmarked: stays with stock vLLM, which cannot load W8A16
 ]
 
@@ -122,7 +131,7 @@ def test_deterministic_schemes_match_reference(engine_results, ckpts, prompts, n
     assert res["quantization_used"] == "ptq_ascend"
     ref = reference_logprobs(ckpts[name], prompts)
     ours = res["prompt_logprobs"]
-    if name.startswith("w8a8"):
+    if name.startswith(("w8a8", "w4a8")):  # activations quantized
         assert_close_under_activation_rounding(ours, ref)
     else:
         assert max_diff(ours, ref) < EXACT_TOL
@@ -179,6 +188,29 @@ def test_torch_backend_end_to_end(engine_results, ckpts, prompts):
     assert "error" not in act_order, act_order
     ref = reference_logprobs(ckpts["w4a16-g32-actorder"], prompts)
     assert mean_diff(act_order["prompt_logprobs"], ref) < 0.05
+
+
+def test_w4a8_formats_backends_and_stock(engine_results, ckpts, prompts):
+    ours = engine_results[("w4a8-g64-int", "ptq_ascend", "float32")]
+    stock = engine_results[("w4a8-g64-int", "compressed-tensors", "float32")]
+    base = engine_results[("unquantized", None, "float32")]
+    for r in (ours, stock):
+        assert "error" not in r, r
+    assert stock["quantization_used"] == "compressed-tensors"
+    assert mean_diff(base["prompt_logprobs"], ours["prompt_logprobs"]) > 0.01
+    # stock quantizes activations asymmetrically (see module docstring): same weights, other grid
+    ref = FakeQuantModel(ckpts["w4a8-g64-int"], asymmetric_tokens=True)
+    stock_ref = [ref.prompt_logprobs(p) for p in prompts]
+    assert_close_under_activation_rounding(stock["prompt_logprobs"], stock_ref)
+    ref = reference_logprobs(ckpts["w4a8-g32-packed"], prompts)
+    for job in (
+        ("w4a8-g32-packed", "ptq_ascend", "float32", "torch"),
+        ("w4a8-g32-packed", "ptq_ascend", "bfloat16"),
+    ):
+        res = engine_results[job]
+        assert "error" not in res, (job, res)
+        assert res["quantization_used"] == "ptq_ascend"
+        assert_close_under_activation_rounding(res["prompt_logprobs"], ref)
 
 
 def test_unmarked_checkpoint_stays_with_stock_vllm(engine_results):

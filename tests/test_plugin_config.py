@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from layer_helpers import W8A8_DYNAMIC, ct_config, wna16
+from layer_helpers import W8A8_DYNAMIC, ct_config, w4a8, wna16
 
 
 def test_plugin_is_an_entry_point_and_cheap_to_import():
@@ -135,6 +135,24 @@ def test_fused_layer_partly_ignored_is_rejected():
             "int-quantized",
             "not a supported scheme",
         ),
+        (  # W4A8 with asymmetric int4 weights
+            {
+                "targets": ["Linear"],
+                "weights": {**w4a8(32)[0], "symmetric": False},
+                "input_activations": w4a8(32)[1],
+            },
+            "pack-quantized",
+            "not a supported scheme; supported: .*W4A8 int",
+        ),
+        (  # W4A8 with static activations
+            {
+                "targets": ["Linear"],
+                "weights": w4a8(None)[0],
+                "input_activations": {**w4a8(None)[1], "dynamic": False, "strategy": "tensor"},
+            },
+            "int-quantized",
+            "not a supported scheme; supported: .*W4A8 int",
+        ),
     ],
 )
 def test_unsupported_groups_fail_at_startup_naming_the_group(group, fmt, match):
@@ -167,3 +185,16 @@ def test_act_order_group_checkpoints_are_accepted():
     assert dict(c.plans["group_0"].options)["act_order"] is True
     c = PtqAscendConfig.from_config(ct_config(wna16(4, 128, True, "weight")))
     assert dict(c.plans["group_0"].options)["act_order"] is False  # "weight" order stores no g_idx
+
+
+@pytest.mark.parametrize("fmt", ["int-quantized", "pack-quantized"])
+@pytest.mark.parametrize("group_size", [64, None])
+def test_w4a8_groups_map_to_the_w4a8_scheme(fmt, group_size):
+    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.schemes import W4A8IntScheme
+
+    plan = PtqAscendConfig.from_config(ct_config(*w4a8(group_size), fmt=fmt)).plans["group_0"]
+    assert plan.scheme is W4A8IntScheme
+    assert dict(plan.options) == {"group_size": group_size, "packed": fmt == "pack-quantized"}
+    scheme = plan.build("model.layers.0.mlp.down_proj", {}, ["model.layers.0.mlp.down_proj"])
+    assert scheme.describe().startswith("W4A8 int")

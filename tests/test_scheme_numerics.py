@@ -9,8 +9,10 @@ from layer_helpers import (
     build_layer,
     ct_config,
     load_tensors,
+    make_w4a8_tensors,
     make_w8a8_tensors,
     make_wna16_tensors,
+    w4a8,
     w8a8_static,
     wna16,
 )
@@ -107,3 +109,30 @@ def test_wna16(vllm_dist, shape, variant, dtype):
     ref = x.double() @ dequant_weight(sd, "L", {"num_bits": bits}).t() + bias.double()
     assert out.dtype == dtype and out.shape == (5, out_f)
     assert rel_err(out, ref) < REL_TOL[dtype]
+
+
+W4A8_GROUPS = [32, 8, None]  # None: per channel
+W4A8_CASES = [(shape, gs) for shape in SHAPES for gs in W4A8_GROUPS if not gs or shape[1] % gs == 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["int-quantized", "pack-quantized"])
+@pytest.mark.parametrize("shape,group", W4A8_CASES, ids=lambda v: str(v).replace(" ", ""))
+@pytest.mark.parametrize("m", [1, 9])
+def test_w4a8(vllm_dist, shape, group, fmt, dtype, m):
+    out_f, in_f = shape
+    layer = build_layer("ReplicatedLinear", ct_config(*w4a8(group), fmt=fmt), in_f, out_f, dtype, bias=True)
+    assert type(layer.scheme).__name__ == "W4A8IntScheme"
+    tensors = make_w4a8_tensors(out_f, in_f, group, packed=fmt == "pack-quantized")
+    load_tensors(layer, tensors)
+    bias = torch.randn(out_f).to(dtype)
+    layer.bias.data.copy_(bias)
+    x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(4)).to(dtype)
+    out = run_layer(layer, x)
+    sd = {f"L.{k}": v for k, v in tensors.items()}
+    w = dequant_weight(sd, "L", {"num_bits": 4})
+    ref = quant_per_token(x.double()) @ w.t() + bias.double()
+    assert out.dtype == dtype and out.shape == (m, out_f)
+    assert rel_err(out, ref) < REL_TOL[dtype]
+    # the activations really were quantized: unquantized activations are measurably elsewhere
+    assert rel_err(x.double() @ w.t() + bias.double(), ref) > 1e-4

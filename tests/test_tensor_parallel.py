@@ -15,8 +15,10 @@ from layer_helpers import (
     build_layer,
     ct_config,
     load_tensors,
+    make_w4a8_tensors,
     make_w8a8_tensors,
     make_wna16_tensors,
+    w4a8,
     w8a8_static,
     wna16,
 )
@@ -49,10 +51,18 @@ CASES = {
         "wna16",
         {"group": 32, "symmetric": True, "act_order": True},
     ),
+    "w4a8-g32-packed": (
+        ct_config(*w4a8(32), fmt="pack-quantized"),
+        "w4a8",
+        {"group": 32, "packed": True},
+    ),
+    "w4a8-channel-int": (ct_config(*w4a8(None)), "w4a8", {"group": None, "packed": False}),
 }
 
 
 def full_tensors(kind, opts):
+    if kind == "w4a8":
+        return make_w4a8_tensors(OUT, IN, opts["group"], opts["packed"])
     if kind == "w8a8":
         return make_w8a8_tensors(
             OUT, IN, static=opts.get("static", False), symmetric=opts.get("symmetric", True)
@@ -68,7 +78,7 @@ def full_weight(kind, tensors, opts):
 
 
 def act_quant(kind, tensors, x, opts):
-    if kind != "w8a8":
+    if kind == "wna16":
         return x
     if not opts.get("static"):
         return quant_per_token(x)

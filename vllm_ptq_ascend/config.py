@@ -33,7 +33,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
 )
 
 from vllm_ptq_ascend import QUANT_METHOD
-from vllm_ptq_ascend.schemes import PtqScheme, W8A8Int8Scheme, WNA16Scheme
+from vllm_ptq_ascend.schemes import PtqScheme, W4A8IntScheme, W8A8Int8Scheme, WNA16Scheme
 from vllm_ptq_ascend.validation import CheckpointError, tensor_file_index
 
 CT_METHOD = "compressed-tensors"
@@ -96,24 +96,43 @@ def plan_group(
         )
     strategy = weights.strategy
     if acts is not None:
-        ok = (
+        int8_acts = acts.type == QuantizationType.INT and acts.num_bits == 8
+        dynamic_token = (
+            acts.dynamic is True and acts.strategy == QuantizationStrategy.TOKEN and acts.symmetric
+        )
+        w8a8 = (
             weights.num_bits == 8
             and weights.symmetric
             and strategy in (QuantizationStrategy.CHANNEL, QuantizationStrategy.TENSOR)
-            and acts.type == QuantizationType.INT
-            and acts.num_bits == 8
-            and (
-                (acts.dynamic is True and acts.strategy == QuantizationStrategy.TOKEN and acts.symmetric)
-                or (acts.dynamic is False and acts.strategy == QuantizationStrategy.TENSOR)
-            )
+            and int8_acts
+            and (dynamic_token or (acts.dynamic is False and acts.strategy == QuantizationStrategy.TENSOR))
             and fmt == INT_QUANTIZED
         )
-        if not ok:
+        w4a8 = (
+            weights.num_bits == 4
+            and weights.symmetric
+            and strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL)
+            and not has_g_idx
+            and int8_acts
+            and dynamic_token
+        )
+        if w4a8:
+            return SchemePlan(
+                name,
+                W4A8IntScheme,
+                (
+                    ("group_size", weights.group_size if strategy == QuantizationStrategy.GROUP else None),
+                    ("packed", fmt == PACK_QUANTIZED),
+                ),
+            )
+        if not w8a8:
             raise CheckpointError(
                 f"{where}: weights {_args(weights)} with activations {_args(acts)} "
-                f"(format {fmt}) is not a supported scheme; supported: W8A8 int8 "
-                "(symmetric per-channel/per-tensor weights; per-token dynamic or per-tensor "
-                "static activations), W4A16/W8A16 (pack-quantized, group or channel)"
+                f"(format {fmt}{', act-order g_idx' if has_g_idx else ''}) is not a supported scheme; "
+                "supported: W8A8 int8 (int-quantized; symmetric per-channel/per-tensor weights; "
+                "per-token dynamic or per-tensor static activations), W4A8 int (int-quantized or "
+                "pack-quantized; symmetric int4 group or channel weights; int8 per-token dynamic "
+                "symmetric activations), W4A16/W8A16 (pack-quantized, group or channel)"
             )
         return SchemePlan(
             name,

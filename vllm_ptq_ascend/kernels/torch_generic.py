@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_ptq_ascend.kernels import torch_ops
-from vllm_ptq_ascend.kernels.base import Int8LinearSpec, KernelBackend, WeightOnlySpec
+from vllm_ptq_ascend.kernels.base import Int8LinearSpec, KernelBackend, W4A8Spec, WeightOnlySpec
 
 
 class TorchBackend(KernelBackend):
@@ -46,6 +46,34 @@ class TorchBackend(KernelBackend):
         w_t, w_scale = layer.ptq_w_t, layer.ptq_w_scale
         return torch_ops.int8_mm_dequant(x_q, w_t, x_scale, w_scale, x_zp, bias, out_dtype)
 
+    # -- W4A8 ------------------------------------------------------------------
+    def prepare_w4a8(self, layer: torch.nn.Module, spec: W4A8Spec) -> None:
+        w_int = torch_ops.unpack_weight(layer, 4)  # [out, in], values in [-8, 7], int8 storage
+        scale = layer.weight_scale.data.float()
+        drop_params(layer, "weight_packed", "weight", "weight_scale", "weight_shape")
+        if spec.group_size == -1:
+            # One scale per output channel: the int4 values held in int8 are an exact int8
+            # weight, so the layer is dynamic per-channel W8A8 and runs on the int8 GEMM.
+            set_param(layer, "weight", w_int)
+            set_param(layer, "weight_scale", scale.reshape(-1, 1))
+            layer.input_scale = layer.input_zero_point = layer.azp_adj = None
+            self.prepare_int8(layer, Int8LinearSpec(True, False, True))
+            layer.ptq_w4a8_deq_t = None
+            return
+        # Per group: see torch_ops.int8_x_dequantized_mm for why float32 is exact enough.
+        groups = torch_ops.group_index(w_int.shape[1], spec.group_size, None).to(w_int.device)
+        layer.ptq_w4a8_deq_t = torch_ops.dequantize(w_int, scale, None, groups, torch.float32).t()
+        self.use_dynamic_per_token_input(layer)
+
+    def use_dynamic_per_token_input(self, layer: torch.nn.Module) -> None:
+        """Make :meth:`quant_act_int8` quantize this layer's input per token, symmetric."""
+        layer.ptq_x_scale = layer.ptq_x_zp = None
+
+    def w4a8_mm(self, layer, x_q, x_scale, bias, out_dtype):
+        if layer.ptq_w4a8_deq_t is None:
+            return self.int8_mm(layer, x_q, x_scale, None, bias, out_dtype)
+        return torch_ops.int8_x_dequantized_mm(x_q, x_scale, layer.ptq_w4a8_deq_t, bias, out_dtype)
+
     # -- W4A16 / W8A16 ---------------------------------------------------------
     def prepare_weight_only(self, layer: torch.nn.Module, spec: WeightOnlySpec) -> None:
         self.dequantize_once(layer, spec)
@@ -63,6 +91,13 @@ class TorchBackend(KernelBackend):
 
     def weight_only_mm(self, layer, x, bias):
         return F.linear(x, layer.ptq_weight, bias)
+
+
+def set_param(layer: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """(Re)register ``name`` as a frozen parameter holding ``tensor``."""
+    if hasattr(layer, name):
+        delattr(layer, name)
+    layer.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
 
 
 def drop_params(layer: torch.nn.Module, *names: str) -> None:

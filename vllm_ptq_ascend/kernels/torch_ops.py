@@ -110,6 +110,28 @@ def int8_mm_dequant(
     return out.to(out_dtype)
 
 
+def int8_x_dequantized_mm(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """s_x * (x_q @ w_t) + bias in float32; ``w_t`` [in, out] is the weight dequantized once.
+
+    For per-group int4 weights (W4A8) an int32 accumulator would need one GEMM per group.
+    One float32 GEMM is as good: x_q is an int8 and q * s_w (|q| <= 8) is exact in float32
+    whenever the scale has at most 21 significant bits (bf16/fp16 scales), and within
+    2^-24 relative otherwise; so every product is exact or rounded once, and the only
+    other error is float32 summation, the same as any float32 GEMM and far below the
+    int8 activation grid (2^-8 relative). The cost: the weight is held as float32.
+    """
+    out = (x_q.float() @ w_t) * x_scale.float().reshape(-1, 1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
 def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 x int8 -> int32.
 

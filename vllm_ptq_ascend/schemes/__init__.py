@@ -1,7 +1,8 @@
 """Quantization schemes, one per file, all built on :class:`PtqScheme`."""
 
 from vllm_ptq_ascend.schemes.base import PtqScheme
+from vllm_ptq_ascend.schemes.w4a8_int import W4A8IntScheme
 from vllm_ptq_ascend.schemes.w8a8_int8 import W8A8Int8Scheme
 from vllm_ptq_ascend.schemes.wna16 import WNA16Scheme
 
-__all__ = ["PtqScheme", "W8A8Int8Scheme", "WNA16Scheme"]
+__all__ = ["PtqScheme", "W4A8IntScheme", "W8A8Int8Scheme", "WNA16Scheme"]

@@ -14,17 +14,15 @@ from fractions import Fraction
 
 import torch
 from vllm.model_executor.parameter import (
-    BasevLLMParameter,
-    ChannelQuantScaleParameter,
-    GroupQuantScaleParameter,
     PackedColumnParameter,
     PackedvLLMParameter,
     RowvLLMParameter,
 )
 
 from vllm_ptq_ascend.kernels import WeightOnlySpec
-from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, PtqScheme
-from vllm_ptq_ascend.validation import CheckpointError, require_positive_finite
+from vllm_ptq_ascend.schemes import int_weights
+from vllm_ptq_ascend.schemes.base import PtqScheme
+from vllm_ptq_ascend.validation import CheckpointError
 
 SUPPORTED_BITS = (4, 8)
 
@@ -77,53 +75,18 @@ class WNA16Scheme(PtqScheme):
         weight_loader,
     ):
         s = self.spec
-        out_features = sum(output_partition_sizes)
-        layer.logical_widths = output_partition_sizes
-        layer.params_dtype = params_dtype
-        layer.input_size_per_partition = input_size_per_partition
-        layer.output_size_per_partition = out_features
-        layer.full_weight_shape = (output_size, input_size)
-
-        group_size = input_size if s.group_size == -1 else s.group_size
-        if input_size % group_size or (
-            s.group_size != -1 and input_size_per_partition % group_size and not s.has_g_idx
-        ):
-            raise CheckpointError(
-                f"{self.where('weight_scale')}: group size "
-                f"{s.group_size} does not divide the input size {input_size_per_partition}"
-                f"{'' if input_size == input_size_per_partition else f' of this rank (full {input_size})'}"
-            )
-        row_parallel = input_size != input_size_per_partition
-        # With act-order, a rank's input channels belong to arbitrary groups, so a
-        # row-parallel rank keeps every group's scale (as vLLM's Marlin path does).
-        partition_groups = not (s.has_g_idx and row_parallel) and s.group_size != -1
-        n_groups = (input_size_per_partition if partition_groups else input_size) // group_size
+        out_features = int_weights.setup_layer(
+            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
+        )
+        n_groups, partition_groups = int_weights.group_layout(
+            self, s.group_size, input_size, input_size_per_partition, s.has_g_idx
+        )
         pack = Fraction(32, s.num_bits)
-
-        layer.register_parameter(
-            "weight_packed",
-            PackedvLLMParameter(
-                data=torch.empty(
-                    out_features,
-                    math.ceil(input_size_per_partition * s.num_bits / 32),
-                    dtype=torch.int32,
-                ),
-                input_dim=1,
-                output_dim=0,
-                packed_dim=1,
-                packed_factor=pack,
-                weight_loader=self.loader(weight_loader, "weight_packed", (torch.int32,)),
-            ),
+        int_weights.register_packed_weight(
+            layer, self, s.num_bits, out_features, input_size_per_partition, weight_loader
         )
-        scale_args = dict(
-            data=torch.empty(out_features, n_groups, dtype=params_dtype),
-            weight_loader=self.loader(weight_loader, "weight_scale", SCALE_DTYPES),
-        )
-        layer.register_parameter(
-            "weight_scale",
-            GroupQuantScaleParameter(output_dim=0, input_dim=1, **scale_args)
-            if partition_groups
-            else ChannelQuantScaleParameter(output_dim=0, **scale_args),
+        int_weights.register_group_scales(
+            layer, self, out_features, n_groups, partition_groups, params_dtype, weight_loader
         )
         if not s.symmetric:
             zp_args = dict(
@@ -152,13 +115,7 @@ class WNA16Scheme(PtqScheme):
                     ),
                 ),
             )
-        layer.register_parameter(
-            "weight_shape",
-            BasevLLMParameter(
-                data=torch.empty(2, dtype=torch.int64),
-                weight_loader=self.loader(weight_loader, "weight_shape", (torch.int64, torch.int32)),
-            ),
-        )
+        int_weights.register_weight_shape(layer, self, weight_loader)
 
     def _same_g_idx_for_all_shards(self, inner):
         """Fused shards (q/k/v, gate/up) share an input and so one g_idx; refuse any that differ."""
@@ -176,16 +133,7 @@ class WNA16Scheme(PtqScheme):
         return load
 
     def validate_loaded(self, layer):
-        require_positive_finite(
-            self.layer_name, "weight_scale", layer.weight_scale.data, self.files, self.shards
-        )
-        # weight_shape holds the unfused shard's full shape; its input size must match ours.
-        in_features = int(layer.weight_shape.data[1])
-        if in_features != layer.full_weight_shape[1]:
-            raise CheckpointError(
-                f"{self.where('weight_shape')}: says input size "
-                f"{in_features}, the model's layer has {layer.full_weight_shape[1]}"
-            )
+        int_weights.validate_scales_and_shape(self, layer)
         if self.spec.has_g_idx:
             g = layer.weight_g_idx.data
             n_groups = layer.weight_scale.shape[1]

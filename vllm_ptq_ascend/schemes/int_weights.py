@@ -1,0 +1,179 @@
+"""Integer weights with per-group / per-channel scales, shared by WNA16 and W4A8.
+
+compressed-tensors stores them either packed (``pack-quantized``: ``weight_packed``
+int32 [out, in*bits/32] plus ``weight_shape``) or one value per int8
+(``int-quantized``: ``weight`` int8 [out, in]); ``weight_scale`` is [out, groups]
+in both. These helpers register those tensors as vLLM parameters (so tensor
+parallelism shards them) through the checked loaders, and check them once loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Callable
+
+import torch
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    ModelWeightParameter,
+    PackedvLLMParameter,
+)
+
+from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, PtqScheme
+from vllm_ptq_ascend.validation import CheckpointError, require_positive_finite
+
+
+def setup_layer(
+    layer: torch.nn.Module,
+    input_size: int,
+    input_size_per_partition: int,
+    output_partition_sizes: list[int],
+    output_size: int,
+    params_dtype: torch.dtype,
+) -> int:
+    """Record the layer's geometry the backends read; returns this rank's output features."""
+    out_features = sum(output_partition_sizes)
+    layer.logical_widths = output_partition_sizes
+    layer.params_dtype = params_dtype
+    layer.input_size_per_partition = input_size_per_partition
+    layer.output_size_per_partition = out_features
+    layer.full_weight_shape = (output_size, input_size)
+    return out_features
+
+
+def group_layout(
+    scheme: PtqScheme,
+    group_size: int,
+    input_size: int,
+    input_size_per_partition: int,
+    has_g_idx: bool = False,
+) -> tuple[int, bool]:
+    """(scale columns held by this rank, whether they are split across row-parallel ranks).
+
+    ``group_size`` -1 means per channel. Raises if the group size does not divide the
+    input (of this rank, for a row-parallel layer without act-order).
+    """
+    size = input_size if group_size == -1 else group_size
+    if input_size % size or (group_size != -1 and input_size_per_partition % size and not has_g_idx):
+        raise CheckpointError(
+            f"{scheme.where('weight_scale')}: group size "
+            f"{group_size} does not divide the input size {input_size_per_partition}"
+            f"{'' if input_size == input_size_per_partition else f' of this rank (full {input_size})'}"
+        )
+    row_parallel = input_size != input_size_per_partition
+    # With act-order, a rank's input channels belong to arbitrary groups, so a
+    # row-parallel rank keeps every group's scale (as vLLM's Marlin path does).
+    partition_groups = not (has_g_idx and row_parallel) and group_size != -1
+    n_groups = (input_size_per_partition if partition_groups else input_size) // size
+    return n_groups, partition_groups
+
+
+def register_packed_weight(
+    layer: torch.nn.Module,
+    scheme: PtqScheme,
+    num_bits: int,
+    out_features: int,
+    input_size_per_partition: int,
+    weight_loader: Callable,
+) -> None:
+    """``weight_packed`` int32 [out, in*bits/32] and ``weight_shape`` (pack-quantized)."""
+    layer.register_parameter(
+        "weight_packed",
+        PackedvLLMParameter(
+            data=torch.empty(
+                out_features,
+                math.ceil(input_size_per_partition * num_bits / 32),
+                dtype=torch.int32,
+            ),
+            input_dim=1,
+            output_dim=0,
+            packed_dim=1,
+            packed_factor=Fraction(32, num_bits),
+            weight_loader=scheme.loader(weight_loader, "weight_packed", (torch.int32,)),
+        ),
+    )
+
+
+def register_weight_shape(layer: torch.nn.Module, scheme: PtqScheme, weight_loader: Callable) -> None:
+    layer.register_parameter(
+        "weight_shape",
+        BasevLLMParameter(
+            data=torch.empty(2, dtype=torch.int64),
+            weight_loader=scheme.loader(weight_loader, "weight_shape", (torch.int64, torch.int32)),
+        ),
+    )
+
+
+def register_int8_weight(
+    layer: torch.nn.Module,
+    scheme: PtqScheme,
+    out_features: int,
+    input_size_per_partition: int,
+    weight_loader: Callable,
+) -> None:
+    """``weight`` int8 [out, in], one value per byte (int-quantized)."""
+    layer.register_parameter(
+        "weight",
+        ModelWeightParameter(
+            data=torch.empty(out_features, input_size_per_partition, dtype=torch.int8),
+            input_dim=1,
+            output_dim=0,
+            weight_loader=scheme.loader(weight_loader, "weight", (torch.int8,)),
+        ),
+    )
+
+
+def register_group_scales(
+    layer: torch.nn.Module,
+    scheme: PtqScheme,
+    out_features: int,
+    n_groups: int,
+    partition_groups: bool,
+    dtype: torch.dtype,
+    weight_loader: Callable,
+) -> None:
+    """``weight_scale`` [out, groups]: split along the input too when groups are partitioned."""
+    scale_args = dict(
+        data=torch.empty(out_features, n_groups, dtype=dtype),
+        weight_loader=scheme.loader(weight_loader, "weight_scale", SCALE_DTYPES),
+    )
+    layer.register_parameter(
+        "weight_scale",
+        GroupQuantScaleParameter(output_dim=0, input_dim=1, **scale_args)
+        if partition_groups
+        else ChannelQuantScaleParameter(output_dim=0, **scale_args),
+    )
+
+
+def validate_scales_and_shape(scheme: PtqScheme, layer: torch.nn.Module) -> None:
+    """Scales finite and > 0; a packed weight's ``weight_shape`` matches the model's layer."""
+    require_positive_finite(
+        scheme.layer_name, "weight_scale", layer.weight_scale.data, scheme.files, scheme.shards
+    )
+    shape = getattr(layer, "weight_shape", None)
+    if shape is None:
+        return
+    # weight_shape holds the unfused shard's full shape; its input size must match ours.
+    in_features = int(shape.data[1])
+    if in_features != layer.full_weight_shape[1]:
+        raise CheckpointError(
+            f"{scheme.where('weight_shape')}: says input size "
+            f"{in_features}, the model's layer has {layer.full_weight_shape[1]}"
+        )
+
+
+def validate_int_range(scheme: PtqScheme, layer: torch.nn.Module, num_bits: int) -> None:
+    """An int-quantized ``weight`` of a narrower type must hold values of that type only."""
+    w = getattr(layer, "weight", None)
+    if w is None:
+        return
+    lo, hi = -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
+    w_min, w_max = int(w.data.min()), int(w.data.max())
+    if w_min < lo or w_max > hi:
+        raise CheckpointError(
+            f"{scheme.where('weight')}: values must lie in [{lo}, {hi}] for {num_bits}-bit "
+            f"weights, found [{w_min}, {w_max}]"
+        )
