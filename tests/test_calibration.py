@@ -1,4 +1,4 @@
-"""Calibration data (recipes/calibration.py): modes as data, exact mixes, seeds, sources, traces."""
+"""Calibration data (recipes/calibration/): modes as data, exact mixes, seeds, sources, traces."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vllm_ptq_ascend.recipes import calibration as C
-from vllm_ptq_ascend.recipes.calibration import CalibrationSpec, build_calibration, build_samples
+from vllm_ptq_ascend.recipes.calibration import CalibrationSpec, build_calibration, build_samples, traces
 
 # A Qwen3-style ChatML template: enable_thinking=false adds an empty think block to the generation prompt.
 QWEN3_TEMPLATE = (
@@ -304,7 +304,7 @@ def test_bad_jsonl_names_file_and_line(tiny_model, tmp_path, content, fragment):
         ),
         (CalibrationSpec(num_samples=0), ValueError, "num_samples must be an integer >= 1"),
         (CalibrationSpec(max_seq_length=4), ValueError, "max_seq_length must be an integer >= 8"),
-        (CalibrationSpec(num_samples=1000), ValueError, "num_samples=1000 but only 364 shipped items"),
+        (CalibrationSpec(num_samples=1000), ValueError, "num_samples=1000 but only 344 shipped items"),
         (CalibrationSpec(source="traces", max_new_tokens=0), ValueError, "max_new_tokens must be"),
         (CalibrationSpec(modes="no_think:2"), ValueError, "sum to 2"),
     ],
@@ -322,9 +322,9 @@ def test_traces_are_the_models_own_output_and_cached(tiny_model, tmp_path):
     tok = _tokenizer(tiny_model)
     spec = CalibrationSpec(source="traces", num_samples=4, max_new_tokens=16, max_seq_length=256, seed=5)
     cache = tmp_path / "cache"
-    runs = C.ENGINE_RUNS
+    runs = traces.ENGINE_RUNS
     samples, summary = build_samples(tiny_model, tok, spec, cache)
-    assert C.ENGINE_RUNS == runs + 1
+    assert traces.ENGINE_RUNS == runs + 1
     gen = summary["generation"]
     assert gen["cache"] == "miss" and gen["max_new_tokens"] == 16 and gen["sampling"]["no_think"]
     cache_file = Path(gen["cache_file"])
@@ -344,10 +344,25 @@ def test_traces_are_the_models_own_output_and_cached(tiny_model, tmp_path):
         assert s.text.startswith(prompt) and len(s.text) > len(prompt)
     mtime = cache_file.stat().st_mtime_ns
     ds, summary2 = build_calibration(tiny_model, tok, spec, cache)
-    assert summary2["generation"]["cache"] == "hit" and C.ENGINE_RUNS == runs + 1  # no second engine
+    assert summary2["generation"]["cache"] == "hit" and traces.ENGINE_RUNS == runs + 1  # no second engine
     assert ds["input_ids"] == [s.input_ids for s in samples]
     assert cache_file.stat().st_mtime_ns == mtime
     # seeded sampling: a fresh cache with the same seed regenerates the very same traces
     again, _ = build_samples(tiny_model, tok, spec, tmp_path / "cache2")
-    assert C.ENGINE_RUNS == runs + 2
+    assert traces.ENGINE_RUNS == runs + 2
     assert [s.input_ids for s in again] == [s.input_ids for s in samples]
+
+
+def test_perplexity_texts_are_held_out_of_calibration(tiny_model):
+    """The evaluation scores held_out_texts(); no calibration sample may contain them."""
+    from transformers import AutoTokenizer
+
+    from vllm_ptq_ascend.models.shipped_text import HELD_OUT_GSM8K, gsm8k_items
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    data, summary = build_calibration(tiny_model, tok, CalibrationSpec(num_samples=344, max_seq_length=2048))
+    assert summary["data_origins"]["gsm8k"]["samples"] == 100 - HELD_OUT_GSM8K
+    texts = [tok.decode(ids) for ids in data["input_ids"]]
+    for item in gsm8k_items()[-HELD_OUT_GSM8K:]:
+        assert not any(item["prompt"] in t for t in texts), item["id"]
+    assert sum(gsm8k_items()[0]["prompt"] in t for t in texts) == 1  # and the rest are used

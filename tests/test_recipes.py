@@ -115,7 +115,9 @@ def test_group_size_must_divide_every_layer(tiny_model):
     assert "and 11 more" in msg  # 2 blocks x 7 projections, all named or counted
     check_recipe_fits_model(tiny_model, build_recipe("w4a16-gptq", group_size=128))
     # the layers a group size cannot serve can be ignored instead
-    check_recipe_fits_model(tiny_model, build_recipe("w4a16-gptq", group_size=96, ignore=["lm_head", "re:.*proj"]))
+    check_recipe_fits_model(
+        tiny_model, build_recipe("w4a16-gptq", group_size=96, ignore=["lm_head", "re:.*proj"])
+    )
 
 
 def test_ignore_entry_that_matches_nothing_is_an_error(tiny_model):

@@ -13,7 +13,6 @@ import time
 from vllm_ptq_ascend.env import apply_cpu_defaults, repo_cache_root
 
 QUESTIONS_GENERAL = ["What is the capital of France? Answer in one sentence."]
-N_PPL_TEXTS = 20
 
 
 def step(msg: str) -> None:
@@ -50,7 +49,7 @@ def main() -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the demo's own lines readable
     apply_cpu_defaults()
     from vllm_ptq_ascend.models.embedded import embedded_model_dir
-    from vllm_ptq_ascend.models.shipped_text import gsm8k_items, reasoning_texts
+    from vllm_ptq_ascend.models.shipped_text import gsm8k_items, held_out_texts
     from vllm_ptq_ascend.recipes.quantize import quantize
 
     out_root = repo_cache_root() / "demo"
@@ -67,7 +66,7 @@ def main() -> int:
         quantize(base, ckpt, "w8a8-dynamic")
         step(f"    wrote {ckpt} in {time.time() - t0:.0f} s")
     questions = [it["prompt"] for it in gsm8k_items()[:2]] + QUESTIONS_GENERAL
-    texts = reasoning_texts()[-N_PPL_TEXTS:]
+    texts = held_out_texts()
     step("3/4 serving bf16 in vLLM: answers, perplexity on shipped GSM8K solutions, tokens/s")
     bf16 = measure(str(base), questions, texts)
     step("4/4 serving the W8A8 checkpoint (ptq_ascend detected from config.json, no flag)")
