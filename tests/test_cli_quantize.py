@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +57,68 @@ def test_failed_run_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="exploded"):
         qmod.quantize(tiny_model, tmp_path / "out", "w8a8-dynamic")
     assert list(tmp_path.iterdir()) == []  # no out/, no hidden partial directory
+
+
+def test_interrupted_run_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch):
+    """Ctrl-C while the checkpoint is being written: no out/, no partial directory."""
+    from transformers import PreTrainedModel
+
+    from vllm_ptq_ascend.recipes import quantize as qmod
+
+    def write_then_interrupt(self, save_directory, **kw):
+        (Path(save_directory) / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        qmod.quantize(tiny_model, tmp_path / "out", "w8a8-dynamic")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--recipe", "w8a8-dynamic", "--group-size", "64"], "recipe 'w8a8-dynamic' takes no --group-size"),
+        (
+            ["--recipe", "w8a8-dynamic", "--calib-samples", "8"],
+            "uses no calibration data; drop --calib-samples",
+        ),
+        (["--recipe", "w4a16-gptq", "--group-size", "96"], "group size 96 does not divide the input size"),
+        (["--recipe", "w4a16-gptq", "--group-size", "0"], "expected a positive integer or 'channel'"),
+        (["--recipe", "w4a16-gptq", "--ignore", "lm_haed"], "ignore entry 'lm_haed' matches no layer"),
+        (["--recipe", "w4a16-gptq", "--calib", "hub:gsm8k"], "hub:gsm8k"),
+        (["--recipe", "w4a16-gptq", "--calib", "file:/no/such.jsonl"], "/no/such.jsonl"),
+        (["--recipe", "w4a16-gptq", "--calib-modes", "slow_think:0.5,no_think:0.5"], "slow_think"),
+        (["--recipe", "w4a16-gptq", "--calib-samples", "0"], "num_samples"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(tiny_model, tmp_path, args, message):
+    r = cli("quantize", str(tiny_model), "--out", str(tmp_path / "o"), *args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipes_command_lists_every_preset():
+    from vllm_ptq_ascend.recipes.presets import PRESETS
+
+    r = cli("recipes")
+    assert r.returncode == 0
+    for name, p in PRESETS.items():
+        assert name in r.stdout and p.summary in r.stdout
+
+
+def test_cli_quantizes_on_self_generated_traces(tiny_model, tmp_path):
+    """A calibrated preset from the command line, calibrated on the model's own vLLM answers."""
+    out = tmp_path / "w4a8"
+    cache = {"VLLM_PTQ_ASCEND_CACHE": str(tmp_path / "cache")}
+    r = cli(
+        "quantize", str(tiny_model), "--recipe", "w4a8", "--group-size", "64", "--out", str(out),
+        "--calib", "traces", "--calib-samples", "4", "--calib-seq-len", "256", "--calib-max-new-tokens", "16",
+        env={**os.environ, **cache},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = json.loads((out / "ptq_ascend_card.json").read_text())
+    assert card["calibration"]["source"] == "traces" and card["calibration"]["num_samples"] == 4
+    assert card["recipe_options"] == {"group_size": 64}
+    assert list((tmp_path / "cache" / "calibration").glob("traces-*.jsonl"))  # generated, and cached

@@ -9,7 +9,12 @@ compressed-tensors' own code. It runs in float64; vLLM runs in float32.
 Tolerances (the reasoning is that of tests/test_engine_e2e.py): weight-only presets are
 continuous in the activations, so 1e-3 nats. Presets that quantize activations round
 them, and a float32-vs-float64 difference of one ulp can flip a rounding; this random
-model amplifies flips, so the mean difference is bounded by 0.05 and the worst by 0.3.
+model amplifies flips, so against our own float64 reference (tests/reference.py, which
+quantizes activations as vLLM's kernels do) the mean difference is bounded by 0.05 and
+the worst by 0.3. llmcompressor's fake quantization differs on purpose here: its
+symmetric int8 scale is max|x| / 127.5 (compressed-tensors' calculate_qparams), while
+vLLM's kernels (stock and ours) use max|x| / 127, so every per-token grid is 0.4% apart
+and many more values round differently; against it the bounds are 0.1 and 0.5.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_runner import run_engines
+from reference import FakeQuantModel
 
 from vllm_ptq_ascend.recipes.presets import PRESETS
 
@@ -84,8 +90,11 @@ def test_preset_served_by_plugin_matches_llmcompressor(results, preset_ckpts, pr
     assert len(d) == 3 * 47
     if name in WEIGHT_ONLY:
         assert max(d) < 1e-3
-    else:
-        assert sum(d) / len(d) < 0.05 and max(d) < 0.3
+        return
+    assert sum(d) / len(d) < 0.1 and max(d) < 0.5
+    ref = FakeQuantModel(preset_ckpts[name])
+    d = diffs(res["prompt_logprobs"], [ref.prompt_logprobs(p) for p in prompts])
+    assert sum(d) / len(d) < 0.05 and max(d) < 0.3
 
 
 def test_quantized_model_is_measurably_quantized(results, tiny_model, prompts):
@@ -107,6 +116,10 @@ def test_stock_vllm_still_loads_supported_presets(results, preset_ckpts, prompts
     res = results[(name, "compressed-tensors", STOCK[name])]
     assert "error" not in res, res
     assert res["quantization_used"] == "compressed-tensors"
-    d = diffs(res["prompt_logprobs"], llmcompressor_fake_quant_logprobs(preset_ckpts[name], prompts))
-    # bf16 runs carry ~3 significant digits per layer (tests/test_engine_e2e.py: 0.15 nats)
-    assert sum(d) / len(d) < 0.05 and max(d) < (0.3 if STOCK[name] == "float32" else 0.15)
+    if name in WEIGHT_ONLY:
+        # bf16 runs carry ~3 significant digits per layer (tests/test_engine_e2e.py: 0.15 nats)
+        d = diffs(res["prompt_logprobs"], llmcompressor_fake_quant_logprobs(preset_ckpts[name], prompts))
+        assert sum(d) / len(d) < 0.05 and max(d) < 0.15
+    else:  # stock and ptq_ascend run the same oneDNN int8 kernels on this CPU
+        ours = results[(name, "ptq_ascend", "float32")]["prompt_logprobs"]
+        assert max(diffs(res["prompt_logprobs"], ours)) < 1e-4
