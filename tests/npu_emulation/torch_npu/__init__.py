@@ -1,0 +1,385 @@
+"""A fake ``torch_npu`` for tests: pure-torch emulation of the few ops ``kernels/npu.py`` calls.
+
+Used ONLY by tests (a fixture puts this module into ``sys.modules["torch_npu"]``); there is no
+NPU and no CANN on CI. Each op keeps torch_npu's name, argument names and defaults, checks the
+dtypes, shapes and layouts its documentation allows (misuse raises, as on hardware), and computes
+exactly where the hardware does (int32 accumulation, emulated in float64, exact for K <= 65535),
+with a float32 epilogue and the final rounding to the output dtype.
+
+Sources (the documentation and op adapter code of torch_npu, read 2026-08):
+- Ascend/op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_quant_matmul.md (formula,
+  dtype-combination table 2 for Atlas A2/A3, int4 layout rules, K/N <= 65535),
+  torch_npu-npu_weight_quant_batchmatmul.md (ANTIQUANT(w) = (w + offset) * scale, scale/offset
+  shapes, antiquant_group_size in [32, K-1] and a multiple of 32, bias float32 for bf16 x and
+  float16 for fp16 x, FRACTAL_NZ weights not supported in single-op mode),
+  torch_npu-npu_dynamic_quant.md (scale = rowMax(|x|) / 127, y = round(x / scale), scale float32
+  with x's shape minus the last dim), torch_npu-npu_quantize.md (div_mode=False:
+  input * scales + zero_points; scales/zero_points of input's dtype, 1-D of input.shape[axis] or 1),
+  torch_npu-npu_convert_weight_to_int4pack.md, torch_npu-npu_trans_quant_param.md (int64 scale:
+  float32 bits truncated to FP19, & 0xFFFFE000, in the low 32 bits).
+- Ascend/op-plugin op_plugin/ops/opapi/ConvertWeightToINT4PackKernelNpuOpApi.cpp (packing order:
+  8 consecutive values of the last dim per int32, first value in the lowest nibble, two's
+  complement nibbles) and QuantMatmulKernelNpuOpApi.cpp (a float32 scale with no pertoken_scale and
+  a non-bf16 output goes through npu_trans_quant_param, i.e. FP19, as an int64 scale does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "ACL_FORMAT_FRACTAL_NZ",
+    "ACL_FORMAT_ND",
+    "get_npu_format",
+    "npu_convert_weight_to_int4pack",
+    "npu_dynamic_quant",
+    "npu_format_cast",
+    "npu_quant_matmul",
+    "npu_quantize",
+    "npu_weight_quant_batchmatmul",
+]
+
+EMULATED = True  # lets tests check that the fake, not a real torch_npu, is in use
+
+ACL_FORMAT_ND = 2
+ACL_FORMAT_FRACTAL_NZ = 29
+_FORMAT_ATTR = "_npu_emulated_format"
+MAX_KN = 65535
+INT4_PER_INT32 = 8
+
+
+def _fail(op: str, msg: str, exc=RuntimeError):
+    raise exc(f"{op}: {msg}")
+
+
+def get_npu_format(tensor: torch.Tensor) -> int:
+    """The storage format recorded by :func:`npu_format_cast` (ND for any other tensor)."""
+    return getattr(tensor, _FORMAT_ATTR, ACL_FORMAT_ND)
+
+
+def npu_format_cast(self: torch.Tensor, acl_format: int) -> torch.Tensor:
+    """A layout change, not a value change: returns a new tensor object tagged with the format.
+
+    Like on hardware, the tag belongs to the returned tensor; a view of it (``.t()``, slicing)
+    is a plain ND tensor again.
+    """
+    if acl_format not in (ACL_FORMAT_ND, ACL_FORMAT_FRACTAL_NZ):
+        _fail(
+            "npu_format_cast",
+            f"format {acl_format} is not emulated (ND=2, FRACTAL_NZ=29)",
+            NotImplementedError,
+        )
+    if acl_format == ACL_FORMAT_FRACTAL_NZ and self.dim() < 2:
+        _fail(
+            "npu_format_cast", f"FRACTAL_NZ needs a tensor of at least 2 dims, got shape {tuple(self.shape)}"
+        )
+    out = self.contiguous().view(self.shape)  # a new object (sharing memory) to carry the tag
+    setattr(out, _FORMAT_ATTR, acl_format)
+    return out
+
+
+# -- int4 packing -------------------------------------------------------------------------
+def npu_convert_weight_to_int4pack(weight: torch.Tensor, inner_k_tiles: int = 0) -> torch.Tensor:
+    """int32 [d0, d1] with values in [-8, 7] -> int32 [d0, d1 / 8], 8 nibbles per word, low first."""
+    op = "npu_convert_weight_to_int4pack"
+    if weight.dtype != torch.int32:
+        _fail(op, f"weight dtype only support int32, but it is {weight.dtype}", TypeError)
+    if weight.dim() != 2:
+        _fail(op, f"weight shape only support dim num 2, but it is {weight.dim()}")
+    if not weight.is_contiguous():
+        _fail(op, "weight should be contiguous")
+    if get_npu_format(weight) != ACL_FORMAT_ND:
+        _fail(op, "FRACTAL_NZ input is not emulated", NotImplementedError)
+    if weight.shape[0] == 0 or weight.shape[1] == 0 or weight.shape[1] % INT4_PER_INT32:
+        _fail(op, f"weight last dim should be the multiple of 8, but it is {weight.shape[1]}")
+    lo, hi = int(weight.min()), int(weight.max())
+    if lo < -8 or hi > 7:
+        _fail(op, f"values must lie in the int4 range [-8, 7], found [{lo}, {hi}]", ValueError)
+    nib = (weight.to(torch.int64) & 0xF).reshape(weight.shape[0], -1, INT4_PER_INT32)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    words = (nib << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int4pack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`npu_convert_weight_to_int4pack` along the last dim (int8 values)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    nib = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF
+    vals = torch.where(nib >= 8, nib - 16, nib)
+    return vals.reshape(*packed.shape[:-1], -1).to(torch.int8)
+
+
+def _is_transposed_view(t: torch.Tensor) -> bool:
+    """The transpose of a contiguous tensor (op-plugin's is_transpose_last_two_dims, 2-D)."""
+    return t.dim() == 2 and t.stride(0) == 1 and t.stride(1) == t.shape[0] and t.shape != (1, 1)
+
+
+def _int4_weight_values(op: str, weight: torch.Tensor) -> torch.Tensor:
+    """[K, N] int8 values of an int32-packed int4 weight given as (K, N/8) or (N, K/8).t()."""
+    if _is_transposed_view(weight):
+        return unpack_int4pack(weight.t()).t()  # packed along K: (N, K/8) -> (N, K) -> (K, N)
+    if not weight.is_contiguous():
+        _fail(
+            op,
+            "an int32 (int4) weight must be contiguous (k, n//8) or the transpose of a contiguous (n, k//8)",
+        )
+    return unpack_int4pack(weight)
+
+
+# -- activation quantization ---------------------------------------------------------------
+def npu_dynamic_quant(x: torch.Tensor, *, smooth_scales=None, group_index=None, dst_type=None):
+    """Symmetric per-token int8: (round(x / scale), scale = rowMax(|x|) / 127 as float32)."""
+    op = "npu_dynamic_quant"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        _fail(op, f"x must be float16 or bfloat16, got {x.dtype}", TypeError)
+    if x.dim() < 2:
+        _fail(op, f"x must have more than 1 dim, got shape {tuple(x.shape)}")
+    if smooth_scales is not None or group_index is not None:
+        _fail(op, "smooth_scales / group_index are not emulated", NotImplementedError)
+    if dst_type not in (None, torch.int8):
+        _fail(op, f"dst_type {dst_type} is not emulated (int8 only)", NotImplementedError)
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    y = torch.round(xf / safe.unsqueeze(-1)).clamp(-128, 127).to(torch.int8)
+    return y, scale
+
+
+def npu_quantize(input, scales, zero_points, dtype, axis=1, div_mode=True):
+    """Per-tensor / per-axis quantization: round(input * scales + zero_points) (div_mode=False)."""
+    op = "npu_quantize"
+    if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        _fail(op, f"input must be float, float16 or bfloat16, got {input.dtype}", TypeError)
+    if dtype != torch.qint8:
+        _fail(op, f"dtype {dtype} is not emulated (torch.qint8 only)", NotImplementedError)
+    if div_mode:
+        _fail(op, "div_mode=True is not emulated (vLLM-Ascend passes False)", NotImplementedError)
+    if axis < -2:
+        _fail(op, f"axis must be >= -2 with div_mode=False, got {axis}")
+    # div_mode=False: axis -2 is the second-to-last dim, anything larger the last one
+    dim = input.dim() - 2 if axis == -2 else input.dim() - 1
+    size = input.shape[dim]
+    for name, t in (("scales", scales), ("zero_points", zero_points)):
+        if t is None:
+            if name == "scales":
+                _fail(op, "scales must not be None")
+            continue
+        if t.dtype != input.dtype:
+            _fail(
+                op,
+                f"{name} must have input's dtype {input.dtype} when div_mode=False, got {t.dtype}",
+                TypeError,
+            )
+        if t.dim() != 1 or t.shape[0] not in (1, size):
+            _fail(op, f"{name} must be 1-D of size {size} (input dim {dim}) or 1, got shape {tuple(t.shape)}")
+    if zero_points is not None and zero_points.shape != scales.shape:
+        _fail(op, "zero_points must have the shape of scales")
+    view = [1] * input.dim()
+    view[dim] = -1
+    q = input.float() * scales.float().reshape(view)
+    if zero_points is not None:
+        q = q + zero_points.float().reshape(view)
+    return torch.round(q).clamp(-128, 127).to(torch.int8)
+
+
+# -- scales --------------------------------------------------------------------------------
+def _fp19(scale_f32: torch.Tensor) -> torch.Tensor:
+    """float32 truncated to the FP19 the dequant unit reads (sign, 8 exponent, 10 mantissa bits)."""
+    bits = scale_f32.contiguous().view(torch.int32) & torch.tensor(-8192, dtype=torch.int32)  # 0xFFFFE000
+    return bits.view(torch.float32)
+
+
+def decode_int64_scale(scale: torch.Tensor) -> torch.Tensor:
+    """float32 value of an int64-encoded quant scale (float32 bits in the low 32 bits, FP19)."""
+    if scale.dtype != torch.int64:
+        raise TypeError(f"an int64-encoded scale must be int64, got {scale.dtype}")
+    if bool((scale < 0).any()) or bool((scale >= 2**47).any()):
+        raise ValueError("int64 scale has bits set above bit 46: not a quant-param encoding")
+    low = scale & 0xFFFFFFFF
+    low32 = torch.where(low >= 2**31, low - 2**32, low).to(torch.int32)
+    return _fp19(low32.view(torch.float32))
+
+
+# npu_quant_matmul dtype combinations (docs, table 2, Atlas A2/A3), int8 x int8:
+# output dtype -> (scale dtypes, bias dtypes, pertoken allowed, offset allowed)
+_QMM_TABLE = {
+    torch.float16: [
+        ({torch.int64, torch.float32}, {torch.int32}, False, False),
+        ({torch.float32}, {torch.int32, torch.bfloat16, torch.float32}, True, False),
+    ],
+    torch.int8: [({torch.int64, torch.float32}, {torch.int32}, False, True)],
+    torch.bfloat16: [
+        ({torch.float32, torch.bfloat16}, {torch.int32, torch.bfloat16, torch.float32}, True, False),
+    ],
+    torch.int32: [({torch.float32, torch.bfloat16}, {torch.int32}, False, False)],
+}
+
+
+def npu_quant_matmul(
+    x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None, group_sizes=None
+):
+    """int8 x int8 -> int32 accumulate -> dequant: ``(x1 @ x2 [+ int32 bias]) * scale [* pertoken]
+    [+ float bias]`` (docs formula; pertoken as in the grouped-matmul docs' formula 3)."""
+    op = "npu_quant_matmul"
+    out_dtype = torch.int8 if output_dtype is None else output_dtype
+    if x2.dtype == torch.int32 or x1.dtype == torch.int32:
+        _fail(op, "int4 (int32-packed) operands (A4W4 / A8W4) are not emulated", NotImplementedError)
+    if x1.dtype != torch.int8 or x2.dtype != torch.int8:
+        _fail(op, f"x1 and x2 must both be int8, got {x1.dtype} and {x2.dtype}", TypeError)
+    if group_sizes is not None:
+        _fail(op, "group_sizes is only for A8W4, which is not emulated", NotImplementedError)
+    if not 2 <= x1.dim() <= 6 or not 2 <= x2.dim() <= 6:
+        _fail(op, f"x1/x2 must have 2 to 6 dims, got {x1.dim()} and {x2.dim()}")
+    if get_npu_format(x1) != ACL_FORMAT_ND:
+        _fail(op, "x1 must be ND")
+    k, n = x2.shape[-2], x2.shape[-1]
+    m = x1.shape[-2]
+    if x1.shape[-1] != k:
+        _fail(op, f"K of x1 ({x1.shape[-1]}) and x2 ({k}) differ: x2 must be laid out [k, n]")
+    if k > MAX_KN or n > MAX_KN:
+        _fail(op, f"the last dims of x1 and x2 must not exceed {MAX_KN}, got k={k}, n={n}")
+    # dtype combination
+    rows = _QMM_TABLE.get(out_dtype)
+    if rows is None:
+        _fail(op, f"output_dtype {output_dtype} is not supported", TypeError)
+    ok = any(
+        scale.dtype in s
+        and (bias is None or bias.dtype in b)
+        and (pertoken_scale is None or p)
+        and (offset is None or o)
+        for s, b, p, o in rows
+    )
+    if not ok:
+        _fail(
+            op,
+            f"unsupported dtype combination: scale {scale.dtype}, "
+            f"bias {None if bias is None else bias.dtype}, "
+            f"pertoken_scale {None if pertoken_scale is None else pertoken_scale.dtype}, offset "
+            f"{None if offset is None else offset.dtype}, output_dtype {out_dtype}",
+            TypeError,
+        )
+    if pertoken_scale is not None and pertoken_scale.dtype != torch.float32:
+        _fail(op, f"pertoken_scale must be float32, got {pertoken_scale.dtype}", TypeError)
+    if offset is not None and offset.dtype != torch.float32:
+        _fail(op, f"offset must be float32, got {offset.dtype}", TypeError)
+    # shapes
+    if scale.dim() != 1 or scale.shape[0] not in (1, n):
+        _fail(op, f"scale must be 1-D of size 1 or n={n}, got shape {tuple(scale.shape)}")
+    if offset is not None and (offset.dim() != 1 or offset.shape[0] not in (1, n)):
+        _fail(op, f"offset must be 1-D of size 1 or n={n}, got shape {tuple(offset.shape)}")
+    if pertoken_scale is not None and (pertoken_scale.dim() != 1 or pertoken_scale.shape[0] != m):
+        _fail(op, f"pertoken_scale must be 1-D of size m={m}, got shape {tuple(pertoken_scale.shape)}")
+    if bias is not None and not (
+        (bias.dim() == 1 and bias.shape[0] == n) or (bias.dim() == 3 and bias.shape[1:] == (1, n))
+    ):
+        _fail(op, f"bias must be (n,) or (batch, 1, n) with n={n}, got shape {tuple(bias.shape)}")
+    # int32 accumulation (exact in float64: |sum| <= 2^14 * 65535 < 2^53)
+    acc = torch.matmul(x1.double(), x2.double())
+    if bias is not None and bias.dtype == torch.int32:
+        acc = acc + bias.double()
+    if scale.dtype == torch.int64:
+        s = decode_int64_scale(scale)
+    elif scale.dtype == torch.float32 and pertoken_scale is None and out_dtype != torch.bfloat16:
+        s = _fp19(scale)  # op-plugin converts it with npu_trans_quant_param first
+    else:
+        s = scale.float()
+    if out_dtype == torch.int32:
+        return acc.to(torch.int32)
+    out = acc.float() * s
+    if pertoken_scale is not None:
+        out = out * pertoken_scale.float().unsqueeze(-1)
+    if bias is not None and bias.dtype != torch.int32:
+        out = out + bias.float()
+    if offset is not None:
+        out = out + offset.float()
+    if out_dtype == torch.int8:
+        return torch.round(out).clamp(-128, 127).to(torch.int8)
+    return out.to(out_dtype)
+
+
+def npu_weight_quant_batchmatmul(
+    x,
+    weight,
+    antiquant_scale,
+    antiquant_offset=None,
+    quant_scale=None,
+    quant_offset=None,
+    bias=None,
+    antiquant_group_size=0,
+    inner_precise=0,
+):
+    """``x @ ((weight + antiquant_offset) * antiquant_scale) + bias`` with int8 / int4 weights.
+
+    The dequantized weight enters the cube in x's dtype (rounded once there); the matmul
+    accumulates in float32 and the result is rounded to x's dtype.
+    """
+    op = "npu_weight_quant_batchmatmul"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        _fail(op, f"x must be float16 or bfloat16, got {x.dtype}", TypeError)
+    if x.dim() != 2:
+        _fail(op, f"x must be 2-D (m, k), got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        _fail(op, f"weight must be 2-D (k, n), got shape {tuple(weight.shape)}")
+    if get_npu_format(weight) == ACL_FORMAT_FRACTAL_NZ:
+        _fail(op, "a FRACTAL_NZ weight is supported in graph mode only, not in single-op calls (docs)")
+    if quant_scale is not None or quant_offset is not None:
+        _fail(op, "quant_scale / quant_offset (int8 output) are not emulated", NotImplementedError)
+    if weight.dtype == torch.int8:
+        w = weight
+    elif weight.dtype == torch.int32:
+        w = _int4_weight_values(op, weight)
+    else:
+        _fail(op, f"weight must be int8 or int32 (int4-packed), got {weight.dtype}", TypeError)
+    k, n = w.shape
+    if x.shape[1] != k:
+        _fail(op, f"K of x ({x.shape[1]}) and weight ({k}) differ: weight must be laid out [k, n]")
+    if not (1 <= k <= MAX_KN and 1 <= n <= MAX_KN):
+        _fail(op, f"k and n must lie in [1, {MAX_KN}], got k={k}, n={n}")
+    if antiquant_scale.dtype == torch.int64:
+        _fail(op, "int64 antiquant_scale (fp16 per-channel fast path) is not emulated", NotImplementedError)
+    if antiquant_scale.dtype != x.dtype:
+        _fail(op, f"antiquant_scale must have x's dtype {x.dtype}, got {antiquant_scale.dtype}", TypeError)
+    gs = int(antiquant_group_size)
+    if gs:
+        if gs % 32 or not 32 <= gs <= k - 1:
+            _fail(op, f"antiquant_group_size must be a multiple of 32 in [32, k-1={k - 1}], got {gs}")
+        groups = -(-k // gs)
+        if tuple(antiquant_scale.shape) != (groups, n):
+            _fail(
+                op,
+                f"per-group antiquant_scale must be (ceil(k/group)={groups}, n={n}), "
+                f"got {tuple(antiquant_scale.shape)}",
+            )
+        s = antiquant_scale.float().repeat_interleave(gs, dim=0)[:k]
+    else:
+        shape = tuple(antiquant_scale.shape)
+        if shape not in ((1,), (1, 1), (n,), (1, n)):
+            _fail(op, f"antiquant_scale must be (1,), (1, 1), (n,) or (1, n) with n={n}, got {shape}")
+        s = antiquant_scale.float().reshape(1, -1)
+    off = None
+    if antiquant_offset is not None:
+        if antiquant_offset.dtype != antiquant_scale.dtype:
+            _fail(
+                op,
+                f"antiquant_offset must have antiquant_scale's dtype {antiquant_scale.dtype}, "
+                f"got {antiquant_offset.dtype}",
+                TypeError,
+            )
+        if antiquant_offset.shape != antiquant_scale.shape:
+            _fail(op, "antiquant_offset must have the shape of antiquant_scale")
+        off = antiquant_offset.float()
+        off = off.repeat_interleave(gs, dim=0)[:k] if gs else off.reshape(1, -1)
+    want_bias = torch.float32 if x.dtype == torch.bfloat16 else torch.float16
+    if bias is not None:
+        if bias.dtype != want_bias:
+            _fail(op, f"bias must be {want_bias} for x of {x.dtype}, got {bias.dtype}", TypeError)
+        if tuple(bias.shape) not in ((n,), (1, n)) or not bias.is_contiguous():
+            _fail(op, f"bias must be a contiguous (n,) or (1, n) with n={n}, got shape {tuple(bias.shape)}")
+    wf = w.float()
+    if off is not None:
+        wf = wf + off
+    w_deq = (wf * s).to(x.dtype)  # what the cube reads
+    out = x.float() @ w_deq.float()
+    if bias is not None:
+        out = out + bias.float().reshape(1, -1)
+    return out.to(x.dtype)

@@ -1,0 +1,277 @@
+"""Ascend NPU backend: torch_npu's quantized matmuls, called the way vLLM-Ascend calls them.
+
+Validated only against the pure-torch emulation of these ops in ``tests/npu_emulation``
+(no NPU hardware was available). ``torch_npu`` is imported lazily, inside the methods, so this
+module imports anywhere.
+
+Sources (vllm-project/vllm-ascend at 182b75e, Ascend/op-plugin docs at 517f2e7):
+- W8A8 static: vllm_ascend/quantization/methods/w8a8_static.py and
+  vllm_ascend/ops/register_custom_ops.py (``_quantize_impl``): ``npu_quantize(x, 1 / input_scale,
+  input_offset, torch.qint8, -1, False)`` with scale and offset repeated to K in the model dtype;
+  weight transposed to [in, out] and cast to FRACTAL_NZ; ``npu_quant_matmul(x, w, deq_scale,
+  bias=quant_bias, output_dtype=...)`` with ``deq_scale = input_scale * weight_scale``.
+- W8A8 dynamic: vllm_ascend/quantization/methods/w8a8_dynamic.py: ``npu_dynamic_quant(x)`` then
+  ``npu_quant_matmul(xq, w, weight_scale, pertoken_scale=..., bias=..., output_dtype=x.dtype)``;
+  ``scale_from_float_to_int64`` (float32 bits in an int64) for fp16 deq scales.
+- W8A16: vllm_ascend/quantization/methods/w8a16.py (``npu_weight_quant_batchmatmul(x=, weight=,
+  antiquant_scale=, antiquant_offset=, bias=)``, weight [in, out]).
+- int4 weights: vllm_ascend/quantization/methods/w4a16.py (``npu_convert_weight_to_int4pack`` of
+  int32 values), w4a4_laos_dynamic.py (pack [out, in], then transpose), and the W4A8_DYNAMIC linear
+  removed in vllm-ascend #13713 (w4a8.py at efda0446db^: int4-packed [in, out/8] weight with per-group
+  ``antiquant_scale`` [groups, out] and ``antiquant_group_size``).
+- Ascend/op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_quant_matmul.md (dtype table: fp16
+  output without pertoken_scale takes an int64/float32 scale and an int32 bias only; bf16 output
+  takes float32 scale and int32/bf16/float32 bias) and torch_npu-npu_weight_quant_batchmatmul.md
+  (ANTIQUANT(w) = (w + offset) * scale, so offset = -zero_point; antiquant_group_size a multiple of
+  32 in [32, K-1]; bias float32 for bf16 x, float16 for fp16 x; FRACTAL_NZ weights only in graph
+  mode, so weight-only weights stay ND here).
+
+Choices where vLLM-Ascend has no dense-linear counterpart:
+- Asymmetric static activations: ``quant_bias = -zp * colsum(W)`` (int32) goes into the int32 bias
+  of npu_quant_matmul on every tensor-parallel rank (each rank's partial sum needs its own
+  correction); the layer's float bias is added separately (vLLM passes it on rank 0 only).
+- W4A8 per channel: the int4 values are an exact int8 weight, so it runs as dynamic W8A8.
+- W4A8 per group: activations are quantized per token with npu_dynamic_quant (the scheme's grid),
+  dequantized to the model dtype, and multiplied by the int4-packed weight with
+  npu_weight_quant_batchmatmul (per-group antiquant), as vLLM-Ascend's W4A8 linear did
+  (npu_quant_matmul's A8W4 mode is not used: its scale encoding is not emulated or verified).
+- GPTQ act-order: input channels are sorted by g_idx once at load (and the input gathered with the
+  same permutation at run time), so groups become contiguous; this needs exactly group_size
+  channels per group on this rank.
+Group sizes the op does not take (not a multiple of 32, or not below K), irregular act-order and
+layers of other dtypes fall back to the portable torch paths (weights dequantized once at load), with
+a warning naming the layer. npu_dynamic_quant and npu_weight_quant_batchmatmul take fp16/bf16 only:
+float32 layers are refused at load.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vllm_ptq_ascend.kernels import torch_ops
+from vllm_ptq_ascend.kernels.base import Int8LinearSpec, W4A8Spec, WeightOnlySpec
+from vllm_ptq_ascend.kernels.torch_generic import TorchBackend, drop_params, set_param
+
+logger = logging.getLogger(__name__)
+
+ACL_FORMAT_FRACTAL_NZ = 29  # vllm_ascend/utils.py
+NPU_DTYPES = (torch.float16, torch.bfloat16)
+_INT8_PARAMS = ("weight", "weight_scale", "input_scale", "input_zero_point")
+
+
+def _torch_npu():
+    import torch_npu  # lazy: present only on Ascend (or the tests' emulation)
+
+    return torch_npu
+
+
+def _layer_name(layer: torch.nn.Module) -> str:
+    return getattr(layer, "prefix", "") or type(layer).__name__
+
+
+def float_scale_to_int64(scale: torch.Tensor) -> torch.Tensor:
+    """float32 bits of each scale in an int64 (vllm-ascend w8a8_dynamic.scale_from_float_to_int64)."""
+    return scale.float().contiguous().view(torch.int32).to(torch.int64)
+
+
+def antiquant_group_ok(group_size: int, in_features: int) -> bool:
+    """The group sizes npu_weight_quant_batchmatmul takes: multiples of 32 in [32, K-1]."""
+    return group_size % 32 == 0 and 32 <= group_size <= in_features - 1
+
+
+class NpuBackend(TorchBackend):
+    """torch_npu kernels; the torch paths only for shapes those kernels do not take."""
+
+    name = "npu"
+
+    def _require_npu_dtype(self, layer: torch.nn.Module) -> None:
+        if layer.params_dtype not in NPU_DTYPES:
+            raise ValueError(
+                f"layer '{_layer_name(layer)}': the Ascend kernels (npu_dynamic_quant, "
+                f"npu_quant_matmul, npu_weight_quant_batchmatmul) take float16/bfloat16 activations, "
+                f"the model runs in {layer.params_dtype}; serve it with --dtype bfloat16 or float16 "
+                "(or VLLM_PTQ_ASCEND_KERNELS=torch)"
+            )
+
+    # -- W8A8 ----------------------------------------------------------------
+    def prepare_int8(self, layer: torch.nn.Module, spec: Int8LinearSpec) -> None:
+        self._require_npu_dtype(layer)
+        npu = _torch_npu()
+        dtype = layer.params_dtype
+        w_scale = layer.weight_scale.data.float()
+        if not spec.weight_per_channel:  # one scale per fused shard -> one per output channel
+            counts = torch.tensor(layer.logical_widths, device=w_scale.device)
+            w_scale = torch.repeat_interleave(w_scale.reshape(-1), counts)
+        w_scale = w_scale.reshape(-1).contiguous()
+        w_t = layer.weight.data.to(torch.int8).t().contiguous()  # [in, out]
+        layer.ptq_npu_w = npu.npu_format_cast(w_t, ACL_FORMAT_FRACTAL_NZ)
+        layer.ptq_npu_static = spec.static_input
+        layer.ptq_npu_w4a8 = "int8"
+        if spec.static_input:
+            zps = None if spec.input_symmetric else layer.input_zero_point.data
+            scale, zp = torch_ops.merge_static_input_ranges(layer.input_scale.data.float(), zps)
+            k = w_t.shape[0]
+            # npu_quantize(div_mode=False) multiplies: scale and offset per input channel, model dtype
+            layer.ptq_npu_x_recip = (1.0 / scale).reshape(1).repeat(k).to(dtype)
+            layer.ptq_npu_x_offset = None if zp is None else zp.float().reshape(1).repeat(k).to(dtype)
+            deq = (scale * w_scale).float()
+            layer.ptq_npu_deq = deq if dtype == torch.bfloat16 else float_scale_to_int64(deq)
+            layer.ptq_npu_quant_bias = (
+                None if zp is None else (-zp.to(torch.int64) * w_t.to(torch.int64).sum(0)).to(torch.int32)
+            )
+        else:
+            layer.ptq_npu_w_scale = w_scale
+        drop_params(layer, *_INT8_PARAMS)
+
+    def quant_act_int8(self, layer, x):
+        npu = _torch_npu()
+        if getattr(layer, "ptq_npu_static", False):
+            x_q = npu.npu_quantize(x, layer.ptq_npu_x_recip, layer.ptq_npu_x_offset, torch.qint8, -1, False)
+            return x_q, None, None
+        x_q, scale = npu.npu_dynamic_quant(x)
+        return x_q, scale, None
+
+    def int8_mm(self, layer, x_q, x_scale, x_zp, bias, out_dtype):
+        npu = _torch_npu()
+        if not layer.ptq_npu_static:
+            return npu.npu_quant_matmul(
+                x_q,
+                layer.ptq_npu_w,
+                layer.ptq_npu_w_scale,
+                pertoken_scale=x_scale,
+                bias=None if bias is None else bias.float(),
+                output_dtype=out_dtype,
+            )
+        quant_bias = layer.ptq_npu_quant_bias
+        # bf16 output takes a float bias in the op when the int32 slot is free; fp16 output
+        # without pertoken_scale takes int32 bias only, so the float bias is added after.
+        fuse_bias = bias is not None and quant_bias is None and out_dtype == torch.bfloat16
+        out = npu.npu_quant_matmul(
+            x_q,
+            layer.ptq_npu_w,
+            layer.ptq_npu_deq,
+            bias=bias.float() if fuse_bias else quant_bias,
+            output_dtype=out_dtype,
+        )
+        if bias is not None and not fuse_bias:
+            out = out + bias.to(out.dtype)
+        return out
+
+    # -- W4A8 ------------------------------------------------------------------
+    def prepare_w4a8(self, layer: torch.nn.Module, spec: W4A8Spec) -> None:
+        self._require_npu_dtype(layer)
+        in_features = layer.input_size_per_partition
+        if spec.group_size == -1 or spec.group_size == in_features:
+            w_int = torch_ops.unpack_weight(layer, 4)
+            scale = layer.weight_scale.data.float()
+            drop_params(layer, "weight_packed", "weight", "weight_scale", "weight_shape")
+            set_param(layer, "weight", w_int)
+            set_param(layer, "weight_scale", scale.reshape(-1, 1))
+            layer.input_scale = layer.input_zero_point = None
+            self.prepare_int8(layer, Int8LinearSpec(True, False, True))
+            return
+        if not antiquant_group_ok(spec.group_size, in_features):
+            self._warn_fallback(layer, f"group size {spec.group_size}")
+            super().prepare_w4a8(layer, spec)
+            layer.ptq_npu_static, layer.ptq_npu_w4a8 = False, "torch"
+            return
+        w_int = torch_ops.unpack_weight(layer, 4)
+        scale = layer.weight_scale.data
+        drop_params(layer, "weight_packed", "weight", "weight_scale", "weight_shape")
+        self._set_weight_only(layer, w_int, scale, None, spec.group_size, 4, None)
+        layer.ptq_npu_static, layer.ptq_npu_w4a8 = False, "weight_only"
+
+    def w4a8_mm(self, layer, x_q, x_scale, bias, out_dtype):
+        mode = layer.ptq_npu_w4a8
+        if mode == "int8":
+            return self.int8_mm(layer, x_q, x_scale, None, bias, out_dtype)
+        if mode == "torch":
+            return torch_ops.int8_x_dequantized_mm(x_q, x_scale, layer.ptq_w4a8_deq_t, bias, out_dtype)
+        x = (x_q.float() * x_scale.float().reshape(-1, 1)).to(out_dtype)  # the int8 grid, in the model dtype
+        return self._weight_quant_mm(layer, x, bias)
+
+    # -- W4A16 / W8A16 ---------------------------------------------------------
+    def prepare_weight_only(self, layer: torch.nn.Module, spec: WeightOnlySpec) -> None:
+        self._require_npu_dtype(layer)
+        in_features = layer.input_size_per_partition
+        group = -1 if spec.group_size in (-1, in_features) else spec.group_size
+        if group != -1 and not antiquant_group_ok(group, in_features):
+            self._warn_fallback(layer, f"group size {spec.group_size}")
+            return self._fallback_weight_only(layer, spec)
+        perm = None
+        if spec.has_g_idx:
+            g_idx = layer.weight_g_idx.data.to(torch.long)
+            n_groups = layer.weight_scale.shape[1]
+            counts = torch.bincount(g_idx, minlength=n_groups)
+            if group == -1 or n_groups * group != in_features or bool((counts != group).any()):
+                self._warn_fallback(layer, "act-order g_idx without exactly group_size channels per group")
+                return self._fallback_weight_only(layer, spec)
+            perm = torch.argsort(g_idx, stable=True)
+        w_int = torch_ops.unpack_weight(layer, spec.num_bits)
+        zp = torch_ops.unpack_zero_point(layer, spec.num_bits)
+        scale = layer.weight_scale.data
+        drop_params(layer, "weight_packed", "weight", "weight_zero_point", "weight_g_idx", "weight_scale")
+        self._set_weight_only(layer, w_int, scale, zp, group, spec.num_bits, perm)
+        layer.ptq_fast = True
+
+    def weight_only_mm(self, layer, x, bias):
+        if layer.ptq_npu_wo is None:
+            return super().weight_only_mm(layer, x, bias)
+        out = self._weight_quant_mm(layer, x.reshape(-1, x.shape[-1]), bias)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
+
+    # -- helpers ---------------------------------------------------------------
+    def _fallback_weight_only(self, layer, spec):
+        self.dequantize_once(layer, spec)
+        layer.ptq_npu_wo = None
+
+    @staticmethod
+    def _warn_fallback(layer, why: str) -> None:
+        logger.warning(
+            "layer '%s': %s is not supported by npu_weight_quant_batchmatmul; using the torch path "
+            "(weight dequantized once at load)",
+            _layer_name(layer),
+            why,
+        )
+
+    def _set_weight_only(self, layer, w_int, scale, zp, group, num_bits, perm) -> None:
+        """Weight [in, out] (int8, or int4 packed 8 per int32), antiquant scale/offset [groups, out]."""
+        npu = _torch_npu()
+        dtype = layer.params_dtype
+        if perm is not None:
+            w_int = w_int[:, perm.to(w_int.device)]
+        out_f, in_f = w_int.shape
+        if num_bits == 4 and group == -1 and in_f % 8 == 0:
+            # packed along K, passed as the transpose of (out, in/8): the per-channel layout the docs
+            # recommend (as vllm-ascend w4a4_laos_dynamic.py does)
+            weight = npu.npu_convert_weight_to_int4pack(w_int.to(torch.int32).contiguous()).t()
+        elif num_bits == 4 and out_f % 8 == 0:
+            # [in, out/8], packed along N (vllm-ascend's W4A8 linear, before #13713)
+            weight = npu.npu_convert_weight_to_int4pack(w_int.t().contiguous().to(torch.int32))
+        elif num_bits == 4 and in_f % 8 == 0:
+            weight = npu.npu_convert_weight_to_int4pack(w_int.to(torch.int32).contiguous()).t()
+        else:  # int8 weights (W8A16, or int4 values no packing fits: exact, one byte each)
+            weight = w_int.to(torch.int8).t().contiguous()
+        if group == -1:
+            a_scale = scale.reshape(-1).to(dtype).contiguous()
+            a_off = None if zp is None else (-zp.reshape(-1).float()).to(dtype).contiguous()
+        else:
+            a_scale = scale.t().to(dtype).contiguous()
+            a_off = None if zp is None else (-zp.float()).t().to(dtype).contiguous()
+        layer.ptq_npu_wo = {
+            "weight": weight,
+            "antiquant_scale": a_scale,
+            "antiquant_offset": a_off,
+            "antiquant_group_size": 0 if group == -1 else group,
+        }
+        layer.ptq_npu_perm = None if perm is None else perm.to(w_int.device)
+
+    def _weight_quant_mm(self, layer, x2, bias):
+        npu = _torch_npu()
+        if layer.ptq_npu_perm is not None:
+            x2 = x2.index_select(1, layer.ptq_npu_perm)
+        if bias is not None:
+            bias = bias.to(torch.float32 if x2.dtype == torch.bfloat16 else torch.float16).contiguous()
+        return npu.npu_weight_quant_batchmatmul(x2, bias=bias, **layer.ptq_npu_wo)
