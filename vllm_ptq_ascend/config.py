@@ -6,6 +6,10 @@ unsupported group fails at start-up, naming the group); each linear layer is
 then matched to a group by vLLM's own target/ignore matching (exact names,
 ``re:`` patterns, module class names), shard by shard for fused layers, which
 must agree.
+
+msModelSlim checkpoints (no ``quantization_config``; a ``quant_model_description.json``
+that vLLM reads through :meth:`PtqAscendConfig.get_config_filenames`) are parsed by
+``msmodelslim.py``; :meth:`PtqAscendConfig.from_config` dispatches on the dict it gets.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
 )
 
 from vllm_ptq_ascend import QUANT_METHOD
+from vllm_ptq_ascend.msmodelslim import DESCRIPTION_FILE, ModelSlimDescription, is_description
 from vllm_ptq_ascend.schemes import PtqScheme, W4A8IntScheme, W8A8Int8Scheme, WNA16Scheme
 from vllm_ptq_ascend.validation import CheckpointError, tensor_file_index
 
@@ -170,18 +175,24 @@ class PtqAscendConfig(QuantizationConfig):
     """vLLM quantization config for the ``ptq_ascend`` method."""
 
     def __init__(
-        self, ct_config: CTQuantizationConfig, plans: dict[str, SchemePlan | None], raw: dict[str, Any]
+        self,
+        ct_config: CTQuantizationConfig | None,
+        plans: dict[str, SchemePlan | None],
+        raw: dict[str, Any],
+        modelslim: ModelSlimDescription | None = None,
     ):
         super().__init__()
         self.ct_config = ct_config
         self.raw = raw
         self.plans = plans
+        # msModelSlim checkpoint: per-layer labels instead of config groups
+        self.modelslim = modelslim
         # target -> group name, in config order (first matching target wins, as in vLLM)
         self.target_group: dict[str, str] = {}
-        for name, group in ct_config.config_groups.items():
+        for name, group in (ct_config.config_groups if ct_config else {}).items():
             for target in group.targets:
                 self.target_group.setdefault(target, name)
-        self.ignore = list(ct_config.ignore or [])
+        self.ignore = list((ct_config.ignore if ct_config else None) or [])
         self.files: dict[str, str] = {}
 
     # -- vLLM's QuantizationConfig API ---------------------------------------
@@ -198,10 +209,14 @@ class PtqAscendConfig(QuantizationConfig):
 
     @staticmethod
     def get_config_filenames() -> list[str]:
-        return []
+        # vLLM reads this file when config.json has no quantization_config (msModelSlim
+        # checkpoints) and passes its dict to from_config.
+        return [DESCRIPTION_FILE]
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "PtqAscendConfig":
+        if is_description(config):
+            return cls(None, {}, config, ModelSlimDescription(config))
         config, g_idx_groups = _lift_group_actorder(config)
         try:
             ct = CTQuantizationConfig.model_validate({k: v for k, v in config.items() if k != QUANT_METHOD})
@@ -268,6 +283,8 @@ class PtqAscendConfig(QuantizationConfig):
         return groups.pop()
 
     def scheme_for(self, prefix: str, layer: torch.nn.Module) -> PtqScheme | None:
+        if self.modelslim is not None:
+            return self.modelslim.scheme_for(prefix, self.shard_names(prefix), self.files)
         group = self.group_for(prefix, layer)
         plan = self.plans.get(group) if group else None
         return plan.build(prefix, self.files, self.shard_names(prefix)) if plan else None

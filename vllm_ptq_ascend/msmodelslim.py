@@ -1,0 +1,503 @@
+"""msModelSlim checkpoints (``quant_model_description.json``) served by ``ptq_ascend``.
+
+msModelSlim (github Ascend/msmodelslim) writes, next to ``config.json`` (whose
+``quantization_config`` it removes), a description ``{"model_quant_type": "W8A8",
+"version": "1.0.0", "group_size": 0, "<tensor name>": "<LABEL>", ...}`` and
+``quant_model_weights*.safetensors``. A linear layer's label is the one of
+``<prefix>.weight``; the fused shards of a vLLM layer (q/k/v, gate/up) must agree,
+as vllm-ascend requires (vllm-project/vllm-ascend
+``vllm_ascend/quantization/modelslim_config.py``: ``get_linear_quant_type``,
+``is_layer_skipped_ascend``).
+
+Each label is mapped onto an EXISTING scheme (schemes/): the layer registers the
+msModelSlim tensors under their checkpoint names (vLLM looks parameters up by those
+names) through the checked loaders, and once loaded they are translated into what
+the scheme holds for a compressed-tensors checkpoint, then the scheme validates and
+prepares them for the kernel backend as usual.
+
+Tensors per label, as msModelSlim writes them (Ascend/msmodelslim
+``msmodelslim/core/quant_service/modelslim_v1/save/ascendv1.py`` ``on_*`` and
+``msmodelslim/pytorch/llm_ptq/llm_ptq_tools/save/complex_quantifier.py``
+``generate_weight_of_linear_module``) and as vllm-ascend creates them
+(``vllm_ascend/quantization/methods/w8a8_static.py``, ``w8a8_dynamic.py``,
+``w8a16.py``):
+
+- W8A8 (static): ``weight`` int8 [out, in]; ``input_scale`` [1] and ``input_offset``
+  [1] (float32); ``deq_scale`` [out] (float32, or for float16 models its float32 bit
+  pattern stored in int64, ``deqscale2int64``); ``quant_bias`` int32 [out] =
+  round(bias / deq_scale - rowsum(weight) * input_offset); optionally (older saver)
+  ``weight_scale`` / ``weight_offset`` [out, 1]. -> W8A8Int8Scheme, per-channel weights,
+  static per-tensor activations, zero point = ``input_offset`` (msModelSlim quantizes
+  q = round(x / s + offset), dequantizes (q - offset) * s:
+  ``msmodelslim/ir/api/impl/int_quantization.py``). ``deq_scale`` and ``quant_bias`` are
+  what the NPU GEMM consumes (``npu_quant_matmul``); we recompute both from the
+  primary tensors and refuse a checkpoint where they disagree. Without
+  ``weight_scale``, it is ``deq_scale / input_scale``.
+- W8A8_DYNAMIC: ``weight`` int8 [out, in], ``weight_scale`` [out, 1], ``weight_offset``
+  [out, 1] (zeros: msModelSlim writes zeros, vllm-ascend ignores it) ->
+  W8A8Int8Scheme, per-channel weights, per-token dynamic activations.
+- W8A16 / W4A16: ``weight`` int8, ``weight_scale`` and ``weight_offset`` [out, groups]
+  (float32; groups from the description's ``group_size``, 0 = per channel);
+  dequantized as (q - weight_offset) * weight_scale
+  (``.../fake_quantize/w8a16_w4a16_fakequantizer.py``), so zero point =
+  ``weight_offset``. -> WNA16Scheme (packed into compressed-tensors' int32 layout).
+  W4A16 ``weight`` is one int4 value per int8 [out, in], except for version "1.0.0"
+  (ascendV1 saver, ``_w4a16_pack_int4``): two int4 per int8, low nibble = even
+  index, packed along the output dim ([out/2, in]) with per-group scales and along the
+  input dim ([out, in/2]) per channel.
+  Note: vllm-ascend passes ``weight_offset`` unchanged as ``antiquant_offset`` of
+  ``npu_weight_quant_batchmatmul``, documented as scale * (q + offset); the two agree
+  only for symmetric (zero-offset) weights. We follow the producer's definition.
+- FLOAT: unquantized.
+
+Not served yet (a clear error naming the layer): W4A8_DYNAMIC (two-level scales with
+``weight_scale_second``/``weight_offset_second`` and a precomputed ``scale_bias``,
+two layouts by version, and vllm-ascend removed its linear path), W8A8_MIX, W4A4_*,
+*_FLATQUANT_*, MX and FP8 labels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    ModelWeightParameter,
+    PackedvLLMParameter,
+    PerTensorScaleParameter,
+)
+
+from vllm_ptq_ascend.schemes import PtqScheme, W8A8Int8Scheme, WNA16Scheme, int_weights
+from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, require_loaded
+
+DESCRIPTION_FILE = "quant_model_description.json"
+WHERE = DESCRIPTION_FILE
+SERVED = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16")
+NOT_YET = (
+    "W4A8_DYNAMIC",
+    "W8A8_MIX",
+    "W4A4_DYNAMIC",
+    "W4A4_FLATQUANT_DYNAMIC",
+    "W8A8_FLATQUANT_DYNAMIC",
+    "W4A8_FLATQUANT_DYNAMIC",
+    "W4A4_MXFP4",
+    "W4A8_MXFP",
+    "W8A8_MXFP8",
+    "W4A16_MXFP4",
+    "W16A16S",
+    "WFP8AFP8_DYNAMIC",
+    "W8A8FP8_DYNAMIC",
+    "W8A8S",
+    "W8A8_TIMESTEP",
+    "NF4",
+)
+# labels of non-linear tensors (KV cache, attention, norms) that may appear in a description
+OTHER = ("C8", "FAQuant", "FAKQuant", "INT8_DYNAMIC")
+META_KEYS = ("model_quant_type", "version", "group_size", "kv_cache_type", "kv_quant_type", "fa_quant_type")
+# relative tolerance of deq_scale against input_scale * weight_scale: both are written in
+# float32 from the same float32 scales (ascendv1.py), so they agree to a few ulp; 1e-2 also
+# admits scales stored in bfloat16 by older tools and still catches any real disagreement.
+DEQ_SCALE_RTOL = 1e-2
+
+
+def is_description(config: dict[str, Any]) -> bool:
+    """True for a ``quant_model_description.json`` dict (not a compressed-tensors config)."""
+    if not isinstance(config, dict) or "quant_method" in config or "config_groups" in config:
+        return False
+    return "model_quant_type" in config or any(
+        isinstance(k, str) and k.endswith(".weight") and isinstance(v, str) for k, v in config.items()
+    )
+
+
+class ModelSlimDescription:
+    """The parsed description: labels per tensor, checked once at start-up."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.raw = config
+        self.version = str(config.get("version", "0"))
+        gs = config.get("group_size", 0)
+        if not isinstance(gs, int) or isinstance(gs, bool) or gs < 0:
+            raise CheckpointError(f"{WHERE}: 'group_size' must be an integer >= 0, found {gs!r}")
+        self.group_size = gs
+        self.labels: dict[str, str] = {}
+        for key, label in config.items():
+            if key in META_KEYS or not key.endswith(".weight"):
+                continue
+            if not isinstance(label, str) or label not in (*SERVED, *NOT_YET, *OTHER):
+                raise CheckpointError(
+                    f"{WHERE}: tensor '{key}' (layer '{key.removesuffix('.weight')}') has unknown "
+                    f"label {label!r}; known labels: {', '.join((*SERVED, *NOT_YET))}"
+                )
+            self.labels[key] = label
+
+    def label_for(self, prefix: str, shards: list[str]) -> str:
+        """The label of a (possibly fused) layer; every shard must have one, the same."""
+        per_shard = {}
+        for shard in shards:
+            label = self.labels.get(f"{shard}.weight")
+            if label is None:
+                raise CheckpointError(
+                    f"{WHERE}: no label for '{shard}.weight' (layer '{prefix}'); every linear "
+                    "layer needs one (FLOAT for an unquantized layer)"
+                )
+            per_shard[shard] = label
+        if len(set(per_shard.values())) > 1:
+            detail = ", ".join(f"{s} -> {lab}" for s, lab in per_shard.items())
+            raise CheckpointError(
+                f"{WHERE}: fused layer '{prefix}' has shards with different labels ({detail}); "
+                "vLLM runs a fused layer with one scheme"
+            )
+        label = next(iter(per_shard.values()))
+        if label in NOT_YET or label in OTHER:
+            raise CheckpointError(
+                f"{WHERE}: layer '{prefix}' has label {label!r}, which ptq_ascend does not serve yet "
+                f"(served: {', '.join(SERVED)})"
+            )
+        return label
+
+    def scheme_for(self, prefix: str, shards: list[str], files: dict[str, str]) -> PtqScheme | None:
+        label = self.label_for(prefix, shards)
+        if label == "FLOAT":
+            return None
+        if label == "W8A8":
+            return ModelSlimW8A8(prefix, files=files, shards=shards)
+        if label == "W8A8_DYNAMIC":
+            return ModelSlimW8A8Dynamic(prefix, files=files, shards=shards)
+        bits = 8 if label == "W8A16" else 4
+        return ModelSlimWeightOnly(
+            prefix,
+            num_bits=bits,
+            group_size=self.group_size,
+            packed=bits == 4 and self.version == "1.0.0",
+            files=files,
+            shards=shards,
+        )
+
+
+def set_param(layer: torch.nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+    """(Re)register ``name`` on ``layer`` as a frozen parameter (or None)."""
+    if name in layer._parameters:
+        del layer._parameters[name]
+    elif hasattr(layer, name):
+        delattr(layer, name)
+    layer.register_parameter(
+        name, None if tensor is None else torch.nn.Parameter(tensor, requires_grad=False)
+    )
+
+
+def drop(layer: torch.nn.Module, *names: str) -> None:
+    for name in names:
+        if name in layer._parameters:
+            del layer._parameters[name]
+
+
+def loaded(layer: torch.nn.Module, name: str) -> bool:
+    p = getattr(layer, name, None)
+    return p is not None and bool(getattr(p, "ptq_loaded_shards", None))
+
+
+def int64_bits_as_float32(inner: Callable) -> Callable:
+    """deq_scale of float16 models is stored as its float32 bit pattern in int64
+    (msmodelslim ``format/common/deqscale.py`` ``deqscale2int64``): reinterpret it."""
+
+    def load(param, loaded_weight, *args, **kwargs):
+        if loaded_weight.dtype == torch.int64:
+            loaded_weight = loaded_weight.to(torch.int32).view(torch.float32)
+        return inner(param, loaded_weight, *args, **kwargs)
+
+    return load
+
+
+class _ModelSlimScheme(PtqScheme):
+    """Registers msModelSlim tensors, translates them after loading, then runs ``self.inner``."""
+
+    label = ""
+    inner: PtqScheme | None = None
+
+    def describe(self) -> str:
+        inner = f" -> {self.inner.describe()}" if self.inner is not None else ""
+        return f"msModelSlim {self.label}{inner}"
+
+    def process_weights_after_loading(self, layer):
+        require_loaded(layer, self.layer_name, self.tensor_names, self.files, self.shards)
+        self.inner = self.translate(layer)
+        self.inner.validate_loaded(layer)
+        self.inner.prepare(layer)
+
+    def translate(self, layer) -> PtqScheme:
+        raise NotImplementedError
+
+    def prepare(self, layer):  # done by the inner scheme
+        raise NotImplementedError
+
+    def apply_weights(self, layer, x, bias=None):
+        return self.inner.apply_weights(layer, x, bias)
+
+    def _channel_param(self, layer, name, out_features, dtypes, weight_loader, dtype=torch.float32, cols=1):
+        shape = (out_features, cols) if cols else (out_features,)
+        layer.register_parameter(
+            name,
+            ChannelQuantScaleParameter(
+                data=torch.zeros(shape, dtype=dtype),
+                output_dim=0,
+                weight_loader=self.loader(weight_loader, name, dtypes),
+            ),
+        )
+
+    def _require_zero(self, layer, name):
+        if loaded(layer, name):
+            t = getattr(layer, name).data
+            if bool((t != 0).any()):
+                raise CheckpointError(
+                    f"{self.where(name)}: {self.label} weights must be symmetric (all offsets 0), "
+                    f"found {int((t != 0).sum())} non-zero (vllm-ascend ignores them too)"
+                )
+
+
+class ModelSlimW8A8Dynamic(_ModelSlimScheme):
+    label = "W8A8_DYNAMIC"
+    tensor_names = ("weight", "weight_scale")
+
+    def create_weights(
+        self,
+        layer,
+        input_size,
+        input_size_per_partition,
+        output_partition_sizes,
+        output_size,
+        params_dtype,
+        weight_loader,
+    ):
+        out = int_weights.setup_layer(
+            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
+        )
+        int_weights.register_int8_weight(layer, self, out, input_size_per_partition, weight_loader)
+        self._channel_param(layer, "weight_scale", out, FLOAT_DTYPES, weight_loader)
+        self._channel_param(layer, "weight_offset", out, FLOAT_DTYPES, weight_loader)
+
+    def translate(self, layer):
+        self._require_zero(layer, "weight_offset")
+        drop(layer, "weight_offset")
+        set_param(layer, "input_scale", None)
+        set_param(layer, "input_zero_point", None)
+        set_param(layer, "azp_adj", None)
+        return W8A8Int8Scheme(
+            self.layer_name, weight_per_channel=True, static_input=False, files=self.files, shards=self.shards
+        )
+
+
+class ModelSlimW8A8(_ModelSlimScheme):
+    label = "W8A8"
+    tensor_names = ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias")
+
+    def create_weights(
+        self,
+        layer,
+        input_size,
+        input_size_per_partition,
+        output_partition_sizes,
+        output_size,
+        params_dtype,
+        weight_loader,
+    ):
+        out = int_weights.setup_layer(
+            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
+        )
+        n_shards = len(output_partition_sizes)
+        int_weights.register_int8_weight(layer, self, out, input_size_per_partition, weight_loader)
+        # optional: the ascendV1 saver writes no weight_scale/weight_offset for W8A8
+        self._channel_param(layer, "weight_scale", out, FLOAT_DTYPES, weight_loader)
+        self._channel_param(layer, "weight_offset", out, FLOAT_DTYPES, weight_loader)
+        self._channel_param(layer, "quant_bias", out, (torch.int32,), weight_loader, torch.int64, cols=0)
+        layer.register_parameter(
+            "deq_scale",
+            ChannelQuantScaleParameter(
+                data=torch.zeros(out, dtype=torch.float32),
+                output_dim=0,
+                weight_loader=self.loader(
+                    int64_bits_as_float32(weight_loader), "deq_scale", (*FLOAT_DTYPES, torch.int64)
+                ),
+            ),
+        )
+        for name, dtypes in (
+            ("input_scale", FLOAT_DTYPES),
+            ("input_offset", (*FLOAT_DTYPES, torch.int8, torch.int32)),
+        ):
+            layer.register_parameter(
+                name,
+                PerTensorScaleParameter(
+                    data=torch.zeros(n_shards, dtype=torch.float32),
+                    weight_loader=self.loader(weight_loader, name, dtypes),
+                ),
+            )
+
+    def translate(self, layer):
+        offset = layer.input_offset.data.double()
+        if bool((offset != offset.round()).any() or (offset < -128).any() or (offset > 127).any()):
+            raise CheckpointError(
+                f"{self.where('input_offset')}: must hold integers in [-128, 127], found {offset.tolist()}"
+            )
+        self._require_zero(layer, "weight_offset")
+        widths = torch.tensor(layer.logical_widths)
+        in_scale = torch.repeat_interleave(layer.input_scale.data.double(), widths)  # per output row
+        in_zp = torch.repeat_interleave(offset, widths)
+        deq = layer.deq_scale.data.double()
+        if loaded(layer, "weight_scale"):
+            w_scale = layer.weight_scale.data.double().reshape(-1)
+            expected = in_scale * w_scale
+            bad = (deq - expected).abs() > DEQ_SCALE_RTOL * expected.abs()
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise CheckpointError(
+                    f"{self.where('deq_scale')}: disagrees with input_scale * weight_scale in "
+                    f"{int(bad.sum())} channel(s) (first: channel {i}, deq_scale {deq[i].item():.6g}, "
+                    f"input_scale * weight_scale {expected[i].item():.6g})"
+                )
+        else:  # derived: the NPU runs on deq_scale alone
+            w_scale = deq / in_scale
+        # quant_bias = round(bias / deq_scale - rowsum(weight) * input_offset) (ascendv1.py
+        # on_w8a8_static). Row-parallel ranks hold part of each row: checked without TP split only.
+        if layer.input_size_per_partition == layer.full_weight_shape[1]:
+            bias = getattr(layer, "bias", None)
+            fp_bias = bias.data.double() if bias is not None else torch.zeros_like(deq)
+            rowsum = layer.weight.data.double().sum(1)
+            expected = torch.round(fp_bias / deq - rowsum * in_zp)
+            bad = (layer.quant_bias.data.double() - expected).abs() > 1 + 1e-6 * expected.abs()
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise CheckpointError(
+                    f"{self.where('quant_bias')}: disagrees with round(bias / deq_scale - "
+                    f"rowsum(weight) * input_offset) in {int(bad.sum())} channel(s) (first: channel {i}, "
+                    f"{int(layer.quant_bias.data[i])} vs {int(expected[i])})"
+                )
+        symmetric = bool((offset == 0).all())
+        set_param(layer, "weight_scale", w_scale.float().reshape(-1, 1))
+        set_param(layer, "input_zero_point", None if symmetric else offset.to(torch.int8))
+        set_param(layer, "azp_adj", None)
+        drop(layer, "weight_offset", "input_offset", "deq_scale", "quant_bias")
+        return W8A8Int8Scheme(
+            self.layer_name,
+            weight_per_channel=True,
+            static_input=True,
+            input_symmetric=symmetric,
+            files=self.files,
+            shards=self.shards,
+        )
+
+
+class ModelSlimWeightOnly(_ModelSlimScheme):
+    """W8A16 / W4A16 -> WNA16Scheme."""
+
+    tensor_names = ("weight", "weight_scale")
+
+    def __init__(self, layer_name, *, num_bits, group_size, packed, files=None, shards=None):
+        super().__init__(layer_name, files, shards)
+        self.num_bits = num_bits
+        self.group_size = group_size or -1
+        self.packed = packed
+        self.label = f"W{num_bits}A16"
+
+    def create_weights(
+        self,
+        layer,
+        input_size,
+        input_size_per_partition,
+        output_partition_sizes,
+        output_size,
+        params_dtype,
+        weight_loader,
+    ):
+        out = int_weights.setup_layer(
+            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
+        )
+        n_groups, partition_groups = int_weights.group_layout(
+            self, self.group_size, input_size, input_size_per_partition
+        )
+        w_loader = self.loader(weight_loader, "weight", (torch.int8,))
+        if not self.packed:
+            layer.register_parameter(
+                "weight",
+                ModelWeightParameter(
+                    data=torch.empty(out, input_size_per_partition, dtype=torch.int8),
+                    input_dim=1,
+                    output_dim=0,
+                    weight_loader=w_loader,
+                ),
+            )
+        else:  # two int4 per int8: along the output dim per group, the input dim per channel
+            dim = 0 if self.group_size != -1 else 1
+            shape = [out, input_size_per_partition]
+            if shape[dim] % 2:
+                raise CheckpointError(f"{self.where('weight')}: packed int4 needs an even size, got {shape}")
+            shape[dim] //= 2
+            layer.register_parameter(
+                "weight",
+                PackedvLLMParameter(
+                    data=torch.empty(*shape, dtype=torch.int8),
+                    input_dim=1,
+                    output_dim=0,
+                    packed_dim=dim,
+                    packed_factor=2,
+                    weight_loader=w_loader,
+                ),
+            )
+        for name in ("weight_scale", "weight_offset"):
+            args = dict(
+                data=torch.zeros(out, n_groups, dtype=torch.float32),
+                weight_loader=self.loader(weight_loader, name, FLOAT_DTYPES),
+            )
+            layer.register_parameter(
+                name,
+                GroupQuantScaleParameter(output_dim=0, input_dim=1, **args)
+                if partition_groups
+                else ChannelQuantScaleParameter(output_dim=0, **args),
+            )
+
+    def _int_weight(self, layer) -> torch.Tensor:
+        w = layer.weight.data
+        if self.packed:  # Ascend/msmodelslim format/common/pack.py _pack_int4: low nibble first
+            lo = (w.to(torch.int16) << 12 >> 12).to(torch.int8)  # sign-extend the low nibble
+            hi = (w >> 4).to(torch.int8)  # arithmetic shift keeps the sign of the high nibble
+            dim = 0 if self.group_size != -1 else 1
+            w = torch.stack((lo, hi), dim=dim + 1).flatten(dim, dim + 1)
+        lo, hi = -(1 << (self.num_bits - 1)), (1 << (self.num_bits - 1)) - 1
+        if int(w.min()) < lo or int(w.max()) > hi:
+            raise CheckpointError(
+                f"{self.where('weight')}: values must lie in [{lo}, {hi}] for {self.label}, "
+                f"found [{int(w.min())}, {int(w.max())}]"
+            )
+        return w
+
+    def translate(self, layer):
+        w = self._int_weight(layer)
+        offset = layer.weight_offset.data.double() if loaded(layer, "weight_offset") else None
+        symmetric = offset is None or bool((offset == 0).all())
+        zp = None
+        if not symmetric:
+            lo, hi = -(1 << (self.num_bits - 1)), (1 << (self.num_bits - 1)) - 1
+            if bool((offset != offset.round()).any() or (offset < lo).any() or (offset > hi).any()):
+                raise CheckpointError(
+                    f"{self.where('weight_offset')}: must hold integers in [{lo}, {hi}] for {self.label}"
+                )
+            # compressed-tensors layout: int32 words packed along the output dim
+            zp = pack_to_int32(offset.to(torch.int8), self.num_bits, packed_dim=0)
+        set_param(layer, "weight_packed", pack_to_int32(w, self.num_bits, packed_dim=1))
+        set_param(layer, "weight_zero_point", zp)
+        set_param(layer, "weight_g_idx", None)
+        set_param(layer, "weight_shape", torch.tensor(layer.full_weight_shape, dtype=torch.int64))
+        set_param(layer, "weight_scale", layer.weight_scale.data.to(layer.params_dtype))
+        drop(layer, "weight", "weight_offset")
+        return WNA16Scheme(
+            self.layer_name,
+            num_bits=self.num_bits,
+            group_size=None if self.group_size == -1 else self.group_size,
+            symmetric=symmetric,
+            files=self.files,
+            shards=self.shards,
+        )
+
+
+__all__ = ["DESCRIPTION_FILE", "ModelSlimDescription", "is_description"]
