@@ -76,6 +76,11 @@ def make_ckpt(tiny_model, tmp_path_factory):
 PRESET_CALIBRATION = dict(num_samples=16, max_seq_length=64)
 
 
+# checkpoint name -> (preset, options): every preset with its defaults, and the non-default
+# activation kind of SmoothQuant
+PRESET_VARIANTS = {"w8a8-smoothquant-static": ("w8a8-smoothquant", {"activations": "static"})}
+
+
 @pytest.fixture(scope="session")
 def preset_ckpts(tiny_model, tmp_path_factory) -> dict[str, Path]:
     """Every preset recipe run by `quantize()` on the tiny model (shipped calibration text)."""
@@ -85,7 +90,8 @@ def preset_ckpts(tiny_model, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("presets")
     calib = CalibrationSpec(**PRESET_CALIBRATION)
-    return {
-        name: quantize(tiny_model, root / name, name, calibration=calib if p.needs_calibration else None)
-        for name, p in PRESETS.items()
-    }
+    out = {}
+    for name, (preset, options) in ({n: (n, {}) for n in PRESETS} | PRESET_VARIANTS).items():
+        needs = PRESETS[preset].needs_calibration
+        out[name] = quantize(tiny_model, root / name, preset, calibration=calib if needs else None, **options)
+    return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import PRESET_VARIANTS
 from engine_runner import run_engines
 from reference import FakeQuantModel
 
@@ -36,7 +37,8 @@ STOCK = {
     "w4a16-gptq": "bfloat16",
 }
 
-JOBS = [(name, "ptq_ascend", "float32") for name in sorted(PRESETS)]
+CHECKPOINTS = sorted([*PRESETS, *PRESET_VARIANTS])
+JOBS = [(name, "ptq_ascend", "float32") for name in CHECKPOINTS]
 JOBS += [("w4a8", None, "float32")]  # marked by quantize(): detected with no flag
 JOBS += [(name, "compressed-tensors", dtype) for name, dtype in STOCK.items()]
 
@@ -81,7 +83,7 @@ def diffs(a, b) -> list[float]:
     return [abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v)]
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", CHECKPOINTS)
 def test_preset_served_by_plugin_matches_llmcompressor(results, preset_ckpts, prompts, name):
     res = results[(name, "ptq_ascend", "float32")]
     assert "error" not in res, res

@@ -185,3 +185,11 @@ def test_same_seed_same_checkpoint(tiny_model, tmp_path):
     ta, tb, tc = (load_file(d / "model.safetensors") for d in (a, b, c))
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     assert not all(torch.equal(ta[k], tc[k]) for k in ta)  # other samples, other GPTQ result
+
+
+def test_w4a8_checkpoint_is_packed(preset_ckpts):
+    """llmcompressor saves W4A8 as int8 (one int4 value per byte) unless asked to pack: we ask."""
+    sd = load_file(preset_ckpts["w4a8"] / "model.safetensors")
+    packed = sd["model.layers.0.mlp.down_proj.weight_packed"]
+    assert packed.dtype == torch.int32 and tuple(packed.shape) == (256, 512 // 8)
+    assert not any(k.endswith("proj.weight") for k in sd)
