@@ -11,8 +11,11 @@ _registered = False
 
 
 def register() -> None:
-    """Register the ``ptq_ascend`` quantization method with vLLM (once per process)."""
+    """Register ``ptq_ascend`` with vLLM (once per process) and our schemes with vLLM-Ascend, if present."""
     global _registered
+    from vllm_ptq_ascend.ascend import register_ascend_schemes
+
+    register_ascend_schemes()  # our linear schemes for labels vLLM-Ascend lacks (no-op without it)
     if _registered:
         return
     from vllm.model_executor.layers.quantization import (

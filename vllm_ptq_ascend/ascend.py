@@ -1,0 +1,224 @@
+"""Our linear schemes in vLLM-Ascend's scheme registry, for msModelSlim labels it has no linear scheme for.
+
+vLLM-Ascend (github vllm-project/vllm-ascend at 182b75ea84ff13ece27b57391331ef8935410aea) serves
+msModelSlim checkpoints with its own ``ascend`` config, which looks every linear layer's label up in a
+registry (``vllm_ascend/quantization/methods/registry.py``): ``register_scheme(quant_type,
+layer_type)`` is a class decorator keyed by ``(quant_type, layer_type)`` that raises ValueError when
+the key exists, ``get_scheme_class(quant_type, layer_type)`` returns the class or None, and
+``modelslim_config.py`` ``create_scheme_for_layer`` instantiates it with no arguments, one instance
+per layer (``scheme_cls()``), raising NotImplementedError for a label with no class. A scheme reads
+its settings from ``get_current_vllm_config().quant_config.quant_description`` (``group_size``,
+``version``: ``methods/w4a16.py`` ``AscendW4A16FusedMoEMethod.__init__``, and the W4A8 linear removed
+in #13713, ``methods/w4a8.py`` at efda0446db^).
+
+The linear interface (``methods/base.py`` ``AscendLinearScheme``) and how ``method_adapters.py``
+``AscendLinearMethod`` drives it:
+- ``create_weights`` calls ``get_weight(input_size_per_partition, output_size_per_partition,
+  params_dtype)``, then ``get_pertensor_param(params_dtype, layer_type=...)``,
+  ``get_perchannel_param(output_size_per_partition, params_dtype)`` and
+  ``get_pergroup_param(input_size_per_partition, output_size_per_partition, params_dtype,
+  layer_type="row" | "others")``. Each returns {name: empty tensor}; every tensor becomes a plain
+  ``torch.nn.Parameter`` registered under that name with vLLM's (v1) weight loader. Weights get
+  ``input_dim=1, output_dim=0`` (plus ``packed_dim``/``packed_factor`` from the ``_packed_dim``/
+  ``_packed_factor`` keys of get_weight's dict), per-channel and per-group tensors ``output_dim=0``
+  only: per-group scales of a row-parallel layer are loaded whole on every rank.
+- ``process_weights_after_loading(layer)`` once loaded; ``apply(layer, x, bias, tp_rank)`` per
+  forward (tp_rank: the layer's rank for RowParallelLinear, else 0).
+
+At that commit the registry has ("W4A16", "moe") but no ("W4A16", "linear") (issue #7076), and
+("W4A8_DYNAMIC", "linear") was removed in #13713. We add ("W4A16", "linear") only, and only when
+the key is free. It is an adapter: msModelSlim's tensors are registered and translated by
+``msmodelslim.ModelSlimWeightOnly`` (the class ``ptq_ascend`` serves those checkpoints with) and run
+on our kernel backend (``kernels/npu.py`` ``prepare_weight_only`` / ``weight_only_mm``).
+
+W4A8_DYNAMIC is NOT registered yet: msmodelslim.py does not implement it (two-level scales, the
+``weight_offset_second`` and precomputed ``scale_bias`` tensors whose row-parallel layout is
+[out, 16]), and the only consumer to check it against, vLLM-Ascend's removed linear, ran it as a
+weight-only matmul that ignored ``scale_bias``, the offsets and the ``bias`` argument, so it does not
+pin down the producer's semantics. It waits until msModelSlim's saver is read and tested.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+METHODS_MODULE = "vllm_ascend.quantization.methods"
+LAYER_TYPE = "linear"
+REGISTRY_API = ("register_scheme", "get_scheme_class")
+
+_PTQ_ADAPTER = "_ptq_ascend_adapter"  # marks our classes, so repeated registration is a no-op
+
+
+def _quant_description() -> dict[str, Any]:
+    """What vLLM-Ascend's schemes read: the current vLLM config's ``quant_config.quant_description``."""
+    from vllm.config import get_current_vllm_config
+
+    quant_config = getattr(get_current_vllm_config(), "quant_config", None)
+    desc = getattr(quant_config, "quant_description", None)
+    return desc if isinstance(desc, dict) else {}
+
+
+def _noop_loader(param, loaded_weight, *args, **kwargs):  # never called: vLLM-Ascend loads
+    raise AssertionError("parameters of the vLLM-Ascend adapter are loaded by vLLM-Ascend")
+
+
+class MsModelSlimW4A16Linear:
+    """vLLM-Ascend linear scheme for msModelSlim W4A16 (constructed with no arguments, one per layer)."""
+
+    quant_type = "W4A16"
+    _ptq_ascend_adapter = True
+
+    def __init__(self) -> None:
+        from vllm_ptq_ascend.msmodelslim import ModelSlimWeightOnly
+        from vllm_ptq_ascend.validation import CheckpointError
+
+        desc = _quant_description()
+        group_size = desc.get("group_size", 0)  # 0: per channel, as msModelSlim writes it
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0:
+            raise CheckpointError(
+                f"quant_model_description.json: 'group_size' must be an integer >= 0, found {group_size!r}"
+            )
+        self.version = str(desc.get("version", "0"))
+        self.scheme = ModelSlimWeightOnly(
+            "", num_bits=4, group_size=group_size, packed=self.version == "1.0.0"
+        )
+        self.scratch = torch.nn.Module()  # the msModelSlim tensors, as our scheme creates them
+        self.row_tp = 1  # >1: per-group scales loaded whole on a row-parallel rank, sliced after loading
+        self.inner = None
+
+    @property
+    def per_group(self) -> bool:
+        return self.scheme.group_size != -1
+
+    def get_weight(self, input_size: int, output_size: int, params_dtype: torch.dtype) -> dict[str, Any]:
+        self.scheme.create_weights(
+            self.scratch, input_size, input_size, [output_size], output_size, params_dtype, _noop_loader
+        )
+        w = self.scratch.weight
+        out = {"weight": w.data}
+        if self.scheme.packed:  # two int4 per int8 (msModelSlim 1.0.0), for vLLM's fused-shard offsets
+            out["_packed_dim"], out["_packed_factor"] = w.packed_dim, w.packed_factor
+        return out
+
+    def get_pertensor_param(self, params_dtype: torch.dtype, **kwargs: Any) -> dict[str, Any]:
+        return {}
+
+    def _scales(self) -> dict[str, Any]:
+        return {n: getattr(self.scratch, n).data for n in ("weight_scale", "weight_offset")}
+
+    def get_perchannel_param(self, output_size: int, params_dtype: torch.dtype) -> dict[str, Any]:
+        return {} if self.per_group else self._scales()
+
+    def get_pergroup_param(
+        self, input_size: int, output_size: int, params_dtype: torch.dtype, layer_type: str | None = None
+    ) -> dict[str, Any]:
+        if not self.per_group:
+            return {}
+        scales = self._scales()
+        if layer_type == "row":
+            from vllm.distributed import get_tensor_model_parallel_world_size
+
+            self.row_tp = get_tensor_model_parallel_world_size()
+            if self.row_tp > 1:  # vLLM's row loader does not split them (no input_dim): hold all groups
+                scales = {n: t.new_zeros(t.shape[0], t.shape[1] * self.row_tp) for n, t in scales.items()}
+        return scales
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        from vllm_ptq_ascend.msmodelslim import set_param
+        from vllm_ptq_ascend.schemes import int_weights
+        from vllm_ptq_ascend.validation import CheckpointError
+
+        s = self.scratch
+        name = getattr(layer, "prefix", "") or type(layer).__name__
+        self.scheme.layer_name, self.scheme.shards = name, [name]
+        out_f = s.output_size_per_partition
+        int_weights.setup_layer(
+            layer,
+            s.input_size_per_partition * self.row_tp,
+            s.input_size_per_partition,
+            list(getattr(layer, "output_partition_sizes", None) or [out_f]),
+            getattr(layer, "output_size", out_f),
+            s.params_dtype,
+        )
+        if self.row_tp > 1:  # keep this rank's groups, as the row loader kept its input columns
+            rank = getattr(layer, "tp_rank", 0)
+            cols = s.weight_scale.shape[1]
+            for n in ("weight_scale", "weight_offset"):
+                full = getattr(layer, n).data
+                if full.shape[1] != cols * self.row_tp:
+                    raise CheckpointError(
+                        f"{self.scheme.where(n)}: {full.shape[1]} groups, expected {cols * self.row_tp}"
+                    )
+                set_param(layer, n, full[:, rank * cols : (rank + 1) * cols].contiguous())
+        # vLLM-Ascend's loader tracks nothing; weight_offset starts at zero (symmetric if not in the file)
+        for n in ("weight", "weight_scale", "weight_offset"):
+            getattr(layer, n).ptq_loaded_shards = {None}
+        self.inner = self.scheme.translate(layer)
+        self.inner.validate_loaded(layer)
+        self.inner.prepare(layer)
+
+    def apply(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        tp_rank: int | None = 0,
+    ) -> torch.Tensor:
+        # bias: vLLM passes a row-parallel layer's bias on rank 0 only, so it is added as given
+        return self.inner.apply_weights(layer, x, bias)
+
+
+ADAPTERS = {(MsModelSlimW4A16Linear.quant_type, LAYER_TYPE): MsModelSlimW4A16Linear}
+
+
+def register_ascend_schemes() -> list[tuple[str, str]]:
+    """Add our adapters to vLLM-Ascend's registry for keys it has no scheme for; returns the keys added.
+
+    Does nothing without vLLM-Ascend, warns and skips if its registry API differs, and is
+    idempotent (a key that already holds our class is left as it is).
+    """
+    import importlib
+
+    try:
+        methods = importlib.import_module(METHODS_MODULE)
+    except ImportError as e:
+        logger.debug("vllm-ptq-ascend: vLLM-Ascend not importable (%s); no schemes registered with it", e)
+        return []
+    except Exception as e:  # vLLM-Ascend present but broken here: never break vLLM's start-up for it
+        logger.warning(
+            "vllm-ptq-ascend: importing %s failed (%r); no schemes registered with it", METHODS_MODULE, e
+        )
+        return []
+    missing = [n for n in REGISTRY_API if not callable(getattr(methods, n, None))]
+    if missing:
+        logger.warning(
+            "vllm-ptq-ascend: %s has no %s; not registering our linear schemes with vLLM-Ascend",
+            METHODS_MODULE,
+            ", ".join(missing),
+        )
+        return []
+    base = getattr(methods, "AscendLinearScheme", None)
+    added = []
+    for key, adapter in ADAPTERS.items():
+        existing = methods.get_scheme_class(*key)
+        if existing is not None:
+            if not getattr(existing, _PTQ_ADAPTER, False):
+                logger.info(
+                    "vllm-ptq-ascend: vLLM-Ascend already has %s for %s; leaving it", existing.__name__, key
+                )
+            continue
+        # a subclass of vLLM-Ascend's base too (its TP-switch mixin), where it has one
+        cls = type(adapter.__name__, (adapter, base), {}) if isinstance(base, type) else adapter
+        try:
+            methods.register_scheme(*key)(cls)
+        except ValueError as e:  # registered meanwhile
+            logger.info("vllm-ptq-ascend: not registering %s with vLLM-Ascend: %s", key, e)
+            continue
+        added.append(key)
+        logger.info("vllm-ptq-ascend: registered %s with vLLM-Ascend for %s", adapter.__name__, key)
+    return added
