@@ -13,7 +13,12 @@ from safetensors.torch import load_file
 
 from vllm_ptq_ascend.recipes.calibration import CalibrationSpec
 from vllm_ptq_ascend.recipes.presets import PRESETS, build_recipe, preset_yaml, yaml_path
-from vllm_ptq_ascend.recipes.quantize import check_recipe_fits_model, cpu_without_pinned_memory, quantize
+from vllm_ptq_ascend.recipes.quantize import (
+    check_recipe_fits_model,
+    cpu_without_pinned_memory,
+    quantize,
+    single_process_calibration,
+)
 
 SMALL_CALIB = CalibrationSpec(num_samples=8, max_seq_length=64)
 EXPECTED_PRESETS = {
@@ -144,14 +149,24 @@ def test_awq_needs_the_pinned_memory_workaround_on_cpu(tiny_model, tmp_path):
     data, _ = build_calibration(tiny_model, tok, CalibrationSpec(num_samples=4, max_seq_length=32), tmp_path)
     kw = dict(dataset=data, num_calibration_samples=4, max_seq_length=32)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="accelerator"):
+    with single_process_calibration(), pytest.raises(RuntimeError, match="accelerator"):
         oneshot(model=model, recipe=build_recipe("w4a16-awq"), **kw)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
-    with cpu_without_pinned_memory():
+    with single_process_calibration(), cpu_without_pinned_memory():
         oneshot(model=model, recipe=build_recipe("w4a16-awq"), **kw)
     from llmcompressor.pipelines.cache import IntermediatesCache
 
     assert IntermediatesCache.pin_memory.__name__ == "pin_memory"  # restored afterwards
+
+
+def test_awq_in_a_process_that_holds_a_process_group(vllm_dist, tiny_model, tmp_path):
+    """A vLLM engine started in-process leaves a torch.distributed group behind (vllm_dist sets one
+    up the same way); llmcompressor must still calibrate as one process."""
+    import torch.distributed as dist
+
+    assert dist.is_initialized()
+    out = quantize(tiny_model, tmp_path / "awq", "w4a16-awq", calibration=CalibrationSpec(num_samples=4, max_seq_length=32))
+    assert (out / "model.safetensors").is_file()
 
 
 def test_saved_recipe_yaml_reloads(preset_ckpts):

@@ -93,6 +93,24 @@ def cpu_without_pinned_memory():
         IntermediatesCache.pin_memory = pin
 
 
+@contextmanager
+def single_process_calibration():
+    """``quantize()`` calibrates in this one process. A process that also holds a torch.distributed
+    group (a vLLM engine started in-process does) would make llmcompressor all-reduce AWQ's
+    statistics over it as if it were a multi-rank run, which fails without an accelerator
+    ("'NoneType' object has no attribute 'type'"). compressed-tensors' ``as_single_threaded``
+    turns that off; a real multi-rank launch (torchrun) is left alone."""
+    import os
+
+    from compressed_tensors.offload import as_single_threaded
+
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        yield
+        return
+    with as_single_threaded():
+        yield
+
+
 def model_card(info: dict[str, Any]) -> str:
     """A short human-readable README for the checkpoint."""
     calib = info["calibration"]
@@ -170,7 +188,7 @@ def quantize(
     with atomic_directory(out_dir) as tmp:
         torch.manual_seed(calibration.seed if calibration else 0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-        with cpu_without_pinned_memory():
+        with cpu_without_pinned_memory(), single_process_calibration():
             oneshot(model=model, recipe=modifiers, **data_kwargs)
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)
