@@ -105,6 +105,15 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main() or 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from vllm_ptq_ascend.inspect_checkpoint import InspectUsageError, main
+
+    try:
+        return main(args.dir, as_json=args.json)
+    except InspectUsageError as e:
+        raise UsageError(str(e)) from None
+
+
 _UNSET = object()  # a flag the user did not give
 
 
@@ -159,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     rl.set_defaults(func=_recipes)
     d = sub.add_parser("demo", help="quantize the embedded SmolLM2-135M, serve it, compare with bf16")
     d.set_defaults(func=_demo)
+    i = sub.add_parser(
+        "inspect",
+        help="check a quantized checkpoint's tensors against its config, without starting vLLM",
+        description="Print each layer's scheme, tensors and problems. Exit 0 if clean, 1 on any problem.",
+    )
+    i.add_argument("dir", help="checkpoint directory (config.json or quant_model_description.json)")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.set_defaults(func=_inspect)
     return p
 
 

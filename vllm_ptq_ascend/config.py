@@ -26,6 +26,7 @@ from compressed_tensors.quantization import (
 from compressed_tensors.quantization import (
     QuantizationConfig as CTQuantizationConfig,
 )
+from pydantic import ValidationError
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
@@ -69,7 +70,9 @@ def _lift_group_actorder(config: dict[str, Any]) -> tuple[dict[str, Any], set[st
     we serve them from their ``weight_g_idx``, so take the flag out before validation."""
     lifted: set[str] = set()
     groups = {}
-    for name, group in (config.get("config_groups") or {}).items():
+    if not isinstance(config.get("config_groups"), dict):
+        return config, lifted  # compressed-tensors' validation reports it
+    for name, group in config["config_groups"].items():
         weights = group.get("weights") if isinstance(group, dict) else None
         if isinstance(weights, dict) and weights.get("actorder") in ("group", "dynamic"):
             group = {**group, "weights": {**weights, "actorder": None}}
@@ -167,6 +170,55 @@ def plan_group(
     )
 
 
+def _group_failing(config: dict[str, Any], error: type[Exception]) -> str:
+    """A prefix naming the first group whose validation raises ``error`` (config_groups['g']: ), or ''."""
+    from compressed_tensors.quantization import QuantizationScheme
+
+    groups = config.get("config_groups")
+    for name, group in (groups if isinstance(groups, dict) else {}).items():
+        try:
+            QuantizationScheme.model_validate(group)
+        except error:
+            return f"config_groups[{name!r}]: "
+        except Exception:
+            continue
+    return ""
+
+
+def parse_ct_config(config: dict[str, Any]) -> tuple[CTQuantizationConfig, dict[str, Any], set[str]]:
+    """(compressed-tensors config, the dict it was read from, groups with act-order g_idx)."""
+    config, g_idx_groups = _lift_group_actorder(config)
+    try:
+        ct = CTQuantizationConfig.model_validate({k: v for k, v in config.items() if k != QUANT_METHOD})
+    except Exception as e:  # pydantic's message lists each bad field
+        # compressed-tensors' own validators can fail on a field of the wrong type before
+        # pydantic checks it (a TypeError such as "'<' not supported between 'str' and 'int'")
+        why = e
+        if not isinstance(e, ValidationError):
+            why = f"{_group_failing(config, type(e))}a field has a value of the wrong type ({e})"
+        raise CheckpointError(
+            f"config.json: quantization_config is not valid compressed-tensors: {why}"
+        ) from e
+    return ct, config, g_idx_groups
+
+
+def plan_groups(
+    ct: CTQuantizationConfig, g_idx_groups: set[str], errors: list[CheckpointError] | None = None
+) -> dict[str, SchemePlan | None]:
+    """A plan per config group; raises on the first unsupported one, or (with ``errors``)
+    collects every error and leaves those groups out (``inspect`` reports them all)."""
+    plans = {}
+    for name, group in ct.config_groups.items():
+        fmt = getattr(group, "format", None) or ct.format
+        try:
+            plans[name] = plan_group(name, group.weights, group.input_activations, fmt, name in g_idx_groups)
+        except CheckpointError as e:
+            if errors is None:
+                raise
+            errors.append(e)
+    return plans
+
+
 def _args(a: QuantizationArgs) -> str:
     return a.model_dump_json(include={"num_bits", "type", "symmetric", "strategy", "group_size", "dynamic"})
 
@@ -215,20 +267,14 @@ class PtqAscendConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "PtqAscendConfig":
+        if not isinstance(config, dict):
+            raise CheckpointError(
+                f"config.json: quantization_config must be a JSON object, found {type(config).__name__}"
+            )
         if is_description(config):
             return cls(None, {}, config, ModelSlimDescription(config))
-        config, g_idx_groups = _lift_group_actorder(config)
-        try:
-            ct = CTQuantizationConfig.model_validate({k: v for k, v in config.items() if k != QUANT_METHOD})
-        except Exception as e:  # pydantic's message lists each bad field
-            raise CheckpointError(
-                f"config.json: quantization_config is not valid compressed-tensors: {e}"
-            ) from e
-        plans = {}
-        for name, group in ct.config_groups.items():
-            fmt = getattr(group, "format", None) or ct.format
-            plans[name] = plan_group(name, group.weights, group.input_activations, fmt, name in g_idx_groups)
-        return cls(ct, plans, config)
+        ct, config, g_idx_groups = parse_ct_config(config)
+        return cls(ct, plan_groups(ct, g_idx_groups), config)
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):

@@ -71,7 +71,7 @@ from vllm.model_executor.parameter import (
 )
 
 from vllm_ptq_ascend.schemes import PtqScheme, W8A8Int8Scheme, WNA16Scheme, int_weights
-from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, require_loaded
+from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec, require_loaded
 
 DESCRIPTION_FILE = "quant_model_description.json"
 WHERE = DESCRIPTION_FILE
@@ -124,6 +124,8 @@ class ModelSlimDescription:
         self.group_size = gs
         self.labels: dict[str, str] = {}
         for key, label in config.items():
+            if not isinstance(key, str):
+                raise CheckpointError(f"{WHERE}: keys must be tensor names (strings), found {key!r}")
             if key in META_KEYS or not key.endswith(".weight"):
                 continue
             if not isinstance(label, str) or label not in (*SERVED, *NOT_YET, *OTHER):
@@ -261,6 +263,13 @@ class ModelSlimW8A8Dynamic(_ModelSlimScheme):
     label = "W8A8_DYNAMIC"
     tensor_names = ("weight", "weight_scale")
 
+    def checkpoint_tensors(self, out_features, in_features):
+        channel = ((out_features, 1),)
+        return int_weights.int8_weight_spec(out_features, in_features) | {
+            "weight_scale": TensorSpec(FLOAT_DTYPES, channel, scale=True),
+            "weight_offset": TensorSpec(FLOAT_DTYPES, channel, required=False),
+        }
+
     def create_weights(
         self,
         layer,
@@ -292,6 +301,18 @@ class ModelSlimW8A8Dynamic(_ModelSlimScheme):
 class ModelSlimW8A8(_ModelSlimScheme):
     label = "W8A8"
     tensor_names = ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias")
+
+    def checkpoint_tensors(self, out_features, in_features):
+        channel, per_tensor = ((out_features, 1),), ((1,), ())
+        return int_weights.int8_weight_spec(out_features, in_features) | {
+            "input_scale": TensorSpec(FLOAT_DTYPES, per_tensor, scale=True),
+            "input_offset": TensorSpec((*FLOAT_DTYPES, torch.int8, torch.int32), per_tensor),
+            # int64: float32 bit patterns (int64_bits_as_float32)
+            "deq_scale": TensorSpec((*FLOAT_DTYPES, torch.int64), ((out_features,),), scale=True),
+            "quant_bias": TensorSpec((torch.int32,), ((out_features,),)),
+            "weight_scale": TensorSpec(FLOAT_DTYPES, channel, required=False, scale=True),
+            "weight_offset": TensorSpec(FLOAT_DTYPES, channel, required=False),
+        }
 
     def create_weights(
         self,
@@ -399,6 +420,22 @@ class ModelSlimWeightOnly(_ModelSlimScheme):
         self.group_size = group_size or -1
         self.packed = packed
         self.label = f"W{num_bits}A16"
+
+    def packed_dim(self) -> int | None:
+        """Dim holding two int4 per int8 (None: one value per int8)."""
+        return (0 if self.group_size != -1 else 1) if self.packed else None
+
+    def checkpoint_tensors(self, out_features, in_features):
+        shape = [out_features, in_features]
+        if self.packed_dim() is not None:
+            shape[self.packed_dim()] //= 2
+        n_groups, _ = int_weights.group_layout(self, self.group_size, in_features, in_features)
+        groups = ((out_features, n_groups),)
+        return {
+            "weight": TensorSpec((torch.int8,), (tuple(shape),)),
+            "weight_scale": TensorSpec(FLOAT_DTYPES, groups, scale=True),
+            "weight_offset": TensorSpec(FLOAT_DTYPES, groups, required=False),
+        }
 
     def create_weights(
         self,

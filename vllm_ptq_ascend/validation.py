@@ -8,6 +8,7 @@ Every parameter our schemes create is loaded through :func:`checked_loader`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -18,6 +19,33 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 class CheckpointError(ValueError):
     """A checkpoint does not match what its quantization config promises."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a scheme expects of one checkpoint tensor of one (unfused) layer.
+
+    The schemes' ``checkpoint_tensors`` return these; ``inspect`` checks headers against
+    them without building the layer. ``shapes``: accepted shapes (None: any);
+    ``scale``: values must be finite and > 0 (:func:`require_positive_finite`).
+    """
+
+    dtypes: tuple[torch.dtype, ...]
+    shapes: tuple[tuple[int, ...], ...] | None = None
+    required: bool = True
+    scale: bool = False
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_problem(dtype: torch.dtype, allowed: Iterable[torch.dtype]) -> str | None:
+    """'dtype X, expected one of: ...' when ``dtype`` is not allowed (the loaders' wording)."""
+    allowed = tuple(allowed)
+    if dtype in allowed:
+        return None
+    return f"dtype {dtype_name(dtype)}, expected one of: {', '.join(dtype_name(d) for d in allowed)}"
 
 
 def tensor_file_index(model_dir: str | Path) -> dict[str, str]:
@@ -65,12 +93,9 @@ def checked_loader(
     def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs):
         shard = args[0] if args else kwargs.get("loaded_shard_id")
         at = where(files, layer_name, tensor, shards)
-        if loaded_weight.dtype not in allowed:
-            names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
-            raise CheckpointError(
-                f"{at}{'' if shard is None else f' (shard {shard})'}: dtype "
-                f"{str(loaded_weight.dtype).removeprefix('torch.')}, expected one of: {names}"
-            )
+        bad_dtype = dtype_problem(loaded_weight.dtype, allowed)
+        if bad_dtype:
+            raise CheckpointError(f"{at}{'' if shard is None else f' (shard {shard})'}: {bad_dtype}")
         try:
             result = inner(param, loaded_weight, *args, **kwargs)
         except (AssertionError, RuntimeError, IndexError) as e:

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from vllm_ptq_ascend.kernels import KernelBackend, get_backend
-from vllm_ptq_ascend.validation import FLOAT_DTYPES, checked_loader, require_loaded, where
+from vllm_ptq_ascend.validation import FLOAT_DTYPES, TensorSpec, checked_loader, require_loaded, where
 
 # dtypes a checkpoint tensor of each role may arrive in.
 SCALE_DTYPES = FLOAT_DTYPES
@@ -83,6 +83,11 @@ class PtqScheme(ABC):
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """The layer's forward pass."""
+
+    def checkpoint_tensors(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        """The tensors one unfused checkpoint layer (a shard) of this size must hold, by name
+        (``inspect`` checks headers against them; mirrors what ``create_weights`` registers)."""
+        raise NotImplementedError
 
     @abstractmethod
     def describe(self) -> str:

@@ -23,7 +23,7 @@ from vllm.model_executor.parameter import (
 )
 
 from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, PtqScheme
-from vllm_ptq_ascend.validation import CheckpointError, require_positive_finite
+from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, require_positive_finite
 
 
 def setup_layer(
@@ -69,6 +69,29 @@ def group_layout(
     partition_groups = not (has_g_idx and row_parallel) and group_size != -1
     n_groups = (input_size_per_partition if partition_groups else input_size) // size
     return n_groups, partition_groups
+
+
+def packed_weight_spec(num_bits: int, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+    """``weight_packed`` and ``weight_shape`` as :func:`register_packed_weight` and
+    :func:`register_weight_shape` create them (one unfused layer, no tensor parallelism)."""
+    return {
+        "weight_packed": TensorSpec(
+            (torch.int32,), ((out_features, math.ceil(in_features * num_bits / 32)),)
+        ),
+        "weight_shape": TensorSpec((torch.int64, torch.int32), ((2,),)),
+    }
+
+
+def int8_weight_spec(out_features: int, in_features: int) -> dict[str, TensorSpec]:
+    return {"weight": TensorSpec((torch.int8,), ((out_features, in_features),))}
+
+
+def group_scale_spec(
+    scheme: PtqScheme, group_size: int, out_features: int, in_features: int, has_g_idx: bool = False
+) -> dict[str, TensorSpec]:
+    """``weight_scale`` [out, groups]; raises (as create_weights does) if the group size does not divide."""
+    n_groups, _ = group_layout(scheme, group_size, in_features, in_features, has_g_idx)
+    return {"weight_scale": TensorSpec(SCALE_DTYPES, ((out_features, n_groups),), scale=True)}
 
 
 def register_packed_weight(

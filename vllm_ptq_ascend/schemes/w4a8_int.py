@@ -40,6 +40,14 @@ class W4A8IntScheme(PtqScheme):
         fmt = "pack-quantized" if self.packed else "int-quantized"
         return f"W4A8 int (int4 symmetric {groups} weights, {fmt}; int8 dynamic per-token activations)"
 
+    def checkpoint_tensors(self, out_features, in_features):
+        weight = (
+            int_weights.packed_weight_spec(NUM_BITS, out_features, in_features)
+            if self.packed
+            else int_weights.int8_weight_spec(out_features, in_features)
+        )
+        return weight | int_weights.group_scale_spec(self, self.spec.group_size, out_features, in_features)
+
     def create_weights(
         self,
         layer,

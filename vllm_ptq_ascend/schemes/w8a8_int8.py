@@ -13,7 +13,7 @@ from vllm.model_executor.parameter import ChannelQuantScaleParameter, PerTensorS
 from vllm_ptq_ascend.kernels import Int8LinearSpec
 from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, PtqScheme
-from vllm_ptq_ascend.validation import require_positive_finite
+from vllm_ptq_ascend.validation import TensorSpec, require_positive_finite
 
 
 class W8A8Int8Scheme(PtqScheme):
@@ -45,6 +45,18 @@ class W8A8Int8Scheme(PtqScheme):
         )
         weights = "per-channel" if s.weight_per_channel else "per-tensor"
         return f"W8A8 int8 ({weights} weights, {acts} activations)"
+
+    def checkpoint_tensors(self, out_features, in_features):
+        per_tensor = ((1,), ())
+        specs = int_weights.int8_weight_spec(out_features, in_features)
+        specs["weight_scale"] = TensorSpec(
+            SCALE_DTYPES, ((out_features, 1),) if self.spec.weight_per_channel else per_tensor, scale=True
+        )
+        if self.spec.static_input:
+            specs["input_scale"] = TensorSpec(SCALE_DTYPES, per_tensor, scale=True)
+            if not self.spec.input_symmetric:
+                specs["input_zero_point"] = TensorSpec((torch.int8, torch.int32), per_tensor)
+        return specs
 
     def create_weights(
         self,

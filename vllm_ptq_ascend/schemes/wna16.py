@@ -22,7 +22,7 @@ from vllm.model_executor.parameter import (
 from vllm_ptq_ascend.kernels import WeightOnlySpec
 from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.base import PtqScheme
-from vllm_ptq_ascend.validation import CheckpointError
+from vllm_ptq_ascend.validation import CheckpointError, TensorSpec
 
 SUPPORTED_BITS = (4, 8)
 
@@ -63,6 +63,18 @@ class WNA16Scheme(PtqScheme):
         groups = "per-channel" if s.group_size == -1 else f"group {s.group_size}"
         extras = ("symmetric" if s.symmetric else "zero points") + (", act-order" if s.has_g_idx else "")
         return f"W{s.num_bits}A16 ({groups}, {extras})"
+
+    def checkpoint_tensors(self, out_features, in_features):
+        s = self.spec
+        specs = int_weights.packed_weight_spec(s.num_bits, out_features, in_features)
+        specs |= int_weights.group_scale_spec(self, s.group_size, out_features, in_features, s.has_g_idx)
+        n_groups = specs["weight_scale"].shapes[0][1]
+        if not s.symmetric:
+            zp_rows = math.ceil(out_features * s.num_bits / 32)
+            specs["weight_zero_point"] = TensorSpec((torch.int32,), ((zp_rows, n_groups),))
+        if s.has_g_idx:
+            specs["weight_g_idx"] = TensorSpec((torch.int32,), ((in_features,),))
+        return specs
 
     def create_weights(
         self,
