@@ -165,7 +165,12 @@ def test_awq_in_a_process_that_holds_a_process_group(vllm_dist, tiny_model, tmp_
     import torch.distributed as dist
 
     assert dist.is_initialized()
-    out = quantize(tiny_model, tmp_path / "awq", "w4a16-awq", calibration=CalibrationSpec(num_samples=4, max_seq_length=32))
+    out = quantize(
+        tiny_model,
+        tmp_path / "awq",
+        "w4a16-awq",
+        calibration=CalibrationSpec(num_samples=4, max_seq_length=32),
+    )
     assert (out / "model.safetensors").is_file()
 
 
