@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -60,7 +61,7 @@ def remove_stale_partials(dest: str | Path) -> list[Path]:
     removed = []
     if not dest.parent.is_dir():
         return removed
-    for path in dest.parent.glob(f"{glob_escape(_prefix(dest))}*"):
+    for path in dest.parent.glob(f"{glob.escape(_prefix(dest))}*"):
         tag = path.name[len(_prefix(dest)) :]
         m = _OWNER.search(tag)
         if not (path.is_dir() and m and tag[: m.start()] + "-" == host):
@@ -69,10 +70,6 @@ def remove_stale_partials(dest: str | Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 @contextmanager
