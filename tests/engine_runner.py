@@ -72,16 +72,17 @@ def main() -> None:
     for job in jobs:
         try:
             results.append(run_job(job))
+            continue
         except Exception as e:  # reported per job; the test decides
             results.append({"error": f"{type(e).__name__}: {e}"})
-            # a failed start leaves vLLM's process groups half set up: tear them down
-            from vllm.distributed.parallel_state import (
-                destroy_distributed_environment,
-                destroy_model_parallel,
-            )
+        # The failed engine lives on in the exception's traceback, which is freed only here; collect
+        # it now, or its shutdown would run during the next job and tear down that job's groups.
+        gc.collect()
+        # a failed start leaves vLLM's process groups half set up: tear them down
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
-            destroy_model_parallel()
-            destroy_distributed_environment()
+        destroy_model_parallel()
+        destroy_distributed_environment()
     print("\n" + json.dumps({"results": results}))
 
 
