@@ -1,11 +1,9 @@
-"""`vllm-ptq-ascend` command line: quantize a model, list the recipes, run the demo.
-
-Evaluation, benchmarking and inspection subcommands arrive with their issues.
-"""
+"""`vllm-ptq-ascend` command line: quantize, evaluate, benchmark, report, inspect."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -114,6 +112,95 @@ def _inspect(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
 
 
+def _model_specs(specs: list[str]) -> list[tuple[str, str | None]]:
+    """MODEL arguments: a directory, or NAME=DIR to choose its name in the tables."""
+    models = []
+    for spec in specs:
+        name, path = (None, spec)
+        if not Path(spec).is_dir() and "=" in spec:
+            name, path = spec.split("=", 1)
+        if not (Path(path) / "config.json").is_file():
+            raise UsageError(f"{path}: not a model directory (no config.json)")
+        models.append((path, name))
+    return models
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _write_report(results_dir: str) -> None:
+    from vllm_ptq_ascend.eval.report import write_report
+
+    print(f"report: {write_report(results_dir)}")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep progress bars and our lines readable
+    from vllm_ptq_ascend.eval.results import ResultsError
+    from vllm_ptq_ascend.eval.runner import EvalConfig, evaluate
+    from vllm_ptq_ascend.eval.sandbox import SandboxLimits
+
+    models = _model_specs(args.models)
+    for flag in ("limit", "max_tokens", "chunk"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    config = EvalConfig(
+        tasks=_csv(args.tasks),
+        modes=_csv(args.modes) if args.modes else None,
+        limit=args.limit,
+        max_tokens=args.max_tokens,
+        chunk=args.chunk or 16,
+        max_model_len=args.max_model_len,
+        sandbox=SandboxLimits(timeout_s=args.timeout),
+    )
+    try:
+        evaluate(models, args.results, config)
+    except (ValueError, ResultsError) as e:
+        raise UsageError(str(e)) from None
+    if not args.no_report:
+        _write_report(args.results)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from vllm_ptq_ascend.eval.bench import BenchConfig, bench
+
+    models = _model_specs(args.models)
+    for flag in ("batch", "prompt_len", "gen_len", "requests", "concurrency"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    config = BenchConfig(
+        batch=args.batch,
+        prompt_len=args.prompt_len,
+        gen_len=args.gen_len,
+        serve=not args.no_serve,
+        serve_requests=args.requests,
+        serve_concurrency=args.concurrency,
+        profile=not args.no_profile,
+        max_model_len=max(args.max_model_len, args.prompt_len + args.gen_len),
+    )
+    try:
+        bench(models, args.results, config, stock=args.stock)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not args.no_report:
+        _write_report(args.results)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from vllm_ptq_ascend.eval.results import ResultsError
+
+    try:
+        _write_report(args.results)
+    except ResultsError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
 _UNSET = object()  # a flag the user did not give
 
 
@@ -176,6 +263,53 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir", help="checkpoint directory (config.json or quant_model_description.json)")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.set_defaults(func=_inspect)
+
+    models_help = "model directories (NAME=DIR names one in the tables); the first is the baseline"
+    e = sub.add_parser(
+        "eval",
+        help="accuracy of a baseline and quantized checkpoints per chain-of-thought mode",
+        description="Perplexity and KL vs the baseline on held-out shipped text; GSM8K and HumanEval "
+        "(sandboxed) per chain-of-thought mode; HellaSwag by log-likelihood. Resumable: finished items "
+        "are kept in RESULTS/items and not redone.",
+    )
+    e.add_argument("models", nargs="+", help=models_help)
+    e.add_argument("--results", required=True, help="results directory (created; reused to resume)")
+    e.add_argument("--tasks", default="gsm8k,humaneval,hellaswag", help="comma-separated tasks")
+    e.add_argument("--modes", help="comma-separated CoT modes (default: every mode of the model's family)")
+    e.add_argument("--limit", type=int, help="first N items of each task (default: all shipped)")
+    e.add_argument("--max-tokens", type=int, help="generation budget (default: per mode, eval/tasks.yaml)")
+    e.add_argument("--chunk", type=int, help="items per batch, the unit saved for resuming (default 16)")
+    e.add_argument("--max-model-len", type=int, default=4096, help="vLLM max_model_len (default 4096)")
+    e.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval program (default 10)")
+    e.add_argument("--no-report", action="store_true", help="do not rewrite RESULTS/report.md")
+    e.set_defaults(func=_eval)
+
+    b = sub.add_parser(
+        "bench",
+        help="prefill/decode throughput, TTFT, memory and activation-quantization cost",
+        description="Each model in a fresh process: offline throughput and latency, streamed requests "
+        "against `vllm serve` on 127.0.0.1, memory (weights, KV cache, peak RSS), and the share of linear "
+        "time spent quantizing activations (torch.profiler).",
+    )
+    b.add_argument("models", nargs="+", help="model directories (NAME=DIR names one in the tables)")
+    b.add_argument("--results", required=True, help="results directory")
+    b.add_argument("--batch", type=int, default=8, help="prompts per offline batch (default 8)")
+    b.add_argument("--prompt-len", type=int, default=256, help="prompt tokens (default 256)")
+    b.add_argument("--gen-len", type=int, default=64, help="generated tokens (default 64)")
+    b.add_argument("--requests", type=int, default=8, help="streamed requests to the server (default 8)")
+    b.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    b.add_argument("--max-model-len", type=int, default=2048, help="vLLM max_model_len (default 2048)")
+    b.add_argument("--stock", action="store_true", help="also measure stock vLLM on each checkpoint")
+    b.add_argument("--no-serve", action="store_true", help="skip the `vllm serve` measurement")
+    b.add_argument("--no-profile", action="store_true", help="skip the profiler run")
+    b.add_argument("--no-report", action="store_true", help="do not rewrite RESULTS/report.md")
+    b.set_defaults(func=_bench)
+
+    rp = sub.add_parser(
+        "report", help="write RESULTS/report.md, plots and results.json from eval/bench results"
+    )
+    rp.add_argument("results", help="results directory")
+    rp.set_defaults(func=_report)
     return p
 
 
