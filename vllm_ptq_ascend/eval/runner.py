@@ -92,15 +92,20 @@ def read_records(path: Path) -> dict[str, dict]:
 
 
 def append_records(path: Path, records: list[dict]) -> None:
+    """Append records, one JSON line each; a torn last line (killed mid-write) is cut off first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    with path.open("a+", encoding="utf-8") as f:
-        f.seek(0, 2)
-        if f.tell():  # a torn last line from a killed run: start on a fresh line
-            f.seek(f.tell() - 1)
-            if f.read(1) != "\n":
-                f.write("\n")
-        f.write(text)
+    data = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
+    with path.open("ab+") as f:
+        size = f.seek(0, 2)
+        if size:
+            f.seek(max(size - 65536, 0))
+            tail = f.read()
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                if cut < 0 and size > len(tail):
+                    raise ResultsError(f"{path}: last line is over 64 KiB and unterminated")
+                f.truncate(size - len(tail) + cut + 1)
+        f.write(data)
         f.flush()
 
 
@@ -145,6 +150,7 @@ class Engine:
         self.family = detect_family(info.path, self.tokenizer)
         self.renderer = Renderer(self.tokenizer, self.family)
         self.quantization = self.llm.llm_engine.vllm_config.model_config.quantization
+        self.max_model_len = self.llm.llm_engine.vllm_config.model_config.max_model_len
 
     def close(self) -> None:
         del self.llm
@@ -161,15 +167,18 @@ class Engine:
             for out in outs
         ]
 
-    def generate(self, prompts: list[str], max_tokens: int) -> list[dict]:
+    def generate(self, prompts: list[str], max_tokens: int, item_ids: list[str]) -> list[dict]:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        ids = [
-            {"prompt_token_ids": self.renderer.encode(p, templated=self.renderer.has_template)}
-            for p in prompts
-        ]
-        outs = self.llm.generate(ids, params, use_tqdm=False)
+        ids = [self.renderer.encode(p, templated=self.renderer.has_template) for p in prompts]
+        for item_id, prompt_ids in zip(item_ids, ids):
+            if len(prompt_ids) + max_tokens > self.max_model_len:
+                raise ValueError(
+                    f"item {item_id}: prompt of {len(prompt_ids)} tokens + budget of {max_tokens} exceeds "
+                    f"max_model_len {self.max_model_len}; raise --max-model-len or lower --max-tokens"
+                )
+        outs = self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
         return [
             {
                 "output": o.outputs[0].text,
@@ -192,7 +201,8 @@ def _text_logprobs(engine: Engine, results_dir: Path, info: ModelInfo, config: E
     texts = held_out_texts()
     todo = [i for i in range(len(texts)) if str(i) not in done]
     if todo:
-        ids = [list(engine.tokenizer(texts[i])["input_ids"]) for i in todo]
+        # texts longer than the context are cut (the engine needs one position to generate)
+        ids = [list(engine.tokenizer(texts[i])["input_ids"])[: engine.max_model_len - 1] for i in todo]
         lps = engine.prompt_logprobs(ids, config.kl_top_k)
         append_records(
             path,
@@ -239,7 +249,7 @@ def _run_generative(engine, results_dir, info, config, mode, task) -> dict:
         prompts = [
             engine.renderer.prompt([{"role": "user", "content": user_message(it)}], mode) for it in chunk
         ]
-        replies = engine.generate(prompts, budget)
+        replies = engine.generate(prompts, budget, [it.item_id for it in chunk])
         records = (
             [_score(it, rep, config) for it, rep in zip(chunk, replies)]
             if task == "gsm8k"
