@@ -33,6 +33,6 @@ for p in "${PRESETS[@]}"; do
   fi
   MODELS+=("$name=$dir")
 done
-$CLI eval "${MODELS[@]}" --results "$OUT" --chunk 32 --no-report
+$CLI eval "${MODELS[@]}" --results "$OUT" --limit gsm8k=50,humaneval=50 --chunk 50 --no-report
 $CLI bench "${MODELS[@]}" --results "$OUT" --stock --no-report
 $CLI report "$OUT"

@@ -186,6 +186,8 @@ def test_describe_msmodelslim_checkpoint(tiny_model, tmp_path):
         (["eval", "NOTADIR", "--results", "R"], "not a model directory"),
         (["eval", "MODEL", "--results", "R", "--limit", "0"], "--limit must be >= 1"),
         (["eval", "MODEL", "--results", "R", "--tasks", "mmlu"], "unknown tasks"),
+        (["eval", "MODEL", "--results", "R", "--limit", "mmlu=3"], "unknown tasks"),
+        (["eval", "MODEL", "--results", "R", "--limit", "gsm8k=x"], "--limit must be >= 1"),
         (["eval", "MODEL", "MODEL", "--results", "R"], "share the name"),
         (["bench", "MODEL", "--results", "R", "--batch", "0"], "--batch must be >= 1"),
         (["report", "NOWHERE"], "no such results directory"),
@@ -367,3 +369,43 @@ def test_a_prompt_that_does_not_fit_is_a_clear_error(tiny_model, tmp_path):
     assert "exceeds max_model_len 128; raise --max-model-len or lower --max-tokens" in proc.stderr
     assert "gsm8k-test-0013" in proc.stderr  # the item at fault
     assert not (tmp_path / "r" / "eval" / "bf16.json").exists()
+
+
+@pytest.mark.engine
+def test_every_mode_of_a_hybrid_thinking_model_is_evaluated(tiny_model, tmp_path):
+    """A Qwen3-style template (enable_thinking): slow_think and no_think each get their own results."""
+    import shutil
+
+    from test_calibration import QWEN3_TEMPLATE
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "qwen3-like"
+    shutil.copytree(tiny_model, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = QWEN3_TEMPLATE
+    tok.save_pretrained(model)
+    results = tmp_path / "r"
+    proc = run_cli(
+        "eval",
+        f"q3={model}",
+        "--results",
+        str(results),
+        "--tasks",
+        "gsm8k",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "8",
+        "--max-model-len",
+        "1024",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((results / "eval" / "q3.json").read_text())
+    assert summary["family"] == "qwen3" and set(summary["modes"]) == {"slow_think", "no_think"}
+    slow = read_records(results / "items" / "q3" / "slow_think" / "gsm8k.jsonl")
+    fast = read_records(results / "items" / "q3" / "no_think" / "gsm8k.jsonl")
+    assert slow.keys() == fast.keys() and len(slow) == 2
+    for item_id in slow:  # no_think's prompt carries the empty "<think>\n\n</think>\n\n" block
+        assert fast[item_id]["prompt_tokens"] > slow[item_id]["prompt_tokens"]
+    report = (results / "report.md").read_text()
+    assert "slow_think" in report and "no_think" in report

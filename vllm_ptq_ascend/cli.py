@@ -125,6 +125,27 @@ def _model_specs(specs: list[str]) -> list[tuple[str, str | None]]:
     return models
 
 
+def _limit(text: str) -> int | tuple[tuple[str, int], ...]:
+    """--limit N (every task) or --limit gsm8k=50,humaneval=50 (tasks not named: all items)."""
+
+    def count(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UsageError(f"--limit must be >= 1 (or TASK=N,...), got {text!r}")
+        return n
+
+    if "=" not in text:
+        return count(text)
+    pairs = []
+    for part in _csv(text):
+        task, _, value = part.partition("=")
+        pairs.append((task.strip(), count(value)))
+    return tuple(pairs)
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
@@ -142,14 +163,15 @@ def _eval(args: argparse.Namespace) -> int:
     from vllm_ptq_ascend.eval.sandbox import SandboxLimits
 
     models = _model_specs(args.models)
-    for flag in ("limit", "max_tokens", "chunk"):
+    limit = _limit(args.limit) if args.limit is not None else None
+    for flag in ("max_tokens", "chunk"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     config = EvalConfig(
         tasks=_csv(args.tasks),
         modes=_csv(args.modes) if args.modes else None,
-        limit=args.limit,
+        limit=limit,
         max_tokens=args.max_tokens,
         chunk=args.chunk or 16,
         max_model_len=args.max_model_len,
@@ -276,7 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--results", required=True, help="results directory (created; reused to resume)")
     e.add_argument("--tasks", default="gsm8k,humaneval,hellaswag", help="comma-separated tasks")
     e.add_argument("--modes", help="comma-separated CoT modes (default: every mode of the model's family)")
-    e.add_argument("--limit", type=int, help="first N items of each task (default: all shipped)")
+    e.add_argument(
+        "--limit",
+        help="first N items of each task, or per task: gsm8k=50,humaneval=50 (default: all shipped)",
+    )
     e.add_argument("--max-tokens", type=int, help="generation budget (default: per mode, eval/tasks.yaml)")
     e.add_argument("--chunk", type=int, help="items per batch, the unit saved for resuming (default 16)")
     e.add_argument("--max-model-len", type=int, default=4096, help="vLLM max_model_len (default 4096)")

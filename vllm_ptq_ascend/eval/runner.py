@@ -48,7 +48,7 @@ TEXT_MODE = "text"  # items/<model>/text/: per-text logprobs behind perplexity a
 class EvalConfig:
     tasks: tuple[str, ...] = ALL_TASKS
     modes: tuple[str, ...] | None = None  # None: every mode of the model's family
-    limit: int | None = None  # items per task (the first N shipped)
+    limit: int | tuple[tuple[str, int], ...] | None = None  # first N items: of every task, or per task
     max_tokens: int | None = None  # overrides tasks.yaml's budgets
     dtype: str = "bfloat16"
     max_model_len: int = 4096
@@ -56,11 +56,27 @@ class EvalConfig:
     kl_top_k: int = 20
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
 
+    def limit_for(self, task: str) -> int | None:
+        if isinstance(self.limit, tuple):
+            return dict(self.limit).get(task)
+        return self.limit
+
     def fingerprint(self) -> dict:
-        """What makes two runs' items comparable (chunk size and sandbox limits do not)."""
+        """The settings an item's record depends on: records made under others are not mixed in.
+
+        Which tasks, modes and how many items a run covers do not change a record, so a run may
+        add tasks, modes or items to the records of an earlier one.
+        """
         d = asdict(self)
-        for k in ("chunk", "sandbox"):
+        for k in ("chunk", "sandbox", "tasks", "modes", "limit"):
             d.pop(k)
+        return d
+
+    def describe(self) -> dict:
+        """Everything, for the summary file."""
+        d = asdict(self)
+        d.pop("sandbox")
+        d["limit"] = dict(self.limit) if isinstance(self.limit, tuple) else self.limit
         d["tasks"], d["modes"] = list(self.tasks), list(self.modes) if self.modes else None
         return d
 
@@ -184,8 +200,9 @@ class Engine:
                 "output": o.outputs[0].text,
                 "token_ids": list(o.outputs[0].token_ids),
                 "finished": o.outputs[0].finish_reason != "length",
+                "prompt_tokens": len(i),
             }
-            for o in outs
+            for o, i in zip(outs, ids)
         ]
 
 
@@ -237,7 +254,7 @@ def _perplexity_and_kl(
 
 def _run_generative(engine, results_dir, info, config, mode, task) -> dict:
     mode_spec = engine.family["modes"][mode]
-    items = load_items(task, config.limit)
+    items = load_items(task, config.limit_for(task))
     path = items_path(results_dir, info.name, mode, task)
     done = read_records(path)
     todo = [it for it in items if it.item_id not in done]
@@ -267,6 +284,7 @@ def _base_record(item: EvalItem, reply: dict) -> dict:
     return {
         "id": item.item_id,
         "output": reply["output"],
+        "prompt_tokens": reply["prompt_tokens"],
         "output_tokens": len(ids),
         "finished": reply["finished"],
         "collapsed": metrics.looks_collapsed(ids, reply["finished"]),
@@ -302,7 +320,7 @@ def _summarize_generative(task: str, records: list[dict]) -> dict:
 
 
 def _run_hellaswag(engine, results_dir, info, config) -> dict:
-    items = load_items("hellaswag", config.limit)
+    items = load_items("hellaswag", config.limit_for("hellaswag"))
     path = items_path(results_dir, info.name, LOGLIK_MODE, "hellaswag")
     done = read_records(path)
     todo = [it for it in items if it.item_id not in done]
@@ -410,7 +428,7 @@ def evaluate_model(info: ModelInfo, results_dir: Path, config: EvalConfig, basel
         "family": family,
         "machine": _machine(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": config.fingerprint(),
+        "config": config.describe(),
         "perplexity": ppl,
         "kl": kl,
         "modes": results,
@@ -424,7 +442,8 @@ def evaluate(
     models: list[tuple[str, str | None]], results_dir: str | Path, config: EvalConfig, log=print
 ) -> list[Path]:
     """Evaluate ``models`` [(path, name or None)]; the first is the baseline."""
-    unknown = [t for t in config.tasks if t not in ALL_TASKS]
+    limited = [t for t, _ in config.limit] if isinstance(config.limit, tuple) else []
+    unknown = [t for t in (*config.tasks, *limited) if t not in ALL_TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; tasks: {', '.join(ALL_TASKS)}")
     infos = [describe_model(p, n, config.dtype) for p, n in models]
