@@ -21,9 +21,10 @@ import vllm_ascend_stub
 from npu_helpers import use_npu_emulation
 
 from vllm_ptq_ascend import plugin
-from vllm_ptq_ascend.ascend import MsModelSlimW4A16Linear
+from vllm_ptq_ascend.ascend import MsModelSlimW4A8DynamicLinear, MsModelSlimW4A16Linear
 
 KEY = ("W4A16", "linear")
+W4A8_KEY = ("W4A8_DYNAMIC", "linear")
 
 
 @pytest.fixture
@@ -34,28 +35,45 @@ def stub(monkeypatch):
 def test_keys_added_once(stub):
     plugin.register()
     plugin.register()
-    assert set(stub._SCHEME_REGISTRY) == {KEY}  # W4A8_DYNAMIC is not registered yet (see ascend.py)
-    cls = stub.get_scheme_class(*KEY)
-    assert issubclass(cls, MsModelSlimW4A16Linear) and issubclass(cls, vllm_ascend_stub.AscendLinearScheme)
+    assert set(stub._SCHEME_REGISTRY) == {KEY, W4A8_KEY}
+    for key, adapter in ((KEY, MsModelSlimW4A16Linear), (W4A8_KEY, MsModelSlimW4A8DynamicLinear)):
+        cls = stub.get_scheme_class(*key)
+        assert issubclass(cls, adapter) and issubclass(cls, vllm_ascend_stub.AscendLinearScheme)
 
 
 def test_existing_key_is_left_alone(stub, caplog):
     class TheirW4A16:
         pass
 
+    class TheirW4A8:
+        pass
+
     stub.register_scheme(*KEY)(TheirW4A16)
+    stub.register_scheme(*W4A8_KEY)(TheirW4A8)
     with caplog.at_level(logging.INFO, logger="vllm_ptq_ascend.ascend"):
         plugin.register()
-    assert stub._SCHEME_REGISTRY == {KEY: TheirW4A16}
-    assert "already has TheirW4A16" in caplog.text
+    assert stub._SCHEME_REGISTRY == {KEY: TheirW4A16, W4A8_KEY: TheirW4A8}
+    assert "already has TheirW4A16" in caplog.text and "already has TheirW4A8" in caplog.text
+
+
+def test_w4a8_key_added_when_only_w4a16_is_taken(stub):
+    class TheirW4A16:
+        pass
+
+    stub.register_scheme(*KEY)(TheirW4A16)
+    plugin.register()
+    plugin.register()
+    assert stub._SCHEME_REGISTRY[KEY] is TheirW4A16
+    assert issubclass(stub.get_scheme_class(*W4A8_KEY), MsModelSlimW4A8DynamicLinear)
 
 
 def test_duplicate_raised_by_register_scheme_is_caught(stub, caplog, monkeypatch):
     monkeypatch.setattr(stub, "get_scheme_class", lambda *k: None)  # the key appears between check and add
-    stub._SCHEME_REGISTRY[KEY] = object
+    stub._SCHEME_REGISTRY[KEY] = stub._SCHEME_REGISTRY[W4A8_KEY] = object
     with caplog.at_level(logging.INFO, logger="vllm_ptq_ascend.ascend"):
         plugin.register()
-    assert stub._SCHEME_REGISTRY == {KEY: object} and "Scheme already registered" in caplog.text
+    assert stub._SCHEME_REGISTRY == {KEY: object, W4A8_KEY: object}
+    assert "Scheme already registered" in caplog.text
 
 
 def test_vllm_ascend_absent(monkeypatch, caplog):
@@ -153,3 +171,101 @@ def test_w4a16_adapter_matches_float64(group, version, layer_type, dtype, monkey
     rel = float((out.double() - ref).norm() / ref.norm())
     assert out.dtype == dtype and out.shape == (5, out_f)
     assert rel < (2e-3 if dtype == torch.float16 else 2**-8), rel
+
+
+# -- the W4A8_DYNAMIC adapter end to end -----------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "group,version,layer_type",
+    [(64, "1.0.0", "row"), (32, "1.0.0", "others"), (0, "1.0.0", "row"), (128, None, "others")],
+)
+def test_w4a8_dynamic_adapter_matches_float64(group, version, layer_type, dtype, monkeypatch, vllm_dist):
+    from test_msmodelslim import _stage_w4, w4a8_scale_bias
+
+    from vllm_ptq_ascend.kernels import BACKEND_ENV
+
+    monkeypatch.setenv(BACKEND_ENV, "npu")
+    use_npu_emulation(monkeypatch)
+    desc = {"model_quant_type": "W4A8_DYNAMIC"}
+    if version is not None:
+        desc |= {"version": version, "group_size": group}
+    else:  # the legacy saver writes neither: vLLM-Ascend's default group of 256 applies
+        group = 256
+    vllm_config = SimpleNamespace(quant_config=SimpleNamespace(quant_description=desc))
+    monkeypatch.setattr("vllm.config.get_current_vllm_config", lambda: vllm_config)
+
+    g = torch.Generator().manual_seed(group + 7)
+    out_f, in_f = 48, 256
+    prefix = "model.layers.0.mlp." + ("down_proj" if layer_type == "row" else "up_proj")
+    q, s1, s2 = _stage_w4(torch.randn(out_f, in_f, generator=g, dtype=torch.float64) * 0.05, group)
+    tensors = {
+        "weight": _pack(q, 0) if version == "1.0.0" else q,  # along the output dim (w4a8_pack_int4)
+        "weight_scale": s1.float(),
+        "weight_offset": torch.zeros_like(s1).float(),
+    }
+    scale = s1.float().double()
+    if s2 is not None:
+        tensors["weight_scale_second"] = s2.float()
+        tensors["weight_offset_second"] = torch.zeros_like(s2).to(torch.int64)
+        scale = scale * s2.float().double().repeat_interleave(group, 1)
+    if version == "1.0.0":
+        tensors["scale_bias"] = w4a8_scale_bias(prefix, q, s1, s2)
+
+    scheme = MsModelSlimW4A8DynamicLinear()
+    layer = torch.nn.Module()
+    layer.prefix = prefix
+    _create_weights(scheme, layer, in_f, out_f, dtype, layer_type)
+    assert set(tensors) == {n for n, _ in layer.named_parameters()}
+    for name, t in tensors.items():
+        param = getattr(layer, name)
+        assert param.shape == t.shape, name
+        param.data.copy_(t)
+    scheme.process_weights_after_loading(layer)
+    # on the emulated torch_npu ops (npu_quant_matmul per channel, else the weight-quant matmul)
+    assert layer.ptq_npu_w4a8 == ("int8" if group == 0 else "weight_only")
+
+    x = torch.randn(5, in_f, generator=g).to(dtype)
+    bias = torch.randn(out_f, generator=g).to(dtype)
+    out = scheme.apply(layer, x, bias, tp_rank=0)
+    from reference import quant_per_token
+
+    ref = quant_per_token(x.double()) @ (q.double() * scale).t() + bias.double()
+    rel = float((out.double() - ref).norm() / ref.norm())
+    assert out.dtype == dtype and out.shape == (5, out_f)
+    assert rel < (3e-3 if dtype == torch.float16 else 2**-7), rel
+
+
+def test_w4a8_dynamic_adapter_refuses_a_tampered_scale_bias(monkeypatch, vllm_dist):
+    from test_msmodelslim import _stage_w4, w4a8_scale_bias
+
+    from vllm_ptq_ascend.validation import CheckpointError
+
+    desc = {"model_quant_type": "W4A8_DYNAMIC", "version": "1.0.0", "group_size": 64}
+    vllm_config = SimpleNamespace(quant_config=SimpleNamespace(quant_description=desc))
+    monkeypatch.setattr("vllm.config.get_current_vllm_config", lambda: vllm_config)
+    q, s1, s2 = _stage_w4(torch.randn(32, 128, dtype=torch.float64), 64)
+    scheme = MsModelSlimW4A8DynamicLinear()
+    layer = torch.nn.Module()
+    layer.prefix = "model.layers.0.self_attn.o_proj"
+    _create_weights(scheme, layer, 128, 32, torch.bfloat16, "row")
+    sb = w4a8_scale_bias(layer.prefix, q, s1, s2)
+    sb[3, 7] += 100.0
+    for name, t in {
+        "weight": _pack(q, 0),
+        "weight_scale": s1.float(),
+        "weight_scale_second": s2.float(),
+        "scale_bias": sb,
+    }.items():
+        getattr(layer, name).data.copy_(t)
+    with pytest.raises(CheckpointError, match=r"o_proj', tensor 'scale_bias': disagrees.*row 3, column 7"):
+        scheme.process_weights_after_loading(layer)
+
+
+def test_w4a8_dynamic_adapter_refuses_an_unknown_version(monkeypatch):
+    from vllm_ptq_ascend.validation import CheckpointError
+
+    desc = {"model_quant_type": "W4A8_DYNAMIC", "version": "2.0.0", "group_size": 64}
+    vllm_config = SimpleNamespace(quant_config=SimpleNamespace(quant_description=desc))
+    monkeypatch.setattr("vllm.config.get_current_vllm_config", lambda: vllm_config)
+    with pytest.raises(CheckpointError, match=r"description version '2.0.0'"):
+        MsModelSlimW4A8DynamicLinear()

@@ -57,6 +57,30 @@ def pack_int4_along_out(q: torch.Tensor) -> torch.Tensor:
     return ((q[1::2] << 4) | (q[0::2] & 0xF)).to(torch.uint8).view(torch.int8)
 
 
+def _stage_w4(w: torch.Tensor, group: int):
+    """msModelSlim W4A8_DYNAMIC weights: per group, float -> int8 per channel (s1) -> int4 per group
+    (s2), both symmetric; per channel (group 0, ascendV1): float -> int4 per channel (s1), s2 None."""
+    if not group:
+        s1 = (w.abs().amax(1, keepdim=True) / 7).clamp(min=1e-8)
+        return torch.round(w / s1).clamp(-8, 7).to(torch.int8), s1, None
+    s1 = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-8)
+    w8 = torch.round(w / s1).clamp(-127, 127)
+    g = w8.reshape(w.shape[0], -1, group)
+    s2 = (g.abs().amax(-1) / 7).clamp(min=1e-6)
+    q = torch.round(g / s2[..., None]).clamp(-8, 7).reshape(w.shape)
+    return q.to(torch.int8), s1, s2
+
+
+def w4a8_scale_bias(name: str, q, s1, s2):
+    """msmodelslim process_scale(name, q * s2 * s1, 16), with the legacy saver's bfloat16 scales."""
+    scale = s1.to(torch.bfloat16).float()
+    if s2 is not None:
+        scale = scale * s2.to(torch.bfloat16).float().repeat_interleave(q.shape[1] // s2.shape[1], 1)
+    deq = q.float() * scale
+    cols = 16 if any(k in name for k in ("down_proj", "o_proj")) else 1
+    return 8 * deq.reshape(q.shape[0], cols, -1).sum(-1)
+
+
 def _input_ranges(model_dir, prompts):
     """Per-layer (min, max) of every linear layer's input over the prompts (float64)."""
     from transformers import AutoModelForCausalLM
@@ -81,8 +105,10 @@ def _input_ranges(model_dir, prompts):
     return ranges
 
 
-def build(model_dir, out, labels: dict[str, str], group_size=0, ranges=None):
+def build(model_dir, out, labels: dict[str, str], group_size=0, ranges=None, version="1.0.0"):
     """msModelSlim checkpoint of the tiny model; ``labels`` maps a projection substring to a label.
+
+    ``version`` None: the legacy saver's description, with neither version nor group_size.
 
     Returns (dir, reference state: name -> dequantized float64 weight, activation quantizers).
     """
@@ -139,6 +165,20 @@ def build(model_dir, out, labels: dict[str, str], group_size=0, ranges=None):
             ref_w[base] = ((q.double() - zp.repeat_interleave(g, 1)) * sf.repeat_interleave(g, 1)).reshape(
                 w.shape
             )
+        elif label == "W4A8_DYNAMIC":
+            q, s1, s2 = _stage_w4(w, group_size)
+            write(f"{base}.weight", label, pack_int4_along_out(q) if version == "1.0.0" else q)
+            write(f"{base}.weight_scale", label, s1.float())
+            write(f"{base}.weight_offset", label, torch.zeros_like(s1).float())
+            scale = s1.float().double()  # the reference uses the float32 scales written
+            if s2 is not None:
+                write(f"{base}.weight_scale_second", label, s2.float())
+                write(f"{base}.weight_offset_second", label, torch.zeros_like(s2).to(torch.int64))
+                scale = scale * s2.float().double().repeat_interleave(group_size, 1)
+            if version == "1.0.0":
+                write(f"{base}.scale_bias", label, w4a8_scale_bias(base, q, s1, s2))
+            ref_w[base] = q.double() * scale
+            ref_act[base] = quant_per_token
         else:
             raise KeyError(label)
     if "W8A8" in quant_types:  # reference uses the float32 scale written
@@ -154,7 +194,8 @@ def build(model_dir, out, labels: dict[str, str], group_size=0, ranges=None):
                 )
                 ref_w[base] = tensors[f"{base}.weight"].double() * s
     model_type = quant_types.pop() if len(quant_types) == 1 else "W8A8_DYNAMIC"
-    description = {"model_quant_type": model_type, "version": "1.0.0", "group_size": group_size, **desc}
+    meta = {"version": version, "group_size": group_size} if version else {}
+    description = {"model_quant_type": model_type, **meta, **desc}
     (out / "quant_model_description.json").write_text(json.dumps(description, indent=1))
     save_file(tensors, out / FILE, metadata={"format": "pt"})
     return out, ref_w, ref_act
@@ -185,6 +226,12 @@ CASES = {
     "W8A8_DYNAMIC": (dict(proj="W8A8_DYNAMIC"), 0),
     "W8A16": (dict(proj="W8A16"), 0),
     "W4A16": (dict(proj="W4A16"), 32),
+    # packed along the output dim, two-level scales, scale_bias ([out, 16] for o/down_proj)
+    "W4A8_DYNAMIC": (dict(proj="W4A8_DYNAMIC"), 64),
+    # ascendV1 saver: per channel, no second level
+    "W4A8_DYNAMIC-channel": (dict(proj="W4A8_DYNAMIC"), 0),
+    # legacy saver: unpacked, no scale_bias, no version / group_size in the description (256)
+    "W4A8_DYNAMIC-legacy": (dict(proj="W4A8_DYNAMIC"), 256, None),
     # FLOAT layers next to quantized ones, W8A16 per channel
     "mixed": (
         {
@@ -196,7 +243,7 @@ CASES = {
         0,
     ),
 }
-ACT_QUANT = ("W8A8", "W8A8_DYNAMIC", "mixed")
+ACT_QUANT = ("W8A8", "W8A8_DYNAMIC", "mixed", "W4A8_DYNAMIC", "W4A8_DYNAMIC-channel", "W4A8_DYNAMIC-legacy")
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +261,7 @@ def ckpts(tiny_model, prompts, tmp_path_factory):
     root = tmp_path_factory.mktemp("msmodelslim")
     ranges = _input_ranges(tiny_model, prompts)
     return {
-        name: build(tiny_model, root / name, labels, group, ranges) for name, (labels, group) in CASES.items()
+        name: build(tiny_model, root / name, *case[:2], ranges, *case[2:]) for name, case in CASES.items()
     }
 
 
@@ -263,6 +310,20 @@ def test_disagreeing_deq_scale_is_rejected_naming_file_layer_tensor(ckpts, promp
     (res,) = run_engines([_job(bad, prompts[:1])])
     assert "error" in res
     for word in (FILE, layer, "'deq_scale'", "disagrees"):
+        assert word in res["error"], (word, res["error"])
+
+
+@pytest.mark.engine
+def test_disagreeing_scale_bias_is_rejected_naming_file_layer_tensor(ckpts, prompts, tmp_path):
+    bad = tmp_path / "bad-scale-bias"
+    shutil.copytree(ckpts["W4A8_DYNAMIC"][0], bad)
+    sd = load_file(bad / FILE)
+    layer = "model.layers.1.self_attn.q_proj"  # a shard of the fused qkv_proj
+    sd[f"{layer}.scale_bias"] = -sd[f"{layer}.scale_bias"] - 1
+    save_file(sd, bad / FILE, metadata={"format": "pt"})
+    (res,) = run_engines([_job(bad, prompts[:1])])
+    assert "error" in res
+    for word in (FILE, "model.layers.1.self_attn.qkv_proj", "'scale_bias'", "disagrees"):
         assert word in res["error"], (word, res["error"])
 
 
@@ -324,14 +385,139 @@ def test_fused_shards_with_different_labels_are_rejected():
         c.scheme_for(f"{mlp}.gate_up_proj", torch.nn.Module())
 
 
-def test_w4a8_dynamic_is_not_served_yet():
+def test_unserved_label_is_rejected_naming_the_layer():
     from vllm_ptq_ascend.validation import CheckpointError
 
-    c = _config({"model.layers.0.mlp.down_proj.weight": "W4A8_DYNAMIC"})
+    c = _config({"model.layers.0.mlp.down_proj.weight": "W4A4_DYNAMIC"})
     with pytest.raises(
-        CheckpointError, match=r"layer 'model.layers.0.mlp.down_proj' has label 'W4A8_DYNAMIC'.*not serve yet"
+        CheckpointError, match=r"layer 'model.layers.0.mlp.down_proj' has label 'W4A4_DYNAMIC'.*not serve yet"
     ):
         c.scheme_for("model.layers.0.mlp.down_proj", torch.nn.Module())
+
+
+# -- W4A8_DYNAMIC on single vLLM layers (no engine) ---------------------------------------------
+DOWN = "model.layers.0.mlp.down_proj"
+
+
+def _w4a8_tensors(out_f, in_f, group, version, name=DOWN, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64) * 0.05
+    q, s1, s2 = _stage_w4(w, group)
+    t = {
+        "weight": pack_int4_along_out(q) if version == "1.0.0" else q,
+        "weight_scale": s1.float(),
+        "weight_offset": torch.zeros_like(s1).float(),
+    }
+    scale = s1.float().double()
+    if s2 is not None:
+        t["weight_scale_second"] = s2.float()
+        t["weight_offset_second"] = torch.zeros_like(s2).to(torch.int64)
+        scale = scale * s2.float().double().repeat_interleave(group, 1)
+    if version == "1.0.0":
+        t["scale_bias"] = w4a8_scale_bias(name, q, s1, s2)
+    return t, q.double() * scale
+
+
+def _w4a8_layer(kind, group, version, in_f=256, out_f=64, prefix=DOWN):
+    from layer_helpers import build_layer
+
+    desc = {"model_quant_type": "W4A8_DYNAMIC", f"{prefix}.weight": "W4A8_DYNAMIC"}
+    if version is not None:
+        desc |= {"version": version, "group_size": group}
+    return build_layer(kind, desc, in_f, out_f, torch.float32, prefix=prefix, bias=False)
+
+
+@pytest.mark.parametrize(
+    "kind,group,version",
+    [
+        ("RowParallelLinear", 64, "1.0.0"),
+        ("ColumnParallelLinear", 32, "1.0.0"),
+        ("RowParallelLinear", 0, "1.0.0"),
+        ("ColumnParallelLinear", 256, None),
+    ],
+)
+def test_w4a8_dynamic_layer_matches_float64(kind, group, version, vllm_dist):
+    from layer_helpers import load_tensors
+
+    prefix = DOWN if kind == "RowParallelLinear" else "model.layers.0.mlp.up_proj"
+    layer = _w4a8_layer(kind, group, version, prefix=prefix)
+    tensors, deq = _w4a8_tensors(64, 256, group, version, name=prefix)
+    load_tensors(layer, tensors)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert "W4A8 int" in layer.scheme.describe() and "version" in layer.scheme.describe()
+    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = layer.quant_method.apply(layer, x.float())
+    ref = quant_per_token(x) @ deq.t()
+    rel = float((out.double() - ref).norm() / ref.norm())
+    assert rel < 1e-5, rel
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        ("weight int32", r"tensor 'weight': dtype int32, expected one of: int8"),
+        ("scale_bias column shape", r"tensor 'scale_bias': shape \(64, 1\) does not fit"),
+        ("scale_bias wrong", r"tensor 'scale_bias': disagrees with 8 \* sum.*16 columns"),
+        ("no scale_bias", r"tensor 'scale_bias': missing from the checkpoint"),
+        ("offset_second", r"tensor 'weight_offset_second': W4A8_DYNAMIC weights must be symmetric"),
+        ("scale_second zero", r"tensor 'weight_scale_second': 1 scale\(s\) are zero"),
+        ("scale_second shape", r"tensor 'weight_scale_second': shape \(64, 8\) does not fit"),
+    ],
+)
+def test_bad_w4a8_dynamic_tensors_are_rejected_naming_the_tensor(edit, match, vllm_dist):
+    from layer_helpers import load_tensors
+
+    from vllm_ptq_ascend.validation import CheckpointError
+
+    layer = _w4a8_layer("RowParallelLinear", 64, "1.0.0")
+    t, _ = _w4a8_tensors(64, 256, 64, "1.0.0")
+    if edit == "weight int32":
+        t["weight"] = t["weight"].to(torch.int32)
+    elif edit == "scale_bias column shape":
+        t["scale_bias"] = t["scale_bias"].sum(1, keepdim=True)
+    elif edit == "scale_bias wrong":
+        t["scale_bias"][5, 3] += 0.5 * t["scale_bias"][5].abs().sum() + 1
+    elif edit == "no scale_bias":
+        del t["scale_bias"]
+    elif edit == "offset_second":
+        t["weight_offset_second"][2, 1] = 1
+    elif edit == "scale_second zero":
+        t["weight_scale_second"][0, 0] = 0
+    elif edit == "scale_second shape":
+        t["weight_scale_second"] = torch.ones(64, 8)
+    with pytest.raises(CheckpointError, match=rf"layer '{DOWN}', {match}"):
+        load_tensors(layer, t)
+        layer.quant_method.process_weights_after_loading(layer)
+
+
+@pytest.mark.parametrize(
+    "version,group,match",
+    [
+        (
+            "2.0.0",
+            64,
+            r"label 'W4A8_DYNAMIC' with description version '2.0.0', which ptq_ascend does not serve",
+        ),
+        ("0", 0, r"per channel \(group_size 0\) with description version '0'"),
+    ],
+)
+def test_unknown_w4a8_dynamic_version_is_rejected(version, group, match):
+    from vllm_ptq_ascend.validation import CheckpointError
+
+    c = _desc_config({"version": version, "group_size": group, f"{DOWN}.weight": "W4A8_DYNAMIC"})
+    with pytest.raises(CheckpointError, match=match):
+        c.scheme_for(DOWN, torch.nn.Module())
+
+
+def _desc_config(desc):
+    from vllm_ptq_ascend.config import PtqAscendConfig
+
+    return PtqAscendConfig.from_config({"model_quant_type": "W4A8_DYNAMIC", **desc})
+
+
+def test_legacy_w4a8_dynamic_without_group_size_uses_256():
+    s = _desc_config({f"{DOWN}.weight": "W4A8_DYNAMIC"}).scheme_for(DOWN, torch.nn.Module())
+    assert s.group_size == 256 and not s.packed and "scale_bias" not in s.tensor_names
 
 
 def test_compressed_tensors_configs_still_parse_as_before():

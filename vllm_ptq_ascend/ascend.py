@@ -67,33 +67,51 @@ def _noop_loader(param, loaded_weight, *args, **kwargs):  # never called: vLLM-A
     raise AssertionError("parameters of the vLLM-Ascend adapter are loaded by vLLM-Ascend")
 
 
-class MsModelSlimW4A16Linear:
-    """vLLM-Ascend linear scheme for msModelSlim W4A16 (constructed with no arguments, one per layer)."""
+def _description_group_size(desc: dict[str, Any], default: int = 0) -> int:
+    from vllm_ptq_ascend.validation import CheckpointError
 
-    quant_type = "W4A16"
+    group_size = desc.get("group_size", default)  # 0: per channel, as msModelSlim writes it
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0:
+        raise CheckpointError(
+            f"quant_model_description.json: 'group_size' must be an integer >= 0, found {group_size!r}"
+        )
+    return group_size
+
+
+class _MsModelSlimLinearAdapter:
+    """A vLLM-Ascend linear scheme (constructed with no arguments, one per layer) around one of our
+    msModelSlim schemes: its tensors are created on a scratch module by the scheme's create_weights,
+    handed to vLLM-Ascend by name, translated and run by the scheme once loaded."""
+
+    quant_type = ""
     _ptq_ascend_adapter = True
 
     def __init__(self) -> None:
-        from vllm_ptq_ascend.msmodelslim import ModelSlimWeightOnly
-        from vllm_ptq_ascend.validation import CheckpointError
-
         desc = _quant_description()
-        group_size = desc.get("group_size", 0)  # 0: per channel, as msModelSlim writes it
-        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0:
-            raise CheckpointError(
-                f"quant_model_description.json: 'group_size' must be an integer >= 0, found {group_size!r}"
-            )
         self.version = str(desc.get("version", "0"))
-        self.scheme = ModelSlimWeightOnly(
-            "", num_bits=4, group_size=group_size, packed=self.version == "1.0.0"
-        )
+        self.scheme = self._make_scheme(desc)
         self.scratch = torch.nn.Module()  # the msModelSlim tensors, as our scheme creates them
-        self.row_tp = 1  # >1: per-group scales loaded whole on a row-parallel rank, sliced after loading
+        self.row_tp = 1  # >1: per-group tensors loaded whole on a row-parallel rank, sliced after loading
+        self.row_whole: dict[str, int] = {}  # name -> columns this rank keeps, for those tensors
+        self.names: list[str] = []  # every tensor handed to vLLM-Ascend
         self.inner = None
 
-    @property
-    def per_group(self) -> bool:
-        return self.scheme.group_size != -1
+    def _make_scheme(self, desc: dict[str, Any]):
+        raise NotImplementedError
+
+    def _perchannel_names(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _pergroup_names(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _row_tensors(self, layer_type: str | None) -> dict[str, torch.Tensor]:
+        """Per-group tensors whose row-parallel full width vLLM-Ascend loads on every rank."""
+        return {n: getattr(self.scratch, n).data for n in self._pergroup_names()}
+
+    def _hand_over(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        self.names += [n for n in tensors if not n.startswith("_")]
+        return tensors
 
     def get_weight(self, input_size: int, output_size: int, params_dtype: torch.dtype) -> dict[str, Any]:
         self.scheme.create_weights(
@@ -103,30 +121,26 @@ class MsModelSlimW4A16Linear:
         out = {"weight": w.data}
         if self.scheme.packed:  # two int4 per int8 (msModelSlim 1.0.0), for vLLM's fused-shard offsets
             out["_packed_dim"], out["_packed_factor"] = w.packed_dim, w.packed_factor
-        return out
+        return self._hand_over(out)
 
     def get_pertensor_param(self, params_dtype: torch.dtype, **kwargs: Any) -> dict[str, Any]:
         return {}
 
-    def _scales(self) -> dict[str, Any]:
-        return {n: getattr(self.scratch, n).data for n in ("weight_scale", "weight_offset")}
-
     def get_perchannel_param(self, output_size: int, params_dtype: torch.dtype) -> dict[str, Any]:
-        return {} if self.per_group else self._scales()
+        return self._hand_over({n: getattr(self.scratch, n).data for n in self._perchannel_names()})
 
     def get_pergroup_param(
         self, input_size: int, output_size: int, params_dtype: torch.dtype, layer_type: str | None = None
     ) -> dict[str, Any]:
-        if not self.per_group:
-            return {}
-        scales = self._scales()
-        if layer_type == "row":
+        tensors = self._row_tensors(layer_type)
+        if layer_type == "row" and tensors:
             from vllm.distributed import get_tensor_model_parallel_world_size
 
             self.row_tp = get_tensor_model_parallel_world_size()
-            if self.row_tp > 1:  # vLLM's row loader does not split them (no input_dim): hold all groups
-                scales = {n: t.new_zeros(t.shape[0], t.shape[1] * self.row_tp) for n, t in scales.items()}
-        return scales
+            # vLLM's row loader does not split them (no input_dim): every rank holds all columns
+            self.row_whole = {n: t.shape[1] for n, t in tensors.items()}
+            tensors = {n: t.new_zeros(t.shape[0], t.shape[1] * self.row_tp) for n, t in tensors.items()}
+        return self._hand_over(tensors)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         from vllm_ptq_ascend.msmodelslim import set_param
@@ -145,18 +159,17 @@ class MsModelSlimW4A16Linear:
             getattr(layer, "output_size", out_f),
             s.params_dtype,
         )
-        if self.row_tp > 1:  # keep this rank's groups, as the row loader kept its input columns
+        if self.row_tp > 1:  # keep this rank's columns, as the row loader kept its input columns
             rank = getattr(layer, "tp_rank", 0)
-            cols = s.weight_scale.shape[1]
-            for n in ("weight_scale", "weight_offset"):
+            for n, cols in self.row_whole.items():
                 full = getattr(layer, n).data
                 if full.shape[1] != cols * self.row_tp:
                     raise CheckpointError(
-                        f"{self.scheme.where(n)}: {full.shape[1]} groups, expected {cols * self.row_tp}"
+                        f"{self.scheme.where(n)}: {full.shape[1]} columns, expected {cols * self.row_tp}"
                     )
                 set_param(layer, n, full[:, rank * cols : (rank + 1) * cols].contiguous())
-        # vLLM-Ascend's loader tracks nothing; weight_offset starts at zero (symmetric if not in the file)
-        for n in ("weight", "weight_scale", "weight_offset"):
+        # vLLM-Ascend's loader tracks nothing; tensors not in the file keep the scratch zeros
+        for n in self.names:
             getattr(layer, n).ptq_loaded_shards = {None}
         self.inner = self.scheme.translate(layer)
         self.inner.validate_loaded(layer)
@@ -173,7 +186,76 @@ class MsModelSlimW4A16Linear:
         return self.inner.apply_weights(layer, x, bias)
 
 
-ADAPTERS = {(MsModelSlimW4A16Linear.quant_type, LAYER_TYPE): MsModelSlimW4A16Linear}
+class MsModelSlimW4A16Linear(_MsModelSlimLinearAdapter):
+    """vLLM-Ascend linear scheme for msModelSlim W4A16: ``weight_scale`` / ``weight_offset`` per
+    channel, or per group (whole on a row-parallel rank)."""
+
+    quant_type = "W4A16"
+
+    def _make_scheme(self, desc):
+        from vllm_ptq_ascend.msmodelslim import ModelSlimWeightOnly
+
+        return ModelSlimWeightOnly(
+            "", num_bits=4, group_size=_description_group_size(desc), packed=self.version == "1.0.0"
+        )
+
+    @property
+    def per_group(self) -> bool:
+        return self.scheme.group_size != -1
+
+    def _perchannel_names(self):
+        return () if self.per_group else ("weight_scale", "weight_offset")
+
+    def _pergroup_names(self):
+        return ("weight_scale", "weight_offset") if self.per_group else ()
+
+
+class MsModelSlimW4A8DynamicLinear(_MsModelSlimLinearAdapter):
+    """vLLM-Ascend linear scheme for msModelSlim W4A8_DYNAMIC (msmodelslim_w4a8.py): first-level
+    ``weight_scale`` / ``weight_offset`` per channel; ``weight_scale_second`` /
+    ``weight_offset_second`` per group and ``scale_bias`` ([out, 1], or [out, 16] for
+    ``layer_type == "row"`` as vLLM-Ascend's removed linear created it) from get_pergroup_param."""
+
+    quant_type = "W4A8_DYNAMIC"
+
+    def _make_scheme(self, desc):
+        from vllm_ptq_ascend.msmodelslim_w4a8 import ModelSlimW4A8Dynamic, w4a8_group_size
+
+        _description_group_size(desc)  # type check
+        return ModelSlimW4A8Dynamic(
+            "", group_size=w4a8_group_size(desc, self.version), version=self.version, row_parallel=False
+        )
+
+    def _perchannel_names(self):
+        return ("weight_scale", "weight_offset")
+
+    def _pergroup_names(self):
+        return ("weight_scale_second", "weight_offset_second") if self.scheme.per_group else ()
+
+    def _row_tensors(self, layer_type):
+        from vllm_ptq_ascend.msmodelslim_w4a8 import ROW_SCALE_BIAS_COLS
+        from vllm_ptq_ascend.validation import CheckpointError
+
+        tensors = super()._row_tensors(layer_type)
+        if self.scheme.packed:
+            sb = self.scratch.scale_bias.data
+            if layer_type == "row":
+                from vllm.distributed import get_tensor_model_parallel_world_size
+
+                tp = get_tensor_model_parallel_world_size()
+                if ROW_SCALE_BIAS_COLS % tp:
+                    raise CheckpointError(
+                        f"quant_model_description.json: W4A8_DYNAMIC scale_bias of a row-parallel layer has "
+                        f"{ROW_SCALE_BIAS_COLS} columns, which {tp} tensor-parallel ranks cannot split"
+                    )
+                sb = sb.new_zeros(sb.shape[0], ROW_SCALE_BIAS_COLS // tp)  # this rank's columns
+            tensors["scale_bias"] = sb
+        return tensors
+
+
+ADAPTERS = {
+    (cls.quant_type, LAYER_TYPE): cls for cls in (MsModelSlimW4A16Linear, MsModelSlimW4A8DynamicLinear)
+}
 
 
 def register_ascend_schemes() -> list[tuple[str, str]]:

@@ -77,13 +77,66 @@ def _quantize(args: argparse.Namespace) -> int:
         flags = ", ".join("--" + f.replace("_", "-") for f in given_calib)
         raise UsageError(f"recipe {args.recipe!r} uses no calibration data; drop {flags}")
 
+    mixed = {}
+    if args.budget is not None:
+        mixed = {"budget": args.budget, "fallback": args.fallback}
+        if args.scan_samples is not None or args.scan_seq_len is not None:
+            mixed["scan_calibration"] = _scan_spec(args)
+    elif args.fallback is not None or args.scan_samples is not None or args.scan_seq_len is not None:
+        raise UsageError("--fallback, --scan-samples and --scan-seq-len apply only with --budget")
+
     from vllm_ptq_ascend.recipes.quantize import quantize
 
     try:
-        quantize(args.model, out, args.recipe, calibration=calibration, overwrite=args.overwrite, **options)
+        quantize(
+            args.model,
+            out,
+            args.recipe,
+            calibration=calibration,
+            overwrite=args.overwrite,
+            **mixed,
+            **options,
+        )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise UsageError(str(e)) from None
     print(f"wrote {out} (serve it with: vllm serve {out})")
+    return 0
+
+
+def _scan_spec(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from vllm_ptq_ascend.recipes.scan_run import SCAN_CALIBRATION
+
+    fields = {"num_samples": args.scan_samples, "max_seq_length": args.scan_seq_len}
+    return replace(SCAN_CALIBRATION, **{k: v for k, v in fields.items() if v is not None})
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    from vllm_ptq_ascend.recipes.presets import get_preset
+    from vllm_ptq_ascend.recipes.scan_run import run_scan, write_scan
+
+    try:
+        preset = get_preset(args.scheme)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not (Path(args.model) / "config.json").is_file():
+        raise UsageError(f"{args.model}: not a model directory (no config.json)")
+    options = {}
+    if args.group_size is not _UNSET:
+        if "group_size" not in preset.options():
+            raise UsageError(f"recipe {args.scheme!r} takes no --group-size")
+        options["group_size"] = args.group_size
+    try:
+        result = run_scan(
+            args.model, args.scheme, options, spec=_scan_spec(args), granularity=args.granularity
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    report = write_scan(result, args.out)
+    for r in result["rows"][: args.top]:
+        print(f"{r['rank']:4d}  {r['unit']:48s}  KL {r['kl']:.5f}  ppl {r['ppl_change_pct']:+.3f}%")
+    print(f"wrote {report} (and sensitivity.json, sensitivity.png)")
     return 0
 
 
@@ -226,6 +279,21 @@ def _report(args: argparse.Namespace) -> int:
 _UNSET = object()  # a flag the user did not give
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _scan_args(group) -> None:
+    group.add_argument("--scan-samples", type=_positive, help="calibration samples scanned (default 8)")
+    group.add_argument("--scan-seq-len", type=_positive, help="max tokens per scanned sample (default 256)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-ptq-ascend", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -272,7 +340,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--calib-max-new-tokens", type=int, default=_UNSET, help="traces: new tokens per answer")
     c.add_argument("--seed", type=int, default=_UNSET, help="seed for sampling and shuffling (default 0)")
+    mp = q.add_argument_group("mixed precision (keep the layers the preset hurts most at a safer scheme)")
+    mp.add_argument("--budget", help="kl=X (mean KL, nats) or ppl=X (perplexity increase, %%) to stay within")
+    mp.add_argument(
+        "--fallback",
+        choices=["w8a8", "w8a16", "none"],
+        help="scheme of the kept layers (default: w8a8 if the preset quantizes activations, else w8a16)",
+    )
+    _scan_args(mp)
     q.set_defaults(func=_quantize)
+    sn = sub.add_parser(
+        "sensitivity",
+        help="rank layers by the damage a scheme does to them, quantized one at a time",
+        description="Quantize one unit (q/k/v, o_proj, gate/up, down_proj) or one block at a time with a "
+        "preset's grid (round to nearest) and measure KL and perplexity against the unquantized model, and "
+        "the relative MSE of the block's output, on calibration samples. "
+        "Writes OUT/sensitivity.{md,json,png}.",
+    )
+    sn.add_argument("model", help="model directory")
+    sn.add_argument("--scheme", required=True, help="preset whose grid is scanned (e.g. w4a8, w8a8-dynamic)")
+    sn.add_argument("--group-size", type=_group_size, default=_UNSET, help="weight group size, or 'channel'")
+    sn.add_argument("--granularity", choices=["unit", "block"], default="unit", help="default: unit")
+    sn.add_argument("--out", required=True, help="output directory")
+    sn.add_argument("--top", type=int, default=10, help="rows printed (default 10)")
+    _scan_args(sn)
+    sn.set_defaults(func=_sensitivity)
     rl = sub.add_parser("recipes", help="list the preset recipes and their options")
     rl.set_defaults(func=_recipes)
     d = sub.add_parser("demo", help="quantize the embedded SmolLM2-135M, serve it, compare with bf16")

@@ -75,9 +75,8 @@ from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec
 
 DESCRIPTION_FILE = "quant_model_description.json"
 WHERE = DESCRIPTION_FILE
-SERVED = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16")
+SERVED = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "W4A8_DYNAMIC")
 NOT_YET = (
-    "W4A8_DYNAMIC",
     "W8A8_MIX",
     "W4A4_DYNAMIC",
     "W4A4_FLATQUANT_DYNAMIC",
@@ -168,6 +167,16 @@ class ModelSlimDescription:
             return ModelSlimW8A8(prefix, files=files, shards=shards)
         if label == "W8A8_DYNAMIC":
             return ModelSlimW8A8Dynamic(prefix, files=files, shards=shards)
+        if label == "W4A8_DYNAMIC":
+            from vllm_ptq_ascend.msmodelslim_w4a8 import ModelSlimW4A8Dynamic, w4a8_group_size
+
+            return ModelSlimW4A8Dynamic(
+                prefix,
+                group_size=w4a8_group_size(self.raw, self.version),
+                version=self.version,
+                files=files,
+                shards=shards,
+            )
         bits = 8 if label == "W8A16" else 4
         return ModelSlimWeightOnly(
             prefix,

@@ -130,6 +130,16 @@ def model_card(info: dict[str, Any]) -> str:
             f"- calibration: {calib.get('source')}, {calib.get('num_samples')} samples, "
             f"{calib.get('num_tokens')} tokens, modes {{{modes}}}, seed {calib.get('seed')}"
         )
+    mixed = info.get("mixed_precision")
+    if mixed:
+        final = mixed["checkpoint"]
+        lines.append(
+            f"- mixed precision: budget {mixed['budget']} {'met' if mixed['met'] else 'NOT met'}; "
+            f"{len(mixed['kept_units'])} of {mixed['units_total']} units kept at {mixed['fallback']}; "
+            f"this checkpoint measures KL {final['kl']:.4f}, perplexity {final['ppl_change_pct']:+.2f}% "
+            f"on the scan samples (every unit at the preset: KL {mixed['uniform']['kl']:.4f}, "
+            f"{mixed['uniform']['ppl_change_pct']:+.2f}%)"
+        )
     lines.append("- libraries: " + ", ".join(f"{k} {v}" for k, v in info["libraries"].items()))
     lines.append(f"\nFull details: `{CARD_JSON}`.\n")
     return "\n".join(lines)
@@ -142,13 +152,19 @@ def quantize(
     *,
     calibration: CalibrationSpec | None = None,
     overwrite: bool = False,
+    budget: str | None = None,
+    fallback: str | None = None,
+    scan_calibration: CalibrationSpec | None = None,
+    progress: bool = True,
     **recipe_options,
 ) -> Path:
     """Quantize ``model_dir`` with preset ``recipe`` into ``out_dir``; returns ``out_dir``.
 
     ``calibration`` defaults to ``CalibrationSpec()`` (shipped reasoning text) for presets
     that need data; presets that need none refuse one. Every argument is checked before
-    the model is loaded.
+    the model is loaded. ``budget`` ("kl=0.05", "ppl=5") keeps the layers the preset hurts most
+    at ``fallback`` ("w8a8", "w8a16" or "none") until the budget is met (``recipes/mixed.py``),
+    measured on ``scan_calibration`` samples.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
@@ -163,6 +179,15 @@ def quantize(
         raise ValueError(
             f"recipe {recipe!r} uses no calibration data (round-to-nearest); pass no calibration"
         )
+    mixed_budget = None
+    if budget is not None:
+        from vllm_ptq_ascend.recipes.mixed import Budget, fallback_args
+
+        mixed_budget = Budget.parse(budget)
+        if fallback is not None:
+            fallback_args(fallback)  # checks the name
+    elif fallback is not None or scan_calibration is not None:
+        raise ValueError("fallback and scan samples apply only with a budget (--budget kl=X or ppl=X)")
     check_recipe_fits_model(model_dir, modifiers)
 
     import torch
@@ -185,6 +210,13 @@ def quantize(
             max_seq_length=calibration.max_seq_length,
             shuffle_calibration_samples=False,  # the calibration set is already shuffled by its seed
         )
+    mixed = None
+    if mixed_budget is not None:
+        from vllm_ptq_ascend.recipes.mixed import plan_mixed_precision
+
+        mixed, scan_ref = plan_mixed_precision(
+            model_dir, recipe, recipe_options, modifiers, mixed_budget, fallback, scan_calibration, progress
+        )
     with atomic_directory(out_dir) as tmp:
         torch.manual_seed(calibration.seed if calibration else 0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
@@ -193,12 +225,18 @@ def quantize(
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)
         make_recipe_file_plain(tmp / "recipe.yaml")
+        if mixed is not None:
+            from vllm_ptq_ascend.recipes.mixed import measure_checkpoint
+
+            mixed["checkpoint"] = measure_checkpoint(tmp, scan_ref)
+            mixed["met"] = mixed_budget.met_values(mixed["checkpoint"])
         info = {
             "recipe": recipe,
             "recipe_options": recipe_options,
             "recipe_summary": preset.summary,
             "source_model": str(model_dir.resolve()),
             "calibration": calib_summary,
+            "mixed_precision": mixed,
             "seconds": round(time.time() - start, 1),
             "libraries": {p: version(p.replace("_", "-")) for p in LIBRARIES},
         }

@@ -1,0 +1,335 @@
+"""msModelSlim ``W4A8_DYNAMIC`` dense linear layers -> our W4A8 scheme (schemes/w4a8_int.py).
+
+Sources read (tensor names, dtypes, shapes, packing, ``scale_bias``):
+
+- Producer, Ascend/msmodelslim at 3de0a3c (HEAD of the stored snapshot):
+  ``msmodelslim/pytorch/llm_ptq/llm_ptq_tools/save/complex_quantifier.py``
+  ``generate_weight_of_linear_module`` (two-level "stage" quantization: float -> int8 per
+  channel, then int8 -> int4 per group; writes ``weight_scale``/``weight_offset`` of the first
+  level and ``weight_scale_second``/``weight_offset_second`` of the second, and for the new
+  version ``scale_bias``), ``_w4a8_pack_int4`` and ``process_scale``;
+  ``msmodelslim/core/quant_service/modelslim_v1/save/ascendv1.py`` ``on_w4a8_dynamic`` with
+  ``.../save/utils/pack.py`` ``w4a8_pack_int4`` / ``process_scale`` (per-channel only, no
+  second level); ``msmodelslim/ir/w4a8_dynamic.py`` ``W4A8DynamicFakeQuantLinear`` (int4
+  per-channel symmetric weights, int8 per-token symmetric activations);
+  ``.../quant_config/quant_config_classes/config_utils.py`` ``check_and_set_w4a8_dynamic_config``
+  (W4A8_DYNAMIC requires ``w_sym=True``); ``llm_ptq_utils.py`` ``QuantModelJsonDescription``
+  (the legacy saver writes neither ``version`` nor ``group_size``); ``test/ST/llm_ptq_w4a8_per_token/
+  run.py`` (dtypes: ``weight`` int8, scales float32, ``weight_offset_second`` int64,
+  ``scale_bias`` float32).
+- Consumer, vllm-project/vllm-ascend ``vllm_ascend/quantization/methods/w4a8.py`` at
+  efda0446db^ (the parent of #13713, which removed the linear method):
+  ``AscendW4A8DynamicLinearMethod`` (``get_weight``, ``get_pergroup_param``,
+  ``process_scale_second``, ``process_weights_after_loading``, ``apply``) and the MoE method's
+  ``process_scale`` / ``update_bias`` in the same file; older copy
+  ``vllm_ascend/quantization/w4a8_dynamic.py`` at df9f07604d6aebbdf41bdc94fc448272ac9d5dee.
+
+The format as served here (``out``/``in``: the unfused layer's sizes, ``g``: group size):
+
+- ``version`` absent (vLLM-Ascend's ``"0"``; the legacy saver writes none) or ``"0"``:
+  ``weight`` int8 [out, in], one int4 value per byte; ``weight_scale`` / ``weight_offset``
+  float32 [out, 1]; ``weight_scale_second`` float32 and ``weight_offset_second`` int64
+  [out, in / g]. No ``scale_bias`` (vLLM-Ascend computed it at load time). Per group only
+  (the legacy tool refuses W4A8_DYNAMIC without per-group); ``group_size`` defaults to 256
+  when the description has none, as vLLM-Ascend's linear method did.
+- ``version`` ``"1.0.0"``: as above but ``weight`` is int8 [out / 2, in], two int4 per byte
+  packed along the OUTPUT dim, low nibble = even row (``_pack_int4`` on the transpose); and
+  ``scale_bias`` float32: [out, 1] for column-parallel layers (q/k/v/gate/up), [out, 16] for
+  row-parallel ones (o/down). ``group_size`` 0 is the ascendV1 saver's per-channel layout,
+  which writes no ``weight_scale_second`` / ``weight_offset_second``.
+- Any other version is refused, naming it.
+
+Dequantization: W = q * weight_scale_second[group] * weight_scale (both levels symmetric:
+offsets must be zero, the producer requires ``w_sym=True``, vLLM-Ascend ignores the offsets and
+neither side uses them in ``scale_bias``); a non-zero offset is refused rather than guessed.
+This maps exactly onto W4A8IntScheme's int4 weights with per-group float32 scales
+``weight_scale * weight_scale_second`` (per channel: ``weight_scale``), with int8 per-token
+symmetric dynamic activations, as ``W4A8DynamicFakeQuantLinear.forward`` quantizes them.
+
+``scale_bias`` (read in ``process_scale``): ``8 * sum`` over the input of the dequantized
+weight ``q * s2 * s1`` (computed by the legacy saver with bfloat16-rounded scales), summed
+over the whole input ([out, 1]) or over 16 consecutive input slices ([out, 16], so that up
+to 16 row-parallel ranks each hold whole slices: a rank of TP t keeps 16 / t columns).
+vLLM-Ascend's MoE method computed the same ``8 * sum(q * s2 * s1)`` for legacy checkpoints and
+passed it to the NPU grouped matmul as its ``scale_bias``; its linear method ignored it. It is
+a kernel-side correction, not part of the layer's math, so it is NOT used here: it is VERIFIED
+against the weights (relative to ``8 * sum |q * s2 * s1|``, tolerance 1e-2 to admit the
+bfloat16 scales) and a checkpoint where it disagrees is refused, since an NPU consuming it
+would compute something else. msModelSlim's docs write ``deq_weight = (weight - weight_offset)
+* weight_scale + scale_bias``; that is not what its saver computes, and we follow the saver.
+
+Inferred, not read: why the factor is 8 (the closed NPU kernel's int4 arithmetic); that the
+16 columns of a row-parallel layer are split across TP ranks for dense linears too (read for
+MoE ``down_proj`` only: ``16 // tp_size`` in the MoE docstring); that the row/column choice of
+msModelSlim (by projection name) coincides with vLLM's RowParallelLinear (true for the usual
+q/k/v/o/gate/up/down names; a layer named otherwise gets a scale_bias of another shape from
+the saver and is refused by the shape check).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+)
+
+from vllm_ptq_ascend.msmodelslim import _ModelSlimScheme, drop, set_param
+from vllm_ptq_ascend.schemes import int_weights
+from vllm_ptq_ascend.schemes.w4a8_int import W4A8IntScheme
+from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec, require_positive_finite
+
+LABEL = "W4A8_DYNAMIC"
+LEGACY_VERSIONS = ("0",)  # "0": vLLM-Ascend's default when the description has no version
+PACKED_VERSION = "1.0.0"
+VERSIONS = (*LEGACY_VERSIONS, PACKED_VERSION)
+LEGACY_DEFAULT_GROUP = 256  # vLLM-Ascend's default without "group_size" (the legacy saver writes none)
+ROW_SCALE_BIAS_COLS = 16  # process_scale(name, bias, 16)
+OFFSET_DTYPES = (*FLOAT_DTYPES, torch.int64, torch.int32, torch.int8)
+# scale_bias against 8 * sum(q * s2 * s1): the legacy saver rounds s1, s2 to bfloat16 (relative
+# 2^-9 each); relative to 8 * sum|q * s2 * s1|, so cancelling sums cannot make it fail spuriously.
+SCALE_BIAS_RTOL = 1e-2
+
+
+def check_version(version: str, layer: str, where: str) -> None:
+    if version not in VERSIONS:
+        raise CheckpointError(
+            f"{where}: layer '{layer}' has label {LABEL!r} with description version {version!r}, "
+            f"which ptq_ascend does not serve (served: no version or '0' for the unpacked layout, "
+            f"'{PACKED_VERSION}' for the packed one)"
+        )
+
+
+def unpack_int4_rows(w: torch.Tensor) -> torch.Tensor:
+    """[out/2, in] int8 -> [out, in] int8 in [-8, 7]; low nibble = even row (msModelSlim _pack_int4)."""
+    lo = (w.to(torch.int16) << 12 >> 12).to(torch.int8)  # sign-extend the low nibble
+    hi = (w >> 4).to(torch.int8)  # arithmetic shift keeps the sign of the high nibble
+    return torch.stack((lo, hi), dim=1).flatten(0, 1)
+
+
+class ModelSlimW4A8Dynamic(_ModelSlimScheme):
+    """msModelSlim W4A8_DYNAMIC -> W4A8IntScheme (int4 symmetric weights, int8 per-token activations)."""
+
+    label = LABEL
+
+    def __init__(
+        self,
+        layer_name: str,
+        *,
+        group_size: int,
+        version: str,
+        files=None,
+        shards=None,
+        row_parallel: bool | None = None,
+    ):
+        super().__init__(layer_name, files, shards)
+        check_version(version, layer_name, "quant_model_description.json")
+        self.version = version
+        self.packed = version == PACKED_VERSION
+        if not group_size and not self.packed:
+            raise CheckpointError(
+                f"quant_model_description.json: layer '{layer_name}' has label {LABEL!r} per channel "
+                f"(group_size 0) with description version {version!r}: only version '{PACKED_VERSION}' "
+                "has a per-channel W4A8_DYNAMIC layout"
+            )
+        self.group_size = group_size or -1
+        # None: decided from the layer in create_weights (vLLM's RowParallelLinear)
+        self.row_parallel = row_parallel
+        self.tensor_names = (
+            ("weight", "weight_scale")
+            + (("weight_scale_second",) if self.per_group else ())
+            + (("scale_bias",) if self.packed else ())
+        )
+
+    @property
+    def per_group(self) -> bool:
+        return self.group_size != -1
+
+    def describe(self) -> str:
+        inner = f" -> {self.inner.describe()}" if self.inner is not None else ""
+        return f"msModelSlim {self.label} (version {self.version}){inner}"
+
+    def checkpoint_tensors(self, out_features, in_features):
+        channel = ((out_features, 1),)
+        weight = (out_features // 2, in_features) if self.packed else (out_features, in_features)
+        specs = {
+            "weight": TensorSpec((torch.int8,), (weight,)),
+            "weight_scale": TensorSpec(FLOAT_DTYPES, channel, scale=True),
+            "weight_offset": TensorSpec(OFFSET_DTYPES, channel, required=False),
+        }
+        if self.per_group:
+            n_groups, _ = int_weights.group_layout(self, self.group_size, in_features, in_features)
+            groups = ((out_features, n_groups),)
+            specs["weight_scale_second"] = TensorSpec(FLOAT_DTYPES, groups, scale=True)
+            specs["weight_offset_second"] = TensorSpec(OFFSET_DTYPES, groups, required=False)
+        if self.packed:
+            specs["scale_bias"] = TensorSpec(
+                FLOAT_DTYPES, ((out_features, 1), (out_features, ROW_SCALE_BIAS_COLS))
+            )
+        return specs
+
+    def create_weights(
+        self,
+        layer,
+        input_size,
+        input_size_per_partition,
+        output_partition_sizes,
+        output_size,
+        params_dtype,
+        weight_loader,
+    ):
+        out = int_weights.setup_layer(
+            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
+        )
+        w_loader = self.loader(weight_loader, "weight", (torch.int8,))
+        if self.packed:  # two int4 per int8 along the output dim: every fused shard must be even
+            if any(w % 2 for w in output_partition_sizes):
+                raise CheckpointError(
+                    f"{self.where('weight')}: packed int4 pairs along the output dim need even output "
+                    f"sizes, got {list(output_partition_sizes)}"
+                )
+            layer.register_parameter(
+                "weight",
+                PackedvLLMParameter(
+                    data=torch.empty(out // 2, input_size_per_partition, dtype=torch.int8),
+                    input_dim=1,
+                    output_dim=0,
+                    packed_dim=0,
+                    packed_factor=2,
+                    weight_loader=w_loader,
+                ),
+            )
+        else:
+            int_weights.register_int8_weight(layer, self, out, input_size_per_partition, weight_loader)
+        self._channel_param(layer, "weight_scale", out, FLOAT_DTYPES, weight_loader)
+        self._channel_param(layer, "weight_offset", out, OFFSET_DTYPES, weight_loader)
+        if self.per_group:
+            n_groups, partition_groups = int_weights.group_layout(
+                self, self.group_size, input_size, input_size_per_partition
+            )
+            full_groups = input_size // self.group_size
+            for name, dtypes in (
+                ("weight_scale_second", FLOAT_DTYPES),
+                ("weight_offset_second", OFFSET_DTYPES),
+            ):
+                args = dict(
+                    data=torch.zeros(out, n_groups, dtype=torch.float32),
+                    weight_loader=self.loader(self._columns(weight_loader, name, full_groups), name, dtypes),
+                )
+                layer.register_parameter(
+                    name,
+                    GroupQuantScaleParameter(output_dim=0, input_dim=1, **args)
+                    if partition_groups
+                    else ChannelQuantScaleParameter(output_dim=0, **args),
+                )
+        if self.packed:
+            self._register_scale_bias(layer, out, input_size, input_size_per_partition, weight_loader)
+
+    def _register_scale_bias(self, layer, out, input_size, input_size_per_partition, weight_loader):
+        row = self.row_parallel
+        if row is None:
+            from vllm.model_executor.layers.linear import RowParallelLinear
+
+            row = isinstance(layer, RowParallelLinear)
+        if not row:
+            self._channel_param(layer, "scale_bias", out, FLOAT_DTYPES, weight_loader)
+            return
+        tp = input_size // input_size_per_partition
+        if ROW_SCALE_BIAS_COLS % tp or input_size % ROW_SCALE_BIAS_COLS:
+            raise CheckpointError(
+                f"{self.where('scale_bias')}: a row-parallel layer's {ROW_SCALE_BIAS_COLS} scale_bias "
+                f"columns (input slices) cannot be split over {tp} ranks of input size {input_size}"
+            )
+        # each rank holds the columns of its input slices (split along the input, as the weight)
+        layer.register_parameter(
+            "scale_bias",
+            GroupQuantScaleParameter(
+                data=torch.zeros(out, ROW_SCALE_BIAS_COLS // tp, dtype=torch.float32),
+                output_dim=0,
+                input_dim=1,
+                weight_loader=self.loader(
+                    self._columns(weight_loader, "scale_bias", ROW_SCALE_BIAS_COLS),
+                    "scale_bias",
+                    FLOAT_DTYPES,
+                ),
+            ),
+        )
+
+    def _columns(self, inner, name: str, cols: int):
+        """vLLM's row-parallel loader narrows dim 1 to this rank's part without checking the
+        checkpoint's full width (a wider tensor loads silently): check it first."""
+
+        def load(param, loaded_weight, *args, **kwargs):
+            if loaded_weight.dim() != 2 or loaded_weight.shape[1] != cols:
+                raise CheckpointError(
+                    f"{self.where(name)}: shape {tuple(loaded_weight.shape)} does not fit the layer "
+                    f"({cols} columns expected)"
+                )
+            return inner(param, loaded_weight, *args, **kwargs)
+
+        return load
+
+    def _int_weight(self, layer) -> torch.Tensor:
+        w = layer.weight.data
+        if self.packed:
+            return unpack_int4_rows(w)
+        if int(w.min()) < -8 or int(w.max()) > 7:
+            raise CheckpointError(
+                f"{self.where('weight')}: values must lie in [-8, 7] for {LABEL} (one int4 per int8 "
+                f"in version {self.version!r}), found [{int(w.min())}, {int(w.max())}]"
+            )
+        return w
+
+    def _check_scale_bias(self, layer, deq: torch.Tensor) -> None:
+        sb = layer.scale_bias.data.double()
+        out, in_f = deq.shape
+        cols = sb.shape[1]
+        if sb.shape[0] != out or in_f % cols:
+            raise CheckpointError(
+                f"{self.where('scale_bias')}: shape {tuple(sb.shape)} does not fit a weight of "
+                f"{tuple(deq.shape)}"
+            )
+        parts = deq.reshape(out, cols, in_f // cols)
+        expected = 8 * parts.sum(-1)
+        bad = (sb - expected).abs() > SCALE_BIAS_RTOL * 8 * parts.abs().sum(-1) + 1e-12
+        if bool(bad.any()):
+            r, c = (int(i) for i in bad.nonzero()[0])
+            raise CheckpointError(
+                f"{self.where('scale_bias')}: disagrees with 8 * sum(weight * weight_scale_second * "
+                f"weight_scale) over the input{'' if cols == 1 else f' slices ({cols} columns)'} in "
+                f"{int(bad.sum())} place(s) (first: row {r}, column {c}: {sb[r, c].item():.6g} vs "
+                f"{expected[r, c].item():.6g})"
+            )
+
+    def translate(self, layer):
+        q = self._int_weight(layer)
+        self._require_zero(layer, "weight_offset")
+        s1 = layer.weight_scale.data
+        require_positive_finite(self.layer_name, "weight_scale", s1, self.files, self.shards)
+        scale = s1.double().reshape(-1, 1)
+        if self.per_group:
+            self._require_zero(layer, "weight_offset_second")
+            s2 = layer.weight_scale_second.data
+            require_positive_finite(self.layer_name, "weight_scale_second", s2, self.files, self.shards)
+            scale = scale * s2.double()
+        if self.packed:
+            g = q.shape[1] // scale.shape[1]
+            self._check_scale_bias(layer, q.double() * scale.repeat_interleave(g, 1))
+        set_param(layer, "weight", q.contiguous())
+        set_param(layer, "weight_scale", scale.float())
+        drop(layer, "weight_offset", "weight_scale_second", "weight_offset_second", "scale_bias")
+        return W4A8IntScheme(
+            self.layer_name,
+            group_size=self.group_size if self.per_group else None,
+            packed=False,
+            files=self.files,
+            shards=self.shards,
+        )
+
+
+def w4a8_group_size(description: dict, version: str) -> int:
+    """The description's ``group_size``; without one, vLLM-Ascend's 256 for the legacy layout."""
+    if "group_size" not in description and version in LEGACY_VERSIONS:
+        return LEGACY_DEFAULT_GROUP
+    return int(description.get("group_size", 0))
