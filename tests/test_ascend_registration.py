@@ -195,7 +195,7 @@ def test_w4a8_dynamic_adapter_matches_float64(group, version, layer_type, dtype,
     monkeypatch.setattr("vllm.config.get_current_vllm_config", lambda: vllm_config)
 
     g = torch.Generator().manual_seed(group + 7)
-    out_f, in_f = 48, 256
+    out_f, in_f = 48, 512
     prefix = "model.layers.0.mlp." + ("down_proj" if layer_type == "row" else "up_proj")
     q, s1, s2 = _stage_w4(torch.randn(out_f, in_f, generator=g, dtype=torch.float64) * 0.05, group)
     tensors = {

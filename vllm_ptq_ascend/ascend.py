@@ -26,16 +26,23 @@ The linear interface (``methods/base.py`` ``AscendLinearScheme``) and how ``meth
   forward (tp_rank: the layer's rank for RowParallelLinear, else 0).
 
 At that commit the registry has ("W4A16", "moe") but no ("W4A16", "linear") (issue #7076), and
-("W4A8_DYNAMIC", "linear") was removed in #13713. We add ("W4A16", "linear") only, and only when
-the key is free. It is an adapter: msModelSlim's tensors are registered and translated by
-``msmodelslim.ModelSlimWeightOnly`` (the class ``ptq_ascend`` serves those checkpoints with) and run
-on our kernel backend (``kernels/npu.py`` ``prepare_weight_only`` / ``weight_only_mm``).
+("W4A8_DYNAMIC", "linear") was removed in #13713. We add both linear keys, each only when it is
+free (a key vLLM-Ascend or anyone else holds is left alone). They are adapters
+(``_MsModelSlimLinearAdapter``): msModelSlim's tensors are created by the scheme ``ptq_ascend``
+serves those checkpoints with (``msmodelslim.ModelSlimWeightOnly``,
+``msmodelslim_w4a8.ModelSlimW4A8Dynamic``) on a scratch module, handed to vLLM-Ascend by name,
+then translated and run on our kernel backend (``kernels/npu.py``: ``prepare_weight_only`` /
+``weight_only_mm``; ``prepare_w4a8`` / ``w4a8_mm``).
 
-W4A8_DYNAMIC is NOT registered yet: msmodelslim.py does not implement it (two-level scales, the
-``weight_offset_second`` and precomputed ``scale_bias`` tensors whose row-parallel layout is
-[out, 16]), and the only consumer to check it against, vLLM-Ascend's removed linear, ran it as a
-weight-only matmul that ignored ``scale_bias``, the offsets and the ``bias`` argument, so it does not
-pin down the producer's semantics. It waits until msModelSlim's saver is read and tested.
+W4A8_DYNAMIC follows the removed linear's parameter layout: ``weight`` ([out / 2, in] packed
+along the output dim for version "1.0.0"), ``weight_scale`` / ``weight_offset`` [out, 1],
+``weight_scale_second`` / ``weight_offset_second`` [out, in / group] and ``scale_bias`` ([out, 1],
+or [out, 16] when ``layer_type == "row"``). Unlike that linear (a weight-only matmul with float
+activations that ignored ``scale_bias``, the offsets and ``bias``), ours quantizes activations per
+token to int8 as msModelSlim's fake-quant layer does, refuses non-zero offsets, verifies
+``scale_bias`` against the weights and adds ``bias``. Per-group tensors (and a row layer's
+``scale_bias`` columns) are loaded whole on a row-parallel rank and sliced to the rank's part
+after loading.
 """
 
 from __future__ import annotations

@@ -48,12 +48,18 @@ Tensors per label, as msModelSlim writes them (Ascend/msmodelslim
   Note: vllm-ascend passes ``weight_offset`` unchanged as ``antiquant_offset`` of
   ``npu_weight_quant_batchmatmul``, documented as scale * (q + offset); the two agree
   only for symmetric (zero-offset) weights. We follow the producer's definition.
+- W4A8_DYNAMIC (msmodelslim_w4a8.py, which records the sources read): int4 weights, two-level
+  symmetric scales ``weight_scale`` [out, 1] x ``weight_scale_second`` [out, in / group]
+  (per channel for the ascendV1 saver's group_size 0), int8 per-token dynamic activations;
+  version "1.0.0" packs int4 pairs along the output dim and adds ``scale_bias`` (an NPU-kernel
+  correction, 8 * sum of the dequantized weight per input slice: verified, not used); no
+  version = the legacy unpacked layout (group 256 without ``group_size``). -> W4A8IntScheme
+  with per-group scales ``weight_scale * weight_scale_second``; non-zero offsets and other
+  versions are refused.
 - FLOAT: unquantized.
 
-Not served yet (a clear error naming the layer): W4A8_DYNAMIC (two-level scales with
-``weight_scale_second``/``weight_offset_second`` and a precomputed ``scale_bias``,
-two layouts by version, and vllm-ascend removed its linear path), W8A8_MIX, W4A4_*,
-*_FLATQUANT_*, MX and FP8 labels.
+Not served yet (a clear error naming the layer): W8A8_MIX, W4A4_*, *_FLATQUANT_*, MX and FP8
+labels.
 """
 
 from __future__ import annotations
