@@ -234,3 +234,25 @@ def test_sensitivity_bad_arguments(tiny_model, tmp_path, capsys):
     assert cli_main(["sensitivity", str(tiny_model), "--scheme", "w8a8-dynamic", "--group-size", "32",
                      "--out", str(tmp_path)]) == 2  # fmt: skip
     assert "takes no --group-size" in capsys.readouterr().err
+
+
+def test_a_saved_scan_is_reused_only_for_its_own_model_and_grid(fragile_model, tiny_model, tmp_path, capsys):
+    from vllm_ptq_ascend.recipes.mixed import load_ranking
+    from vllm_ptq_ascend.recipes.scan_run import run_scan, write_scan
+
+    result = run_scan(fragile_model, "w4a8", {"group_size": 32}, spec=SCAN, progress=False)
+    write_scan(result, tmp_path / "scan")
+    path = tmp_path / "scan" / "sensitivity.json"
+    from transformers import AutoModelForCausalLM
+
+    units = quant_units(AutoModelForCausalLM.from_pretrained(fragile_model))
+    rows = load_ranking(path, fragile_model, "w4a8", {"group_size": 32, "actorder": None}, units)
+    assert rows[0]["unit"] == FRAGILE_UNIT  # actorder does not change the grid
+    with pytest.raises(ValueError, match="scanned"):
+        load_ranking(path, fragile_model, "w4a8", {"group_size": 64}, units)  # another grid
+    with pytest.raises(ValueError, match="scanned"):
+        load_ranking(path, tiny_model, "w4a8", {"group_size": 32}, units)  # another model
+    out = tmp_path / "out"
+    args = ["quantize", str(fragile_model), "--recipe", "w4a16-rtn", "--group-size", "32", "--out", str(out)]
+    assert cli_main([*args, "--budget", "kl=1", "--scan", str(path)]) == 2  # a w4a8 scan for a w4a16 preset
+    assert "scanned" in capsys.readouterr().err and not out.exists()

@@ -79,11 +79,11 @@ def _quantize(args: argparse.Namespace) -> int:
 
     mixed = {}
     if args.budget is not None:
-        mixed = {"budget": args.budget, "fallback": args.fallback}
+        mixed = {"budget": args.budget, "fallback": args.fallback, "scan_file": args.scan}
         if args.scan_samples is not None or args.scan_seq_len is not None:
             mixed["scan_calibration"] = _scan_spec(args)
-    elif args.fallback is not None or args.scan_samples is not None or args.scan_seq_len is not None:
-        raise UsageError("--fallback, --scan-samples and --scan-seq-len apply only with --budget")
+    elif any(x is not None for x in (args.fallback, args.scan_samples, args.scan_seq_len, args.scan)):
+        raise UsageError("--fallback, --scan, --scan-samples and --scan-seq-len apply only with --budget")
 
     from vllm_ptq_ascend.recipes.quantize import quantize
 
@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--fallback",
         choices=["w8a8", "w8a16", "none"],
         help="scheme of the kept layers (default: w8a8 if the preset quantizes activations, else w8a16)",
+    )
+    mp.add_argument(
+        "--scan", help="sensitivity.json of a `sensitivity` run of this model and preset (no rescan)"
     )
     _scan_args(mp)
     q.set_defaults(func=_quantize)

@@ -108,7 +108,7 @@ def read_json(path: str | Path, schema: str | None = None) -> dict:
         raise ResultsError(f"{path}: expected a JSON object, got {type(data).__name__}")
     if schema is not None and data.get("schema") != schema:
         raise ResultsError(f"{path}: schema is {data.get('schema')!r}, expected {schema!r}")
-    if "model" in data and schema is not None:
+    if "model" in data and schema in (EVAL_SCHEMA, BENCH_SCHEMA):
         check_model_name(data["model"])
     return data
 

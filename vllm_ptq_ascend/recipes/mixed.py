@@ -169,9 +169,33 @@ def apply_fallback(modifiers: list, kept_layers: list[str], fallback: str) -> No
             )
 
 
+def load_ranking(path, model_dir, preset: str, options: dict, units) -> list[dict]:
+    """The rows of a `vllm-ptq-ascend sensitivity` result, if it was made for this model and preset."""
+    from pathlib import Path
+
+    from vllm_ptq_ascend.eval.results import read_json
+    from vllm_ptq_ascend.recipes.scan_run import preset_quant_args
+
+    data = read_json(path, "vllm-ptq-ascend.sensitivity/1")
+    want = {"model": str(Path(model_dir).resolve()), "preset": preset, "granularity": "unit"}
+    have = {k: data.get(k) for k in want}
+    grid = {k: v for k, v in options.items() if k != "ignore"}
+    same_grid = preset_quant_args(preset, **data.get("options", {})) == preset_quant_args(preset, **grid)
+    if have != want or not same_grid:
+        raise ValueError(
+            f"{path}: scanned {have} with options {data.get('options')}, not {want} with options {options}"
+        )
+    if sorted(r["unit"] for r in data["rows"]) != sorted(u.name for u in units):
+        raise ValueError(f"{path}: its units are not this model's")
+    return data["rows"]
+
+
 def plan_mixed_precision(model_dir, preset: str, options: dict, modifiers: list, budget: Budget,
-                         fallback: str | None, spec, progress: bool = True):  # fmt: skip
-    """Scan, select the units to keep, and change ``modifiers`` to keep them; (plan, scan reference)."""
+                         fallback: str | None, spec, progress: bool = True, scan_file=None):  # fmt: skip
+    """Scan (or read ``scan_file``), select the units to keep, and change ``modifiers`` to keep them.
+
+    Returns (plan, the scan samples' reference outputs).
+    """
     import gc
 
     from vllm_ptq_ascend.recipes.scan_run import load_for_scan
@@ -179,11 +203,15 @@ def plan_mixed_precision(model_dir, preset: str, options: dict, modifiers: list,
 
     s = load_for_scan(model_dir, preset, options, spec, "float32")
     units = quant_units(s.model, s.ignore)
-    ref = reference(s.model, s.samples)
-    ranking = scan(s.model, ref, units, s.args, progress)
+    ref = reference(s.model, s.samples, keep_blocks=scan_file is None)
+    if scan_file is not None:
+        ranking = load_ranking(scan_file, model_dir, preset, options, units)
+    else:
+        ranking = scan(s.model, ref, units, s.args, progress)
     fallback = fallback or default_fallback(s.args)
     plan = select(s.model, ref, units, ranking, s.args, fallback, budget, progress)
     plan["samples"], plan["tokens"] = len(s.samples), sum(len(x) - 1 for x in s.samples)
+    plan["scan_file"] = str(scan_file) if scan_file is not None else None
     plan["ranking"] = [{k: r[k] for k in ("rank", "unit", "kl", "ppl_change_pct", "mse")} for r in ranking]
     apply_fallback(modifiers, plan["kept_layers"], fallback)
     ref.block_outputs = []  # only the logits are needed from here on

@@ -155,6 +155,7 @@ def quantize(
     budget: str | None = None,
     fallback: str | None = None,
     scan_calibration: CalibrationSpec | None = None,
+    scan_file: str | Path | None = None,
     progress: bool = True,
     **recipe_options,
 ) -> Path:
@@ -164,7 +165,7 @@ def quantize(
     that need data; presets that need none refuse one. Every argument is checked before
     the model is loaded. ``budget`` ("kl=0.05", "ppl=5") keeps the layers the preset hurts most
     at ``fallback`` ("w8a8", "w8a16" or "none") until the budget is met (``recipes/mixed.py``),
-    measured on ``scan_calibration`` samples.
+    measured on ``scan_calibration`` samples; ``scan_file`` reuses the ranking of a `sensitivity` run.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
@@ -186,7 +187,7 @@ def quantize(
         mixed_budget = Budget.parse(budget)
         if fallback is not None:
             fallback_args(fallback)  # checks the name
-    elif fallback is not None or scan_calibration is not None:
+    elif fallback is not None or scan_calibration is not None or scan_file is not None:
         raise ValueError("fallback and scan samples apply only with a budget (--budget kl=X or ppl=X)")
     check_recipe_fits_model(model_dir, modifiers)
 
@@ -215,7 +216,15 @@ def quantize(
         from vllm_ptq_ascend.recipes.mixed import plan_mixed_precision
 
         mixed, scan_ref = plan_mixed_precision(
-            model_dir, recipe, recipe_options, modifiers, mixed_budget, fallback, scan_calibration, progress
+            model_dir,
+            recipe,
+            recipe_options,
+            modifiers,
+            mixed_budget,
+            fallback,
+            scan_calibration,
+            progress,
+            scan_file,
         )
     with atomic_directory(out_dir) as tmp:
         torch.manual_seed(calibration.seed if calibration else 0)
