@@ -34,5 +34,11 @@ for p in "${PRESETS[@]}"; do
   MODELS+=("$name=$dir")
 done
 $CLI eval "${MODELS[@]}" --results "$OUT" --limit gsm8k=50,humaneval=50 --chunk 50 --no-report
-$CLI bench "${MODELS[@]}" --results "$OUT" --stock --no-report
+$CLI bench "${MODELS[@]}" --results "$OUT" --no-report
+# stock vLLM on the same checkpoint, for the presets whose schemes it has a CPU kernel for
+STOCK=()
+for m in "${MODELS[@]}"; do
+  case "$m" in w8a8-dynamic=*|w8a8-smoothquant-dynamic=*|w4a16-awq-g64=*|w4a16-gptq-g64=*) STOCK+=("$m") ;; esac
+done
+$CLI bench "${STOCK[@]}" --results "$OUT" --stock --no-report
 $CLI report "$OUT"
