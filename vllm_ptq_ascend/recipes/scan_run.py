@@ -112,7 +112,7 @@ def render_plot(result: dict) -> bytes:
     from matplotlib.figure import Figure
 
     order = {"qkv_proj": 0, "o_proj": 1, "gate_up_proj": 2, "down_proj": 3}  # forward order in a block
-    rows = sorted(result["rows"], key=lambda r: (r["block"], order.get(r["unit"].rsplit(".", 1)[-1], 9), r["unit"]))
+    rows = sorted(result["rows"], key=lambda r: (r["block"], order.get(r["unit"].rsplit(".", 1)[-1], 9)))
     fig = Figure(figsize=(max(6, 0.12 * len(rows)), 3.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
