@@ -1,7 +1,7 @@
 """Mixed precision on SmolLM2-135M-Instruct: uniform W4A8 against W4A8 with the most sensitive units
 kept at W8A8 under a few perplexity budgets.
 
-    python benchmarks/bench_mixed_smollm2.py [--budgets ppl=20,ppl=10,ppl=5] [--skip-bench]
+    python benchmarks/bench_mixed_smollm2.py [--budgets ppl=20,ppl=10] [--skip-bench]
 
 Steps, each through the CLI and resumable (finished checkpoints and results are kept):
   1. `sensitivity` scan of W4A8 (group 64) on 4 shipped calibration samples of up to 128 tokens;
@@ -39,7 +39,7 @@ def run(*args: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budgets", default="ppl=20,ppl=10,ppl=5")
+    p.add_argument("--budgets", default="ppl=20,ppl=10")
     p.add_argument("--skip-bench", action="store_true")
     a = p.parse_args()
     from vllm_ptq_ascend.models.embedded import embedded_model_dir
