@@ -29,6 +29,14 @@ from vllm_ptq_ascend.eval.tasks import (
     user_message,
 )
 
+
+@pytest.fixture(autouse=True)
+def _keep_vllm_log_level(monkeypatch):
+    """`eval`/`bench` called in-process lower vLLM's log level for the run; later tests (the serve
+    tests read vLLM's INFO lines) must not inherit it."""
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "INFO"))
+
+
 # ------------------------------------------------------------------ tasks
 
 

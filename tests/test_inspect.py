@@ -260,8 +260,8 @@ BROKEN_MS = {
     ),
     "unsupported label": (
         "mixed",
-        dict(desc=lambda d: d.update({f"{W8}.weight": "W4A8_DYNAMIC"})),
-        [DESC, W8, "W4A8_DYNAMIC", "does not serve yet"],
+        dict(desc=lambda d: d.update({f"{W8}.weight": "W4A4_DYNAMIC"})),
+        [DESC, W8, "W4A4_DYNAMIC", "does not serve yet"],
     ),
     "missing msModelSlim scale": (
         "W4A16",
