@@ -16,8 +16,6 @@ from __future__ import annotations
 import datetime
 import gc
 import json
-import os
-import platform
 import re
 import statistics
 import subprocess
@@ -27,8 +25,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vllm_ptq_ascend.eval.models import ModelInfo, describe_model, fitting_max_model_len
-from vllm_ptq_ascend.eval.results import BENCH_SCHEMA, bench_path, check_model_name, write_json_atomic
+from vllm_ptq_ascend.eval.models import ModelInfo, describe_models, fitting_max_model_len
+from vllm_ptq_ascend.eval.results import (
+    BENCH_SCHEMA,
+    bench_path,
+    check_model_name,
+    machine_description,
+    write_json_atomic,
+)
 
 LINEAR_LABEL = "ptq_ascend.linear"
 ACT_QUANT_LABEL = "ptq_ascend.act_quant"
@@ -293,7 +297,7 @@ def bench_model(
         "weight_bits": info.weight_bits,
         "activation_bits": info.activation_bits,
         "serving_path": serving_path,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "machine": machine_description(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(config),
         **measured,
@@ -311,11 +315,7 @@ def bench(
     log=print,
 ) -> list[Path]:
     """Measure each model via ptq_ascend (or unquantized), and via stock vLLM too with ``stock``."""
-    infos = [describe_model(p, n, config.dtype) for p, n in models]
-    names = [i.name for i in infos]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"two models share the name(s) {dupes}; give each a --name")
+    infos = describe_models(models, config.dtype)
     written = []
     for info in infos:
         written.append(

@@ -92,3 +92,13 @@ def fitting_max_model_len(path: str | Path, wanted: int) -> int:
         "max_position_embeddings"
     )
     return min(wanted, int(limit)) if limit else wanted
+
+
+def describe_models(models: list[tuple[str, str | None]], dtype: str = "bfloat16") -> list[ModelInfo]:
+    """``describe_model`` of each (path, name or None); two models may not share a name."""
+    infos = [describe_model(p, n, dtype) for p, n in models]
+    names = [i.name for i in infos]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"two models share the name(s) {dupes}; name them with NAME=DIR")
+    return infos

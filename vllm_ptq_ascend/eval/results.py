@@ -63,6 +63,13 @@ def check_model_name(name: str) -> str:
     return name
 
 
+def machine_description() -> str:
+    """The machine line every eval and bench file carries."""
+    import platform
+
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
 def write_json_atomic(path: str | Path, data) -> Path:
     """Write ``data`` as JSON to ``path`` via a temporary file and a rename: never half-written."""
     path = Path(path)

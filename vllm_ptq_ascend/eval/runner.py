@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vllm_ptq_ascend.eval import metrics
-from vllm_ptq_ascend.eval.models import ModelInfo, describe_model, fitting_max_model_len
+from vllm_ptq_ascend.eval.models import ModelInfo, describe_models, fitting_max_model_len
 from vllm_ptq_ascend.eval.results import (
     EVAL_SCHEMA,
     ResultsError,
     eval_path,
     items_path,
+    machine_description,
     read_json,
     write_json_atomic,
 )
@@ -268,7 +269,7 @@ def _run_generative(engine, results_dir, info, config, mode, task) -> dict:
         ]
         replies = engine.generate(prompts, budget, [it.item_id for it in chunk])
         records = (
-            [_score(it, rep, config) for it, rep in zip(chunk, replies)]
+            [_score(it, rep) for it, rep in zip(chunk, replies)]
             if task == "gsm8k"
             else (_score_humaneval(chunk, replies, config))
         )
@@ -291,7 +292,7 @@ def _base_record(item: EvalItem, reply: dict) -> dict:
     }
 
 
-def _score(item: EvalItem, reply: dict, config: EvalConfig) -> dict:
+def _score(item: EvalItem, reply: dict) -> dict:
     return {**_base_record(item, reply), **score_gsm8k(item, reply["output"])}
 
 
@@ -366,13 +367,6 @@ def _run_hellaswag(engine, results_dir, info, config) -> dict:
 # ------------------------------------------------------------------ the command
 
 
-def _machine() -> str:
-    import os
-    import platform
-
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} {platform.release()}"
-
-
 def evaluate_model(info: ModelInfo, results_dir: Path, config: EvalConfig, baseline: str, log=print) -> Path:
     """Evaluate one model into ``eval/<name>.json`` (resuming from its items)."""
     out = eval_path(results_dir, info.name)
@@ -426,7 +420,7 @@ def evaluate_model(info: ModelInfo, results_dir: Path, config: EvalConfig, basel
         "activation_bits": info.activation_bits,
         "quantization": quantization,
         "family": family,
-        "machine": _machine(),
+        "machine": machine_description(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": config.describe(),
         "perplexity": ppl,
@@ -446,10 +440,6 @@ def evaluate(
     unknown = [t for t in (*config.tasks, *limited) if t not in ALL_TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; tasks: {', '.join(ALL_TASKS)}")
-    infos = [describe_model(p, n, config.dtype) for p, n in models]
-    names = [i.name for i in infos]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"two models share the name(s) {dupes}; give each a --name")
+    infos = describe_models(models, config.dtype)
     results_dir = Path(results_dir)
     return [evaluate_model(info, results_dir, config, infos[0].name, log) for info in infos]
