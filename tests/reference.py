@@ -37,10 +37,16 @@ def pack_int32(values: torch.Tensor, num_bits: int, dim: int) -> torch.Tensor:
     return words if dim == 1 else words.t().contiguous()
 
 
-def quant_per_token(x: torch.Tensor) -> torch.Tensor:
-    """Fake-quantize each row to symmetric int8 (float64)."""
-    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-10) / 127.0
-    return torch.round(x / s).clamp(-128, 127) * s
+def quant_per_token(x: torch.Tensor, bits: int = 8, clip: float = 1.0) -> torch.Tensor:
+    """Fake-quantize each row to symmetric int`bits` with scale clip * max|x| / qmax (float64)."""
+    qmax = 2 ** (bits - 1) - 1
+    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-10) * clip / qmax
+    return torch.round(x / s).clamp(-qmax - 1, qmax) * s
+
+
+def kron_rows(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """x @ torch.kron(left, right), formed densely (independent of the package's factored form)."""
+    return x @ torch.kron(left.double(), right.double())
 
 
 def quant_per_token_asym(x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +122,7 @@ class FakeQuantModel:
         for k, v in sd.items():
             if k not in state and not any(
                 k.endswith(s) for s in ("_scale", "_zero_point", "_packed", "_shape", "_g_idx")
-            ):
+            ) and ".flatquant_input." not in k:
                 state.setdefault(k, v.double())
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         assert not unexpected, unexpected
@@ -124,9 +130,16 @@ class FakeQuantModel:
 
     @staticmethod
     def _act_hook(sd, name, acts, asymmetric_tokens=False):
+        if f"{name}.flatquant_input.left" in sd:  # FlatQuant: online transform, clip, quantize
+            left, right = sd[f"{name}.flatquant_input.left"], sd[f"{name}.flatquant_input.right"]
+            clip = float(sd[f"{name}.flatquant_input.clip_ratio"].double().reshape(-1)[0])
+            bits = acts["num_bits"]
+            return lambda mod, args: (quant_per_token(kron_rows(args[0], left, right), bits, clip),)
         if acts["dynamic"]:
-            quant = quant_per_token_asym if asymmetric_tokens else quant_per_token
-            return lambda mod, args: (quant(args[0]),)
+            if asymmetric_tokens:
+                return lambda mod, args: (quant_per_token_asym(args[0]),)
+            bits = acts["num_bits"]
+            return lambda mod, args: (quant_per_token(args[0], bits),)
         scale = float(sd[f"{name}.input_scale"].double().max())
         zp = int(sd[f"{name}.input_zero_point"].item()) if f"{name}.input_zero_point" in sd else 0
         return lambda mod, args: (quant_static(args[0], scale, zp),)

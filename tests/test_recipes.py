@@ -29,6 +29,10 @@ EXPECTED_PRESETS = {
     "w8a16-gptq",
     "w4a8",
     "w4a16-rtn",
+    "w4a4-rtn",
+    "w4a4-flatquant",
+    "w4a8-flatquant",
+    "w8a8-flatquant",
 }
 
 
@@ -47,6 +51,22 @@ def test_shipped_yaml_loads_in_llmcompressor(name):
 
     loaded = Recipe.create_instance(str(yaml_path(name)))
     assert [type(m).__name__ for m in loaded.modifiers] == [type(m).__name__ for m in build_recipe(name)]
+
+
+def test_flatquant_yaml_loads_in_a_fresh_process():
+    """FlatQuantModifier is ours: llmcompressor finds it once vllm_ptq_ascend.recipes.flatquant is loaded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import vllm_ptq_ascend.recipes.flatquant\n"
+        "from llmcompressor.recipe import Recipe\n"
+        f"r = Recipe.create_instance({str(yaml_path('w4a4-flatquant'))!r})\n"
+        "print([type(m).__name__ for m in r.modifiers], r.modifiers[0].act_bits)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "['FlatQuantModifier', 'QuantizationModifier'] 4" in out.stdout
 
 
 def test_yaml_recipe_and_builder_write_the_same_checkpoint(tiny_model, tmp_path):

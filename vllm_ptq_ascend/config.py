@@ -39,7 +39,15 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
 
 from vllm_ptq_ascend import QUANT_METHOD
 from vllm_ptq_ascend.msmodelslim import DESCRIPTION_FILE, ModelSlimDescription, is_description
-from vllm_ptq_ascend.schemes import PtqScheme, W4A8IntScheme, W8A8Int8Scheme, WNA16Scheme
+from vllm_ptq_ascend.schemes import (
+    FlatQuantScheme,
+    PtqScheme,
+    W4A4IntScheme,
+    W4A8IntScheme,
+    W8A8Int8Scheme,
+    WNA16Scheme,
+)
+from vllm_ptq_ascend.transforms_config import TransformPlan, parse_transform_config, transform_group_for
 from vllm_ptq_ascend.validation import CheckpointError, tensor_file_index
 
 CT_METHOD = "compressed-tensors"
@@ -116,6 +124,17 @@ def plan_group(
             and (dynamic_token or (acts.dynamic is False and acts.strategy == QuantizationStrategy.TENSOR))
             and fmt == INT_QUANTIZED
         )
+        w4a4 = (
+            weights.num_bits == 4
+            and weights.symmetric
+            and strategy == QuantizationStrategy.CHANNEL
+            and not has_g_idx
+            and acts.type == QuantizationType.INT
+            and acts.num_bits == 4
+            and dynamic_token
+        )
+        if w4a4:
+            return SchemePlan(name, W4A4IntScheme, (("packed", fmt == PACK_QUANTIZED),))
         w4a8 = (
             weights.num_bits == 4
             and weights.symmetric
@@ -138,7 +157,9 @@ def plan_group(
                 f"{where}: weights {_args(weights)} with activations {_args(acts)} "
                 f"(format {fmt}{', act-order g_idx' if has_g_idx else ''}) is not a supported scheme; "
                 "supported: W8A8 int8 (int-quantized; symmetric per-channel/per-tensor weights; "
-                "per-token dynamic or per-tensor static activations), W4A8 int (int-quantized or "
+                "per-token dynamic or per-tensor static activations), W4A4 int (int-quantized or "
+                "pack-quantized; symmetric int4 channel weights; int4 per-token dynamic symmetric "
+                "activations), W4A8 int (int-quantized or "
                 "pack-quantized; symmetric int4 group or channel weights; int8 per-token dynamic "
                 "symmetric activations), W4A16/W8A16 (pack-quantized, group or channel)"
             )
@@ -246,6 +267,8 @@ class PtqAscendConfig(QuantizationConfig):
                 self.target_group.setdefault(target, name)
         self.ignore = list((ct_config.ignore if ct_config else None) or [])
         self.files: dict[str, str] = {}
+        # FlatQuant's online input transforms (compressed-tensors' model ignores transform_config)
+        self.transforms: list[TransformPlan] = parse_transform_config((raw or {}).get("transform_config"))
 
     # -- vLLM's QuantizationConfig API ---------------------------------------
     def get_name(self) -> str:
@@ -333,4 +356,41 @@ class PtqAscendConfig(QuantizationConfig):
             return self.modelslim.scheme_for(prefix, self.shard_names(prefix), self.files)
         group = self.group_for(prefix, layer)
         plan = self.plans.get(group) if group else None
-        return plan.build(prefix, self.files, self.shard_names(prefix)) if plan else None
+        shards = self.shard_names(prefix)
+        transform = transform_group_for(self.transforms, shards, layer, prefix) if self.transforms else None
+        if transform is not None:
+            return flatquant_scheme(plan, transform, prefix, self.files, shards)
+        return plan.build(prefix, self.files, shards) if plan else None
+
+
+def flatquant_scheme(
+    plan: SchemePlan | None, transform: str, prefix: str, files: dict[str, str], shards: list[str]
+) -> FlatQuantScheme:
+    """The FlatQuant scheme for a layer with an input transform: its group must quantize
+    activations per token at run time and weights per channel (the transform mixes channels)."""
+    options = dict(plan.options) if plan else {}
+    bits = None
+    if plan is not None and plan.scheme is W4A4IntScheme:
+        bits = (4, 4)
+    elif plan is not None and plan.scheme is W4A8IntScheme and options.get("group_size") is None:
+        bits = (4, 8)
+    elif plan is not None and plan.scheme is W8A8Int8Scheme and options["weight_per_channel"] and not options[
+        "static_input"
+    ]:
+        bits = (8, 8)
+    if bits is None:
+        what = f"config group {plan.group!r}" if plan else "no quantization config group (unquantized)"
+        raise CheckpointError(
+            f"config.json: layer '{prefix}' has a FlatQuant input transform ({transform!r}) but {what}; "
+            "a transformed layer needs symmetric per-channel int4/int8 weights and int4/int8 per-token "
+            "dynamic activations (W4A4, W4A8, W8A8)"
+        )
+    return FlatQuantScheme(
+        prefix,
+        weight_bits=bits[0],
+        act_bits=bits[1],
+        packed=bool(options.get("packed", False)),
+        transform_group=transform,
+        files=files,
+        shards=shards,
+    )

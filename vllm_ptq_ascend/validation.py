@@ -121,7 +121,8 @@ def require_loaded(
 ) -> None:
     """Every checkpoint tensor the scheme needs arrived, for every shard of a fused layer."""
     for name in names:
-        param = getattr(layer, name, None)
+        owner, _, attr = name.rpartition(".")  # "<submodule>.<tensor>" for transform tensors
+        param = getattr(getattr(layer, owner, None) if owner else layer, attr, None)
         if param is None:
             continue
         got = getattr(param, "ptq_loaded_shards", set())

@@ -6,9 +6,15 @@ import logging
 import os
 from functools import lru_cache
 
-from vllm_ptq_ascend.kernels.base import Int8LinearSpec, KernelBackend, W4A8Spec, WeightOnlySpec
+from vllm_ptq_ascend.kernels.base import (
+    Int8LinearSpec,
+    IntDynamicSpec,
+    KernelBackend,
+    W4A8Spec,
+    WeightOnlySpec,
+)
 
-__all__ = ["Int8LinearSpec", "KernelBackend", "W4A8Spec", "WeightOnlySpec", "get_backend"]
+__all__ = ["Int8LinearSpec", "IntDynamicSpec", "KernelBackend", "W4A8Spec", "WeightOnlySpec", "get_backend"]
 logger = logging.getLogger(__name__)
 
 

@@ -47,6 +47,28 @@ class W4A8Spec:
     group_size: int  # -1: one group spanning the whole input (per-channel)
 
 
+@dataclass(frozen=True)
+class IntDynamicSpec:
+    """Symmetric per-channel int weights, activations quantized per token at run time.
+
+    For W4A4 and FlatQuant (W4A4/W4A8/W8A8). The layer arrives with ``weight`` int8 [out, in]
+    (values within ``weight_bits``) and ``weight_scale`` [out, 1]. An activation row x is
+    quantized as ``s = clip * max|x| / qmax``, ``q = clamp(round(x / s), -qmax - 1, qmax)``
+    with ``qmax = 2**(act_bits - 1) - 1`` (npu_dynamic_quant's and vLLM's int8 convention,
+    FlatQuant's quantizer). With ``kronecker`` = (n1, n2) the row is first transformed online,
+    x -> vec(L^T · X · R) with X = x viewed as [n1, n2] (i.e. x · (L ⊗ R)), from the layer's
+    ``ptq_left`` [n1, n1], ``ptq_right`` [n2, n2] and ``ptq_clip_ratio`` (a float).
+    """
+
+    weight_bits: int  # 4 or 8
+    act_bits: int  # 4 or 8
+    kronecker: tuple[int, int] | None = None
+
+    @property
+    def act_qmax(self) -> int:
+        return (1 << (self.act_bits - 1)) - 1
+
+
 class KernelBackend(ABC):
     """One platform's implementation of the quantized linear operations."""
 
@@ -98,6 +120,27 @@ class KernelBackend(ABC):
         out_dtype: torch.dtype,
     ) -> torch.Tensor:
         """int8 activations (per-token ``x_scale``) x int4 weights, dequantized, plus bias."""
+
+    # -- W4A4 / FlatQuant: dynamic int activations of act_bits, optional online transform --
+    @abstractmethod
+    def prepare_int_dynamic(self, layer: torch.nn.Module, spec: IntDynamicSpec) -> None:
+        """Turn the loaded int weight, scales (and transform factors) into this backend's layout."""
+
+    @abstractmethod
+    def quant_act_dynamic(self, layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transform (if the layer has one), clip and quantize 2-D activations per token:
+        (x_q in this backend's layout for :meth:`int_dynamic_mm`, per-token scale)."""
+
+    @abstractmethod
+    def int_dynamic_mm(
+        self,
+        layer: torch.nn.Module,
+        x_q: torch.Tensor,
+        x_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Quantized activations x int weights, dequantized to ``out_dtype``, plus bias."""
 
     # -- W4A16 / W8A16 ------------------------------------------------------
     @abstractmethod

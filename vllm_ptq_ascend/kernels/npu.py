@@ -42,22 +42,68 @@ Group sizes the op does not take (not a multiple of 32, or not below K), irregul
 layers of other dtypes fall back to the portable torch paths (weights dequantized once at load), with
 a warning naming the layer. npu_dynamic_quant and npu_weight_quant_batchmatmul take fp16/bf16 only:
 float32 layers are refused at load.
+
+W4A4 and FlatQuant (``prepare_int_dynamic``; vllm-ascend at 182b75ea84ff, Ascend/op-plugin at 517f2e7,
+hicann/ops-nn at e5c3fa9):
+- W4A4 dynamic: vllm_ascend/quantization/methods/w4a4_laos_dynamic.py: weight [out, in] int8 ->
+  ``npu_convert_weight_to_int4pack`` (int32 [out, in/8]) -> ``.transpose(-1, -2)``;
+  ``npu_dynamic_quant(x, dst_type=torch.quint4x2)`` (int32 [m, in/8], scale = rowMax|x| / 7);
+  ``npu_quant_matmul(xq, w, scale=weight_scale.view(-1) (float32), pertoken_scale=..., bias=None,
+  output_dtype=...)``, then ``+ bias``. That file asks for fp16 output and casts; here the model dtype
+  is asked for directly, as w4a4_flatquant.py does (op-plugin torch_npu-npu_quant_matmul.md table 2:
+  int32 x int32 with pertoken_scale gives bf16 or fp16, float32 scale, no bias).
+- FlatQuant W4A4: vllm_ascend/quantization/methods/w4a4_flatquant.py: weights packed as above
+  (``inner_k_tiles=1``, an unused reserved argument per the op-plugin docs) and passed as
+  ``weight_packed.t()``; ``left_trans`` stored transposed, both factors cast to x's dtype;
+  ``npu_kronecker_quant(x.view(-1, n1, n2), left.t(), right, clip_ratio=float, dst_dtype=torch.int32)``
+  in chunks of at most 32768 tokens (KRONECKER_QUANT_MAX_BATCH_SIZE, "a temporary workaround"), output
+  viewed as [m, in/8]; then npu_quant_matmul as above and ``+ bias``.
+- What npu_kronecker_quant computes (documented: op-plugin docs/zh/custom_APIs/torch_npu/
+  torch_npu-npu_kronecker_quant.md at 63f303d and ops-nn quant/flat_quant/docs/aclnnFlatQuant.md;
+  read in the kernel: ops-nn quant/flat_quant/op_kernel/flat_quant_cube.h, flat_quant_vec.h):
+  x'' = P1 @ (x @ P2) per token, quantScale = max|x''| * clip / 7 (float32, shape [tokens]),
+  out = x'' / quantScale rounded to nearest-even and packed 8 int4 per int32 along the last dim,
+  first value in the lowest nibble (the decoder in op-plugin test/test_custom_ops/
+  test_npu_kronecker_quant.py). So P1 = L^T and P2 = R give our vec(L^T X R). Shape limits: tokens
+  <= 262144, n1, n2 <= 256, n2 % 8 == 0; clip_ratio in (0, 1]. Intermediates: x @ P2 is stored in
+  x's dtype and x'' in float16 (for bf16 models too: |x''| beyond 65504 overflows there). Inferred,
+  not documented: the final half -> int4 cast saturates to [-8, 7] (Ascend's default saturation).
+  The op-plugin unit test's golden (skipped there) divides by 7 * clip instead; the docs, the ops-nn
+  kernel and its system-test golden agree on max * clip / 7, which is FlatQuant's clipping.
+Choices where vLLM-Ascend has none:
+- FlatQuant with 8-bit activations (W8A8 / W4A8 per channel): the transform runs in torch in float32
+  and the activations are quantized there too (torch_ops.per_token_quant_clipped, the portable
+  backend's code), then the dynamic W8A8 matmul (int4 weight values are an exact int8 weight).
+  npu_dynamic_quant is not used on this route: clamping to +-clip*max|x''| would fix its scale to
+  clip*max/127, but it is symmetric (max -> +-127), so it can never give the -128 that the scheme's
+  clamp to [-qmax-1, qmax] gives to clipped negative values; the torch quantization is exact and
+  costs the same elementwise passes (the amax and clamp are needed anyway).
+- W4A4 transforms npu_kronecker_quant does not take (n2 % 8 != 0, a factor above 256, clip ratio
+  above 1), W4A4 layers whose in/out features are not multiples of 8 and int8 weights with 4-bit
+  activations use the same torch quantization (int4 values in int8) and the int8 matmul, with a
+  warning. A clip ratio <= 0 or a transform that does not match the layer is refused at load, as
+  are float32 layers. Without a transform the clip ratio is 1 and npu_dynamic_quant's grid
+  ([-qmax, qmax], max -> qmax) is exactly the scheme's.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
 from vllm_ptq_ascend.kernels import torch_ops
-from vllm_ptq_ascend.kernels.base import Int8LinearSpec, W4A8Spec, WeightOnlySpec
+from vllm_ptq_ascend.kernels.base import Int8LinearSpec, IntDynamicSpec, W4A8Spec, WeightOnlySpec
 from vllm_ptq_ascend.kernels.torch_generic import TorchBackend, drop_params, set_param
 
 logger = logging.getLogger(__name__)
 
 ACL_FORMAT_FRACTAL_NZ = 29  # vllm_ascend/utils.py
 NPU_DTYPES = (torch.float16, torch.bfloat16)
+KRONECKER_QUANT_MAX_BATCH_SIZE = 32768  # vllm_ascend/quantization/methods/w4a4_flatquant.py
+KRONECKER_MAX_FACTOR = 256  # aclnnFlatQuant: n1, n2 in [1, 256]
+INT4_PER_INT32 = 8
 _INT8_PARAMS = ("weight", "weight_scale", "input_scale", "input_zero_point")
 
 
@@ -191,6 +237,130 @@ class NpuBackend(TorchBackend):
             return torch_ops.int8_x_dequantized_mm(x_q, x_scale, layer.ptq_w4a8_deq_t, bias, out_dtype)
         x = (x_q.float() * x_scale.float().reshape(-1, 1)).to(out_dtype)  # the int8 grid, in the model dtype
         return self._weight_quant_mm(layer, x, bias)
+
+    # -- W4A4 / FlatQuant ---------------------------------------------------------
+    def prepare_int_dynamic(self, layer: torch.nn.Module, spec: IntDynamicSpec) -> None:
+        self._require_npu_dtype(layer)
+        name = _layer_name(layer)
+        w_int = layer.weight.data.to(torch.int8)
+        out_f, in_f = w_int.shape
+        lo, hi = -(1 << (spec.weight_bits - 1)), (1 << (spec.weight_bits - 1)) - 1
+        if w_int.numel() and (int(w_int.min()) < lo or int(w_int.max()) > hi):
+            raise ValueError(
+                f"layer '{name}': weight values must lie in [{lo}, {hi}] for {spec.weight_bits}-bit "
+                f"weights, found [{int(w_int.min())}, {int(w_int.max())}]"
+            )
+        clip = 1.0
+        if spec.kronecker is not None:
+            n1, n2 = spec.kronecker
+            left, right = layer.ptq_left, layer.ptq_right
+            if n1 * n2 != in_f or tuple(left.shape) != (n1, n1) or tuple(right.shape) != (n2, n2):
+                raise ValueError(
+                    f"layer '{name}': Kronecker transform ({n1} x {n2}) with factors "
+                    f"{tuple(left.shape)} and {tuple(right.shape)} does not match {in_f} input features"
+                )
+            clip = float(layer.ptq_clip_ratio)
+            if not (math.isfinite(clip) and clip > 0):
+                raise ValueError(f"layer '{name}': activation clip ratio must be positive, got {clip}")
+        int4_gemm = spec.act_bits == 4 and spec.weight_bits == 4
+        if int4_gemm and (in_f % INT4_PER_INT32 or out_f % INT4_PER_INT32):
+            why = f"int4 matmul needs in/out features in multiples of 8 ({in_f}/{out_f})"
+            self._warn_int_dynamic(layer, why)
+            int4_gemm = False
+        elif spec.act_bits == 4 and not int4_gemm:
+            self._warn_int_dynamic(layer, f"{spec.weight_bits}-bit weights with 4-bit activations")
+        if spec.kronecker is None:  # clip 1: npu_dynamic_quant's grid is the scheme's
+            act = "dynamic" if int4_gemm or spec.act_bits == 8 else "torch"
+        elif not int4_gemm:  # 8-bit FlatQuant (by design), or a W4A4 fallback warned above
+            act = "torch"
+        elif n2 % INT4_PER_INT32 or max(n1, n2) > KRONECKER_MAX_FACTOR or clip > 1.0:
+            why = (
+                f"npu_kronecker_quant does not take clip ratio {clip} (it takes (0, 1])"
+                if clip > 1.0
+                else f"npu_kronecker_quant does not take a {n1} x {n2} transform (n2 % 8, n1, n2 <= 256)"
+            )
+            self._warn_int_dynamic(layer, why)
+            act, int4_gemm = "torch", False
+        else:
+            act = "kronecker"
+        layer.ptq_dynamic_spec = spec
+        layer.ptq_npu_act = act
+        layer.ptq_npu_gemm = "int4" if int4_gemm else "int8"
+        layer.ptq_npu_clip = clip
+        layer.ptq_npu_p1 = layer.ptq_npu_p2 = layer.ptq_npu_left = layer.ptq_npu_right = None
+        if act == "kronecker":  # as vllm-ascend: P1 = left^T, both in the model dtype
+            layer.ptq_npu_p1 = layer.ptq_left.data.t().contiguous().to(layer.params_dtype)
+            layer.ptq_npu_p2 = layer.ptq_right.data.contiguous().to(layer.params_dtype)
+        elif spec.kronecker is not None:  # transform in float32 in torch
+            layer.ptq_npu_left = layer.ptq_left.data.float().contiguous()
+            layer.ptq_npu_right = layer.ptq_right.data.float().contiguous()
+        if int4_gemm:
+            npu = _torch_npu()
+            packed = npu.npu_convert_weight_to_int4pack(w_int.to(torch.int32).contiguous())  # [out, in/8]
+            layer.ptq_npu_w = packed.t()  # (in/8, out): the transpose of a contiguous (n, k/8)
+            layer.ptq_npu_w_scale = layer.weight_scale.data.float().reshape(-1).contiguous()
+            layer.ptq_npu_static = False
+            drop_params(layer, "weight", "weight_scale")
+            return
+        layer.input_scale = layer.input_zero_point = None
+        self.prepare_int8(layer, Int8LinearSpec(True, False, True))
+
+    def quant_act_dynamic(self, layer, x):
+        spec: IntDynamicSpec = layer.ptq_dynamic_spec
+        act = layer.ptq_npu_act
+        if act == "dynamic":
+            dst_type = torch.quint4x2 if layer.ptq_npu_gemm == "int4" else None
+            return _torch_npu().npu_dynamic_quant(x, dst_type=dst_type)
+        if act == "kronecker":
+            return self._kronecker_quant(layer, x)
+        # "torch": transform in float32 and quantize exactly as the portable backend does (int8 storage)
+        xt = x.float()
+        if spec.kronecker is not None:
+            xt = torch_ops.kronecker_transform(xt, layer.ptq_npu_left, layer.ptq_npu_right)
+        x_q, scale = torch_ops.per_token_quant_clipped(xt, spec.act_qmax, layer.ptq_npu_clip)
+        return x_q, scale.reshape(-1)
+
+    def _kronecker_quant(self, layer, x):
+        npu = _torch_npu()
+        n1, n2 = layer.ptq_dynamic_spec.kronecker
+        p1, p2 = layer.ptq_npu_p1, layer.ptq_npu_p2
+        if p1.dtype != x.dtype:
+            p1, p2 = p1.to(x.dtype), p2.to(x.dtype)
+        x3 = x.reshape(-1, n1, n2)
+        clip = layer.ptq_npu_clip
+        outs, scales = [], []
+        for chunk in torch.split(x3, KRONECKER_QUANT_MAX_BATCH_SIZE, dim=0):
+            out, scale = npu.npu_kronecker_quant(chunk, p1, p2, clip_ratio=clip, dst_dtype=torch.int32)
+            outs.append(out)
+            scales.append(scale)
+        x_q = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        scale = scales[0] if len(scales) == 1 else torch.cat(scales, dim=0)
+        return x_q.view(-1, n1 * n2 // INT4_PER_INT32), scale.reshape(-1).float()
+
+    def int_dynamic_mm(self, layer, x_q, x_scale, bias, out_dtype):
+        x_scale = x_scale.reshape(-1).float()
+        if layer.ptq_npu_gemm == "int8":
+            return self.int8_mm(layer, x_q, x_scale, None, bias, out_dtype)
+        npu = _torch_npu()
+        out = npu.npu_quant_matmul(
+            x_q,
+            layer.ptq_npu_w,
+            layer.ptq_npu_w_scale,
+            pertoken_scale=x_scale,
+            bias=None,  # int4 x int4 with pertoken_scale takes no bias
+            output_dtype=out_dtype,
+        )
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        return out
+
+    @staticmethod
+    def _warn_int_dynamic(layer, why: str) -> None:
+        logger.warning(
+            "layer '%s': %s; activations are quantized in torch, then the int8 npu_quant_matmul",
+            _layer_name(layer),
+            why,
+        )
 
     # -- W4A16 / W8A16 ---------------------------------------------------------
     def prepare_weight_only(self, layer: torch.nn.Module, spec: WeightOnlySpec) -> None:

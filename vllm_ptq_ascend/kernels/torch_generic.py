@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from vllm_ptq_ascend.kernels import torch_ops
-from vllm_ptq_ascend.kernels.base import Int8LinearSpec, KernelBackend, W4A8Spec, WeightOnlySpec
+from vllm_ptq_ascend.kernels.base import (
+    Int8LinearSpec,
+    IntDynamicSpec,
+    KernelBackend,
+    W4A8Spec,
+    WeightOnlySpec,
+)
 
 
 class TorchBackend(KernelBackend):
@@ -73,6 +79,31 @@ class TorchBackend(KernelBackend):
         if layer.ptq_w4a8_deq_t is None:
             return self.int8_mm(layer, x_q, x_scale, None, bias, out_dtype)
         return torch_ops.int8_x_dequantized_mm(x_q, x_scale, layer.ptq_w4a8_deq_t, bias, out_dtype)
+
+    # -- W4A4 / FlatQuant ---------------------------------------------------------
+    def prepare_int_dynamic(self, layer: torch.nn.Module, spec: IntDynamicSpec) -> None:
+        # Per-channel int4/int8 values held in int8 are an exact int8 weight: the int8 GEMM
+        # (oneDNN on CPU) serves every weight width; only the activation grid differs.
+        w_int = torch_ops.unpack_weight(layer, spec.weight_bits)  # [out, in] int8 storage
+        drop_params(layer, "weight_packed", "weight_shape")
+        set_param(layer, "weight", w_int)
+        layer.input_scale = layer.input_zero_point = layer.azp_adj = None
+        self.prepare_int8(layer, Int8LinearSpec(True, False, True))
+        layer.ptq_dynamic_spec = spec
+        if spec.kronecker is not None:  # transform in float32 whatever the model dtype
+            layer.ptq_left = layer.ptq_left.float()
+            layer.ptq_right = layer.ptq_right.float()
+
+    def quant_act_dynamic(self, layer, x):
+        spec: IntDynamicSpec = layer.ptq_dynamic_spec
+        clip = 1.0
+        if spec.kronecker is not None:
+            x = torch_ops.kronecker_transform(x.float(), layer.ptq_left, layer.ptq_right)
+            clip = layer.ptq_clip_ratio
+        return torch_ops.per_token_quant_clipped(x, spec.act_qmax, clip)
+
+    def int_dynamic_mm(self, layer, x_q, x_scale, bias, out_dtype):
+        return self.int8_mm(layer, x_q, x_scale, None, bias, out_dtype)
 
     # -- W4A16 / W8A16 ---------------------------------------------------------
     def prepare_weight_only(self, layer: torch.nn.Module, spec: WeightOnlySpec) -> None:

@@ -65,6 +65,24 @@ def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x_q, scale
 
 
+def kronecker_transform(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` [M, n1*n2] times L ⊗ R, without forming it: vec(L^T · X · R), X = row as [n1, n2]."""
+    n1, n2 = left.shape[0], right.shape[0]
+    x3 = x.reshape(-1, n1, n2)
+    return (left.t() @ (x3 @ right)).reshape(x.shape)
+
+
+def per_token_quant_clipped(
+    x: torch.Tensor, qmax: int, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization to [-qmax-1, qmax] (int8 storage) with the range clipped
+    to ``clip_ratio`` of each row's max: (x_q, scale [M, 1]) (FlatQuant's activation quantizer)."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-10)
+    scale = amax * clip_ratio / qmax
+    x_q = torch.round(x.float() / scale).clamp(-qmax - 1, qmax).to(torch.int8)
+    return x_q, scale
+
+
 def static_quant_int8(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
     """Per-tensor int8 quantization with the checkpoint's scale (and zero point)."""
     q = torch.round(x.float() / scale.float())

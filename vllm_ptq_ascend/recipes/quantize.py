@@ -140,9 +140,32 @@ def model_card(info: dict[str, Any]) -> str:
             f"on the scan samples (every unit at the preset: KL {mixed['uniform']['kl']:.4f}, "
             f"{mixed['uniform']['ppl_change_pct']:+.2f}%)"
         )
+    flat = info.get("flatquant")
+    if flat:
+        lines.append(
+            f"- FlatQuant: {len(flat['blocks'])} blocks calibrated in {flat['seconds']} s; mean block MSE "
+            f"{flat['initial_mse_mean']:.4g} (identity transforms) -> {flat['best_mse_mean']:.4g} (learned)"
+        )
     lines.append("- libraries: " + ", ".join(f"{k} {v}" for k, v in info["libraries"].items()))
     lines.append(f"\nFull details: `{CARD_JSON}`.\n")
     return "\n".join(lines)
+
+
+def flatquant_summary(modifiers: list) -> dict | None:
+    """Per-block losses FlatQuantModifier recorded (before and after learning), or None."""
+    from vllm_ptq_ascend.recipes.flatquant import FlatQuantModifier
+
+    flat = [m for m in modifiers if isinstance(m, FlatQuantModifier)]
+    if not flat or not flat[0].history:
+        return None
+    blocks = flat[0].history
+    mean = lambda key: sum(b[key] for b in blocks.values()) / len(blocks)  # noqa: E731
+    return {
+        "blocks": blocks,
+        "initial_mse_mean": mean("initial_mse"),
+        "best_mse_mean": mean("best_mse"),
+        "seconds": round(sum(b["seconds"] for b in blocks.values()), 1),
+    }
 
 
 def quantize(
@@ -246,6 +269,7 @@ def quantize(
             "source_model": str(model_dir.resolve()),
             "calibration": calib_summary,
             "mixed_precision": mixed,
+            "flatquant": flatquant_summary(modifiers),
             "seconds": round(time.time() - start, 1),
             "libraries": {p: version(p.replace("_", "-")) for p in LIBRARIES},
         }

@@ -15,10 +15,10 @@ from vllm_ptq_ascend.kernels import W4A8Spec
 from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.base import PtqScheme
 
-NUM_BITS = 4
-
 
 class W4A8IntScheme(PtqScheme):
+    weight_bits = 4
+
     def __init__(
         self,
         layer_name: str,
@@ -42,7 +42,7 @@ class W4A8IntScheme(PtqScheme):
 
     def checkpoint_tensors(self, out_features, in_features):
         weight = (
-            int_weights.packed_weight_spec(NUM_BITS, out_features, in_features)
+            int_weights.packed_weight_spec(self.weight_bits, out_features, in_features)
             if self.packed
             else int_weights.int8_weight_spec(out_features, in_features)
         )
@@ -66,7 +66,7 @@ class W4A8IntScheme(PtqScheme):
         )
         if self.packed:
             int_weights.register_packed_weight(
-                layer, self, NUM_BITS, out_features, input_size_per_partition, weight_loader
+                layer, self, self.weight_bits, out_features, input_size_per_partition, weight_loader
             )
             int_weights.register_weight_shape(layer, self, weight_loader)
         else:
@@ -81,7 +81,7 @@ class W4A8IntScheme(PtqScheme):
 
     def validate_loaded(self, layer):
         int_weights.validate_scales_and_shape(self, layer)
-        int_weights.validate_int_range(self, layer, NUM_BITS)
+        int_weights.validate_int_range(self, layer, self.weight_bits)
 
     def prepare(self, layer):
         self.kernels.prepare_w4a8(layer, self.spec)

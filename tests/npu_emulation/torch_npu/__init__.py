@@ -20,7 +20,25 @@ Sources (the documentation and op adapter code of torch_npu, read 2026-08):
 - Ascend/op-plugin op_plugin/ops/opapi/ConvertWeightToINT4PackKernelNpuOpApi.cpp (packing order:
   8 consecutive values of the last dim per int32, first value in the lowest nibble, two's
   complement nibbles) and QuantMatmulKernelNpuOpApi.cpp (a float32 scale with no pertoken_scale and
-  a non-bf16 output goes through npu_trans_quant_param, i.e. FP19, as an int64 scale does).
+  a non-bf16 output goes through npu_trans_quant_param, i.e. FP19, as an int64 scale does; A4W4:
+  x1 and x2 both int32, x2 either (k, n/8) contiguous or the transpose of a contiguous (n, k/8)).
+- int4 activations (Ascend/op-plugin at 517f2e7): torch_npu-npu_dynamic_quant.md (dst_type=quint4x2:
+  scale = rowMax(|x|) / 7, int32 output with the last dim / 8, 8 int4 per int32; the last dim of x
+  a multiple of 8), test/test_custom_ops/test_npu_dynamic_quant.py (its int4 decoding: low nibble
+  first), torch_npu-npu_quant_matmul.md table 2 (int32 x int32 rows: fp16 output with an
+  int64/float32 scale and int32 or no bias; bf16/fp16 output with a float32 scale, a float32
+  pertoken_scale and no bias).
+- npu_kronecker_quant (op-plugin KroneckerQuantKernelNpuOpApi.cpp -> aclnnFlatQuant; docs in
+  Ascend/op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_kronecker_quant.md at 63f303d and
+  hicann/ops-nn quant/flat_quant/docs/aclnnFlatQuant.md at e5c3fa9; kernel hicann/ops-nn
+  quant/flat_quant/op_kernel/flat_quant_cube.h and flat_quant_vec.h at e5c3fa9):
+  x'' = P1 @ (x @ P2) per token; quantScale = max|x''| * clip / 7 (float32, shape (K,));
+  out = x'' * ((7 / clip) / max|x''|), packed 8 int4 per int32 along the last dim (low nibble first,
+  as the op-plugin test's decoder reads it). The kernel writes x @ P2 in x's dtype and P1 @ (..)
+  in float16 (F322F16 for both input dtypes), scales in float32, casts to half (RINT) and then to
+  int4 (CAST_NONE = RINT). Shape limits: K in [1, 262144], M and N in [1, 256], N % 8 == 0 for
+  int32 output; clip_ratio in (0, 1]. Inferred, not documented: the int4 cast saturates to
+  [-8, 7] (Ascend's default saturation mode; with clip < 1 the scaled values reach 7 / clip).
 """
 
 from __future__ import annotations
@@ -34,6 +52,7 @@ __all__ = [
     "npu_convert_weight_to_int4pack",
     "npu_dynamic_quant",
     "npu_format_cast",
+    "npu_kronecker_quant",
     "npu_quant_matmul",
     "npu_quantize",
     "npu_weight_quant_batchmatmul",
@@ -46,6 +65,8 @@ ACL_FORMAT_FRACTAL_NZ = 29
 _FORMAT_ATTR = "_npu_emulated_format"
 MAX_KN = 65535
 INT4_PER_INT32 = 8
+KRONECKER_MAX_K = 262144  # aclnnFlatQuant: x's first dim in [1, 262144] (tests may lower it)
+KRONECKER_MAX_MN = 256
 
 
 def _fail(op: str, msg: str, exc=RuntimeError):
@@ -95,7 +116,12 @@ def npu_convert_weight_to_int4pack(weight: torch.Tensor, inner_k_tiles: int = 0)
     lo, hi = int(weight.min()), int(weight.max())
     if lo < -8 or hi > 7:
         _fail(op, f"values must lie in the int4 range [-8, 7], found [{lo}, {hi}]", ValueError)
-    nib = (weight.to(torch.int64) & 0xF).reshape(weight.shape[0], -1, INT4_PER_INT32)
+    return pack_int4(weight)
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """Integers in [-8, 7] -> int32 with the last dim / 8: 8 nibbles per word, first value lowest."""
+    nib = (values.to(torch.int64) & 0xF).reshape(*values.shape[:-1], -1, INT4_PER_INT32)
     shifts = torch.arange(0, 32, 4, dtype=torch.int64)
     words = (nib << shifts).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
@@ -128,7 +154,11 @@ def _int4_weight_values(op: str, weight: torch.Tensor) -> torch.Tensor:
 
 # -- activation quantization ---------------------------------------------------------------
 def npu_dynamic_quant(x: torch.Tensor, *, smooth_scales=None, group_index=None, dst_type=None):
-    """Symmetric per-token int8: (round(x / scale), scale = rowMax(|x|) / 127 as float32)."""
+    """Symmetric per-token quantization: (round(x / scale), scale = rowMax(|x|) / DTYPE_MAX as float32).
+
+    int8 (``dst_type`` None or int8, DTYPE_MAX 127) or int4 (``torch.quint4x2``, DTYPE_MAX 7; the
+    result packed 8 per int32 along the last dim, which must be a multiple of 8).
+    """
     op = "npu_dynamic_quant"
     if x.dtype not in (torch.float16, torch.bfloat16):
         _fail(op, f"x must be float16 or bfloat16, got {x.dtype}", TypeError)
@@ -136,13 +166,63 @@ def npu_dynamic_quant(x: torch.Tensor, *, smooth_scales=None, group_index=None, 
         _fail(op, f"x must have more than 1 dim, got shape {tuple(x.shape)}")
     if smooth_scales is not None or group_index is not None:
         _fail(op, "smooth_scales / group_index are not emulated", NotImplementedError)
-    if dst_type not in (None, torch.int8):
-        _fail(op, f"dst_type {dst_type} is not emulated (int8 only)", NotImplementedError)
+    if dst_type not in (None, torch.int8, torch.quint4x2):
+        _fail(op, f"dst_type {dst_type} is not emulated (int8 and quint4x2 only)", NotImplementedError)
+    int4 = dst_type == torch.quint4x2
+    if int4 and x.shape[-1] % INT4_PER_INT32:
+        _fail(op, f"int4 output needs the last dim of x to be a multiple of 8, got {x.shape[-1]}")
+    qmax = 7 if int4 else 127
     xf = x.float()
-    scale = xf.abs().amax(dim=-1) / 127.0
+    scale = xf.abs().amax(dim=-1) / float(qmax)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    y = torch.round(xf / safe.unsqueeze(-1)).clamp(-128, 127).to(torch.int8)
-    return y, scale
+    y = torch.round(xf / safe.unsqueeze(-1)).clamp(-qmax - 1, qmax)
+    if int4:
+        return pack_int4(y.to(torch.int32)), scale
+    return y.to(torch.int8), scale
+
+
+def npu_kronecker_quant(x, kronecker_p1, kronecker_p2, clip_ratio=None, dst_dtype=None, dst_type_max=None):
+    """Per token (first dim): x'' = P1 @ (x @ P2), scale = max|x''| * clip / 7, int4 packed in int32.
+
+    Mirrors aclnnFlatQuant's A2/A3 kernel: x @ P2 accumulated in float32 and stored in x's dtype,
+    P1 @ (..) accumulated in float32 and stored in float16; max|x''| read from that float16 tensor;
+    x'' * ((7 / clip) / max) in float32, cast to half (RINT), then to int4 (RINT, saturating).
+    Returns (out int32 (K, M, N / 8), quant_scale float32 (K,)).
+    """
+    op = "npu_kronecker_quant"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        _fail(op, f"x must be float16 or bfloat16, got {x.dtype}", TypeError)
+    if x.dim() != 3:
+        _fail(op, f"x must be 3-D (K, M, N), got shape {tuple(x.shape)}")
+    k, m, n = x.shape
+    for name, p, size in (("kronecker_p1", kronecker_p1, m), ("kronecker_p2", kronecker_p2, n)):
+        if p.dtype != x.dtype:
+            _fail(op, f"{name} must have x's dtype {x.dtype}, got {p.dtype}", TypeError)
+        if tuple(p.shape) != (size, size):
+            _fail(op, f"{name} must be ({size}, {size}), got {tuple(p.shape)}")
+    if not 1 <= k <= KRONECKER_MAX_K:
+        _fail(op, f"the first dim of x must lie in [1, {KRONECKER_MAX_K}], got {k}")
+    if not (1 <= m <= KRONECKER_MAX_MN and 1 <= n <= KRONECKER_MAX_MN):
+        _fail(op, f"the last two dims of x must lie in [1, {KRONECKER_MAX_MN}], got ({m}, {n})")
+    if dst_dtype not in (None, torch.int32):
+        _fail(op, f"dst_dtype {dst_dtype} is not emulated (int32-packed int4 only)", NotImplementedError)
+    if dst_type_max not in (None, 0.0):
+        _fail(op, "dst_type_max is only for float4_e2m1fn_x2 output")
+    if n % INT4_PER_INT32:
+        _fail(op, f"int32 output needs the last dim of x to be a multiple of 8, got {n}")
+    clip = 1.0 if clip_ratio is None else float(clip_ratio)
+    if not 0.0 < clip <= 1.0:
+        _fail(op, f"clip_ratio must lie in (0, 1], got {clip}")
+    x1 = torch.matmul(x.float(), kronecker_p2.float()).to(x.dtype)  # cube: fp32 acc -> x's dtype
+    x2 = torch.matmul(kronecker_p1.float(), x1.float()).to(torch.float16)  # cube: fp32 acc -> fp16
+    max_value = x2.abs().amax(dim=(1, 2)).float()  # exact: a max of float16 values
+    clip32 = torch.tensor(clip, dtype=torch.float32)
+    seven = torch.tensor(7.0, dtype=torch.float32)
+    quant_scale = max_value * clip32 / seven
+    factor = torch.where(max_value != 0, (seven / clip32) / max_value, seven)
+    v = (x2.float() * factor.reshape(k, 1, 1)).to(torch.float16)  # Muls, Cast f32->f16 (RINT)
+    q = torch.round(v.float()).clamp(-8, 7)  # Cast f16->int4 (RINT), saturated (inferred)
+    return pack_int4(q.to(torch.int32)), quant_scale
 
 
 def npu_quantize(input, scales, zero_points, dtype, axis=1, div_mode=True):
@@ -215,39 +295,69 @@ _QMM_TABLE = {
 }
 
 
+# int32 x int32 (int4) rows of table 2: (scale dtypes, bias dtypes, pertoken, offset allowed);
+# an empty bias set means bias must be None. The pertoken row's offset column reads "float16" in the
+# docs (a 2-D-scale case): offset is not emulated here.
+_QMM_TABLE_INT4 = {
+    torch.float16: [
+        ({torch.int64, torch.float32}, {torch.int32}, False, False),
+        ({torch.float32}, set(), "required", False),
+    ],
+    torch.bfloat16: [({torch.float32}, set(), "required", False)],
+}
+
+
+def _int4_operands(op: str, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values of int32-packed int4 operands: x1 (m, k/8) contiguous -> [m, k]; x2 (k, n/8)
+    contiguous or the transpose of a contiguous (n, k/8) -> [k, n] (docs' int4 constraints)."""
+    if x1.dim() != 2 or x2.dim() != 2:
+        _fail(op, "batched int4 operands are not emulated (2-D only)", NotImplementedError)
+    if not x1.is_contiguous():
+        _fail(op, "an int32 (int4) x1 must be a contiguous (m, k//8)")
+    if get_npu_format(x2) != ACL_FORMAT_ND:
+        _fail(op, "FRACTAL_NZ int4 weights are not emulated (vLLM-Ascend keeps them ND)", NotImplementedError)
+    return unpack_int4pack(x1), _int4_weight_values(op, x2)
+
+
 def npu_quant_matmul(
     x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None, group_sizes=None
 ):
-    """int8 x int8 -> int32 accumulate -> dequant: ``(x1 @ x2 [+ int32 bias]) * scale [* pertoken]
-    [+ float bias]`` (docs formula; pertoken as in the grouped-matmul docs' formula 3)."""
+    """int8 x int8 (or int4 x int4, packed 8 per int32) -> int32 accumulate -> dequant:
+    ``(x1 @ x2 [+ int32 bias]) * scale [* pertoken] [+ float bias]`` (docs formula; pertoken as in
+    the grouped-matmul docs' formula 3)."""
     op = "npu_quant_matmul"
     out_dtype = torch.int8 if output_dtype is None else output_dtype
-    if x2.dtype == torch.int32 or x1.dtype == torch.int32:
-        _fail(op, "int4 (int32-packed) operands (A4W4 / A8W4) are not emulated", NotImplementedError)
-    if x1.dtype != torch.int8 or x2.dtype != torch.int8:
-        _fail(op, f"x1 and x2 must both be int8, got {x1.dtype} and {x2.dtype}", TypeError)
+    int4 = x1.dtype == torch.int32 and x2.dtype == torch.int32
+    if not int4 and torch.int32 in (x1.dtype, x2.dtype):
+        _fail(op, "mixed int8 / int32 operands (A8W4) are not emulated", NotImplementedError)
+    if not int4 and (x1.dtype != torch.int8 or x2.dtype != torch.int8):
+        _fail(op, f"x1 and x2 must both be int8 (or both int32), got {x1.dtype} and {x2.dtype}", TypeError)
     if group_sizes is not None:
         _fail(op, "group_sizes is only for A8W4, which is not emulated", NotImplementedError)
     if not 2 <= x1.dim() <= 6 or not 2 <= x2.dim() <= 6:
         _fail(op, f"x1/x2 must have 2 to 6 dims, got {x1.dim()} and {x2.dim()}")
     if get_npu_format(x1) != ACL_FORMAT_ND:
         _fail(op, "x1 must be ND")
-    k, n = x2.shape[-2], x2.shape[-1]
-    m = x1.shape[-2]
-    if x1.shape[-1] != k:
-        _fail(op, f"K of x1 ({x1.shape[-1]}) and x2 ({k}) differ: x2 must be laid out [k, n]")
-    if k > MAX_KN or n > MAX_KN:
-        _fail(op, f"the last dims of x1 and x2 must not exceed {MAX_KN}, got k={k}, n={n}")
+    if x1.shape[-1] > MAX_KN or x2.shape[-1] > MAX_KN:
+        _fail(
+            op,
+            f"the last dims of x1 and x2 must not exceed {MAX_KN}, got {x1.shape[-1]} and {x2.shape[-1]}",
+        )
+    a, b = _int4_operands(op, x1, x2) if int4 else (x1, x2)  # int8 values [.., m, k], [.., k, n]
+    k, n = b.shape[-2], b.shape[-1]
+    m = a.shape[-2]
+    if a.shape[-1] != k:
+        _fail(op, f"K of x1 ({a.shape[-1]}) and x2 ({k}) differ: x2 must be laid out [k, n]")
     # dtype combination
-    rows = _QMM_TABLE.get(out_dtype)
+    rows = (_QMM_TABLE_INT4 if int4 else _QMM_TABLE).get(out_dtype)
     if rows is None:
         _fail(op, f"output_dtype {output_dtype} is not supported", TypeError)
     ok = any(
         scale.dtype in s
-        and (bias is None or bias.dtype in b)
-        and (pertoken_scale is None or p)
+        and (bias is None or bias.dtype in b_dtypes)
+        and (pertoken_scale is not None if p == "required" else pertoken_scale is None or p)
         and (offset is None or o)
-        for s, b, p, o in rows
+        for s, b_dtypes, p, o in rows
     )
     if not ok:
         _fail(
@@ -274,7 +384,7 @@ def npu_quant_matmul(
     ):
         _fail(op, f"bias must be (n,) or (batch, 1, n) with n={n}, got shape {tuple(bias.shape)}")
     # int32 accumulation (exact in float64: |sum| <= 2^14 * 65535 < 2^53)
-    acc = torch.matmul(x1.double(), x2.double())
+    acc = torch.matmul(a.double(), b.double())
     if bias is not None and bias.dtype == torch.int32:
         acc = acc + bias.double()
     if scale.dtype == torch.int64:

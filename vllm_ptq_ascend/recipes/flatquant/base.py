@@ -1,0 +1,353 @@
+"""FlatQuantModifier: learned Kronecker transforms and clipping, block by block (arXiv 2410.09426).
+
+Lifecycle (llmcompressor's sequential pipeline, one decoder block per subgraph):
+
+- on_initialize: find the decoder blocks and their transform groups; attach an identity
+  ``flatquant-kronecker`` transform (compressed-tensors' ``apply_transform_config``) to the
+  input of every linear in them, so the model is unchanged and the checkpoint carries
+  ``transform_config`` and each layer's factors.
+- on_calibration_start: capture each block's inputs (args and kwargs) as calibration runs, with
+  quantization off (the QuantizationModifier calibrates in its own pass, after this one).
+- on_sequential_epoch_end: for the block just calibrated, compute its full-precision outputs
+  on the captured inputs, then train the transforms (AdamW, cosine schedule) to minimise the
+  MSE between those and the outputs of the block with fake-quantized weights and activations;
+  keep the best epoch; fold the inverse transforms into the weights in float64, the smoothing
+  scales into the norms, clamp each weight row to its learned clipping range, and set the
+  online transform's factors and activation clipping ratio. The pipeline then propagates the
+  block's outputs (folded weights, online transforms and clipping, unquantized) to the next.
+- on_calibration_end: remove hooks, turn quantization back on; every block must have been
+  calibrated. The QuantizationModifier that follows observes the folded weights (their
+  min-max range is the clipped one) and writes the int weights.
+
+The weights are quantized round-to-nearest by that QuantizationModifier, as FlatQuant's
+default; activations are quantized per token at run time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from compressed_tensors.quantization import disable_quantization, enable_quantization
+from compressed_tensors.transform import apply_transform_config
+from compressed_tensors.utils import update_offload_parameter
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers import Modifier
+from llmcompressor.utils.pytorch import infer_sequential_targets
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator
+from torch.utils._pytree import tree_map
+
+from vllm_ptq_ascend.kronecker import check_factors, fold_into_weight, transform_config
+from vllm_ptq_ascend.recipes.flatquant.structure import LinearGroup, block_groups
+from vllm_ptq_ascend.recipes.flatquant.trainable import FlatQuantLinear, TrainableTransform
+
+TRANSFORM_GROUP = "flatquant"
+
+__all__ = ["FlatQuantModifier"]
+
+
+class FlatQuantModifier(Modifier):
+    """Learn FlatQuant transforms for W4A4 / W4A8 / W8A8 (put a QuantizationModifier after it).
+
+    :param weight_bits: bits of the symmetric per-channel weights the following modifier writes
+    :param act_bits: bits of the per-token dynamic activations served
+    :param epochs: passes over the captured calibration inputs per block (paper: 15)
+    :param lr: AdamW learning rate of the transforms and smoothing scales (paper: 5e-3)
+    :param clip_lr: learning rate of the clipping ratios (paper: 5e-2)
+    :param batch_size: captured calibration batches per optimizer step (paper: 4)
+    :param smooth_alpha: SmoothQuant migration strength of the initial smoothing scale (paper: 0.3)
+    :param learn_smooth: learn a per-channel smoothing scale where a norm can absorb it
+    :param weight_clip: learn per-output-channel weight clipping
+    :param act_clip: learn a per-layer activation clipping ratio
+    :param seed: seed of the batch order
+    """
+
+    weight_bits: int = 4
+    act_bits: int = 4
+    requires_calibration_data: bool = True  # block inputs are needed: the sequential pipeline
+    epochs: int = Field(default=15, ge=0)
+    lr: float = Field(default=5e-3, gt=0)
+    clip_lr: float = Field(default=5e-2, gt=0)
+    batch_size: int = Field(default=4, ge=1)
+    smooth_alpha: float = Field(default=0.3, ge=0, le=1)
+    learn_smooth: bool = True
+    weight_clip: bool = True
+    act_clip: bool = True
+    seed: int = 0
+
+    _blocks: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
+    _inputs: dict[str, list] = PrivateAttr(default_factory=dict)
+    _calibrated: set[str] = PrivateAttr(default_factory=set)
+    #: per block: loss before training, best loss, seconds (read by tests and the model card)
+    history: dict[str, dict] = Field(default_factory=dict, exclude=True)
+
+    @field_validator("weight_bits", "act_bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in (4, 8):
+            raise ValueError(f"FlatQuant quantizes to 4 or 8 bits, got {v}")
+        return v
+
+    # -- lifecycle ---------------------------------------------------------------
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        targets = infer_sequential_targets(model, sequential_targets=kwargs.get("sequential_targets"))
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        self._blocks = {name: m for name, m in model.named_modules() if type(m).__name__ in targets}
+        if not self._blocks:
+            raise ValueError(f"FlatQuant: no decoder blocks of type {targets} in {type(model).__name__}")
+        layer_names = []
+        for name, block in self._blocks.items():
+            for group in block_groups(block, name):
+                layer_names += [f"{name}.{n}" for n in group.names]
+        apply_transform_config(model, transform_config(layer_names, TRANSFORM_GROUP))
+        for _, param in model.named_parameters():
+            param.requires_grad_(False)
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        # llmcompressor runs the QuantizationModifier after this one, in its own pass: until then
+        # its weight scales are unset, so blocks run (and propagate) unquantized, with the
+        # learned transforms and clipping of the blocks done so far.
+        state.model.apply(disable_quantization)
+        for name, block in self._blocks.items():
+            self.register_hook(block, self._capture(name), "forward_pre", with_kwargs=True)
+
+    def _capture(self, name: str):
+        def hook(module, args, kwargs):
+            detach = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
+            self._inputs.setdefault(name, []).append((tree_map(detach, args), tree_map(detach, kwargs)))
+
+        return hook
+
+    def on_sequential_epoch_end(self, state: State, event: Event, modules: list[torch.nn.Module], **kwargs):
+        names = {id(m): n for n, m in self._blocks.items()}
+        for module in modules:
+            name = names.get(id(module))
+            if name is not None and name not in self._calibrated:
+                self._calibrate(name, module)
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        self.remove_hooks()
+        state.model.apply(enable_quantization)
+        missing = sorted(set(self._blocks) - self._calibrated)
+        if missing:
+            raise RuntimeError(
+                f"FlatQuant: {len(missing)} decoder block(s) saw no calibration data "
+                f"(first: {', '.join(missing[:3])})"
+            )
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        self._inputs.clear()
+        return True
+
+    # -- one block ---------------------------------------------------------------
+    def _calibrate(self, name: str, block: torch.nn.Module) -> None:
+        calls = self._inputs.pop(name, None)
+        if not calls:
+            raise RuntimeError(f"FlatQuant: no calibration inputs were captured for block '{name}'")
+        start = time.perf_counter()
+        groups = block_groups(block, name)
+        dtype = next(block.parameters()).dtype
+        with torch.no_grad():
+            act_max = {id(g): torch.zeros(g.in_features) for g in groups}
+            hooks = [
+                g.linears[0].register_forward_pre_hook(self._record_max(act_max[id(g)]), prepend=True)
+                for g in groups
+            ]
+            try:
+                targets = [_output(block(*a, **k)).float() for a, k in calls]
+            finally:
+                for h in hooks:
+                    h.remove()
+        calls = [tree_map(_to_float32, c) for c in calls]
+
+        transforms = [
+            TrainableTransform(
+                g.in_features,
+                self.act_bits,
+                self._smooth_init(g, act_max[id(g)]) if (self.learn_smooth and g.norm is not None) else None,
+                self.act_clip,
+            )
+            for g in groups
+        ]
+        wrappers = [
+            [FlatQuantLinear(lin, t, self.weight_bits, self.weight_clip) for lin in g.linears]
+            for g, t in zip(groups, transforms)
+        ]
+        with _swapped(block, groups, wrappers), _float32(block), torch.enable_grad():
+            best = self._train(block, calls, targets, transforms, wrappers)
+        self._fold(groups, transforms, wrappers, best, dtype, name)
+        self.history[name] = {**best["stats"], "seconds": round(time.perf_counter() - start, 2)}
+        self._calibrated.add(name)
+        logger.info(
+            "FlatQuant {}: block MSE {:.3g} -> {:.3g} in {:.1f} s",
+            name,
+            best["stats"]["initial_mse"],
+            best["stats"]["best_mse"],
+            self.history[name]["seconds"],
+        )
+
+    @staticmethod
+    def _record_max(acc: torch.Tensor):
+        def hook(module, args):
+            x = args[0].detach().float()
+            acc.copy_(torch.maximum(acc, x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(acc.device)))
+
+        return hook
+
+    def _smooth_init(self, group: LinearGroup, act_max: torch.Tensor) -> torch.Tensor:
+        """SmoothQuant's s_j = max|x_j|^α / max|W_j|^(1-α) over the group's weights."""
+        w_max = torch.stack([lin.weight.detach().float().abs().amax(dim=0) for lin in group.linears]).amax(
+            dim=0
+        )
+        a = self.smooth_alpha
+        return (act_max.clamp(min=1e-5) ** a / w_max.clamp(min=1e-5) ** (1 - a)).clamp(min=1e-5)
+
+    def _train(self, block, calls, targets, transforms, wrappers) -> dict:
+        transform_params = [p for t in transforms for p in (t.left, t.right, t.log_smooth) if p is not None]
+        clip_params = [t.clip_logit for t in transforms if t.clip_logit.requires_grad]
+        clip_params += [w.clip_logit for ws in wrappers for w in ws if w.clip_logit.requires_grad]
+        steps_per_epoch = math.ceil(len(calls) / self.batch_size)
+        total = max(1, self.epochs * steps_per_epoch)
+        optimizer = torch.optim.AdamW(
+            [{"params": transform_params, "lr": self.lr}, {"params": clip_params, "lr": self.clip_lr}],
+            weight_decay=0.0,
+        )
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        trainables = [*transforms, *(w for ws in wrappers for w in ws)]
+
+        def loss_of(indices) -> torch.Tensor:
+            losses = [
+                F.mse_loss(_output(block(*calls[i][0], **calls[i][1])).float(), targets[i]) for i in indices
+            ]
+            return torch.stack(losses).mean()
+
+        with torch.no_grad():
+            initial = float(loss_of(range(len(calls))))
+        initial_state = _snapshot(trainables)
+        best = {"state": initial_state, "mse": initial, "epoch": 0}
+        order = torch.Generator().manual_seed(self.seed)
+        for epoch in range(1, self.epochs + 1):
+            perm = torch.randperm(len(calls), generator=order).tolist()
+            total_loss = 0.0
+            for i in range(0, len(perm), self.batch_size):
+                batch = perm[i : i + self.batch_size]
+                loss = loss_of(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total_loss += float(loss.detach()) * len(batch)
+            epoch_mse = total_loss / len(calls)
+            if math.isfinite(epoch_mse) and epoch_mse < best["mse"] and _invertible(transforms):
+                best = {"state": _snapshot(trainables), "mse": epoch_mse, "epoch": epoch}
+        _restore(trainables, best["state"])
+        with torch.no_grad():
+            final = float(loss_of(range(len(calls))))
+        if not final <= initial:  # the epoch mean was measured while training: keep the start if worse
+            _restore(trainables, initial_state)
+            final, best["epoch"] = initial, 0
+        best["stats"] = {
+            "initial_mse": initial,
+            "best_mse": final,
+            "best_epoch": best["epoch"],
+            "epochs": self.epochs,
+        }
+        return best
+
+    def _fold(self, groups, transforms, wrappers, best, dtype, block_name) -> None:
+        """Write the learned transform into the model: weights, norms, online transform modules."""
+        with torch.no_grad():
+            for group, t, ws in zip(groups, transforms, wrappers):
+                left, right = t.left.detach().double(), t.right.detach().double()
+                where = f"FlatQuant block '{block_name}' {group.names}"
+                check_factors(left, right, group.in_features, where)
+                smooth = t.smooth()
+                smooth = None if smooth is None else smooth.detach().double()
+                for lin, w in zip(group.linears, ws):
+                    folded = fold_into_weight(w.w, left, right, smooth)
+                    bound = folded.abs().amax(dim=1, keepdim=True) * w.clip_ratio().detach().double().reshape(
+                        -1, 1
+                    )
+                    folded = torch.maximum(torch.minimum(folded, bound), -bound)
+                    update_offload_parameter(lin, "weight", folded.to(dtype))
+                    online = getattr(lin, f"{TRANSFORM_GROUP}_input")
+                    online.left.data = left.to(online.left.dtype)
+                    online.right.data = right.to(online.right.dtype)
+                    online.clip_ratio.data = t.clip_ratio().detach().reshape(1).to(online.clip_ratio.dtype)
+                if smooth is not None:
+                    norm_w = group.norm.weight.detach().double() / smooth
+                    update_offload_parameter(group.norm, "weight", norm_w.to(group.norm.weight.dtype))
+
+
+def _output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _to_float32(x):
+    return x.detach().float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def _snapshot(modules) -> list[dict]:
+    return [{k: v.detach().clone() for k, v in m.named_parameters(recurse=False)} for m in modules]
+
+
+def _restore(modules, states) -> None:
+    with torch.no_grad():
+        for m, state in zip(modules, states):
+            for k, v in state.items():
+                getattr(m, k).copy_(v)
+
+
+def _invertible(transforms) -> bool:
+    try:
+        for t in transforms:
+            for f in (t.left, t.right):
+                if torch.linalg.cond(f.detach().double()).item() > 1e5:
+                    return False
+    except RuntimeError:
+        return False
+    return True
+
+
+class _swapped:
+    """Put the trainable wrappers in place of the block's linears, and the originals back after."""
+
+    def __init__(self, block, groups, wrappers):
+        self.items = [
+            (block, name, lin, w)
+            for g, ws in zip(groups, wrappers)
+            for name, lin, w in zip(g.names, g.linears, ws)
+        ]
+
+    def __enter__(self):
+        for block, name, _, w in self.items:
+            parent, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, attr, w)
+
+    def __exit__(self, *exc):
+        for block, name, lin, _ in self.items:
+            parent, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, attr, lin)
+
+
+class _float32:
+    """Run the block's own parameters (norms) in float32 while training; restore the dtype after."""
+
+    def __init__(self, block):
+        self.block = block
+        self.dtypes = {n: p.dtype for n, p in block.named_parameters()}
+
+    def __enter__(self):
+        for p in self.block.parameters():
+            if p.is_floating_point():
+                p.data = p.data.float()
+
+    def __exit__(self, *exc):
+        for n, p in self.block.named_parameters():
+            if n in self.dtypes:
+                p.data = p.data.to(self.dtypes[n])

@@ -1,0 +1,146 @@
+"""FlatQuant: an online Kronecker transform and clipping, then dynamic int activations.
+
+Per token: x -> x·(L ⊗ R) (L [n1, n1], R [n2, n2]), clipped to ``clip_ratio`` of its max,
+quantized per token to ``act_bits`` (4 or 8) and multiplied by symmetric per-channel int
+weights of ``weight_bits`` (4 or 8) that already hold the folded inverse transform (see
+``kronecker.py``). The transform's tensors come from the checkpoint's ``<group>_input``
+submodule of each layer (compressed-tensors ``transform_config``); the shards of a fused
+layer (q/k/v, gate/up) read one input, so their transforms must be identical.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_ptq_ascend.kernels import IntDynamicSpec
+from vllm_ptq_ascend.kronecker import TRANSFORM_TENSORS, check_factors, factor_sizes
+from vllm_ptq_ascend.schemes.base import SCALE_DTYPES
+from vllm_ptq_ascend.schemes.w4a4_int import W4A4IntScheme
+from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, checked_loader
+
+
+class FlatQuantScheme(W4A4IntScheme):
+    def __init__(
+        self,
+        layer_name: str,
+        *,
+        weight_bits: int,
+        act_bits: int,
+        packed: bool,
+        transform_group: str = "flatquant",
+        files=None,
+        shards=None,
+    ):
+        self.weight_bits = weight_bits
+        self.act_bits = act_bits
+        super().__init__(layer_name, packed=packed, files=files, shards=shards)
+        self.transform_module = f"{transform_group}_input"
+        self.tensor_names = self.tensor_names + tuple(
+            f"{self.transform_module}.{t}" for t in TRANSFORM_TENSORS
+        )
+
+    def describe(self) -> str:
+        fmt = "pack-quantized" if self.packed else "int-quantized"
+        return (
+            f"FlatQuant W{self.weight_bits}A{self.act_bits} (online Kronecker transform + clipping; "
+            f"int{self.weight_bits} symmetric per-channel weights, {fmt}; "
+            f"int{self.act_bits} dynamic per-token activations)"
+        )
+
+    def checkpoint_tensors(self, out_features, in_features):
+        n1, n2 = factor_sizes(in_features)
+        prefix = self.transform_module
+        return super().checkpoint_tensors(out_features, in_features) | {
+            f"{prefix}.left": TensorSpec(SCALE_DTYPES, ((n1, n1),)),
+            f"{prefix}.right": TensorSpec(SCALE_DTYPES, ((n2, n2),)),
+            f"{prefix}.clip_ratio": TensorSpec(SCALE_DTYPES, ((1,), ())),
+        }
+
+    def create_weights(
+        self,
+        layer,
+        input_size,
+        input_size_per_partition,
+        output_partition_sizes,
+        output_size,
+        params_dtype,
+        weight_loader,
+    ):
+        if input_size_per_partition != input_size:
+            # The transform mixes every input channel; a row-parallel shard holds only some.
+            raise CheckpointError(
+                f"{self.where('weight')}: FlatQuant layers cannot be split along their input "
+                f"(tensor parallelism gives this rank {input_size_per_partition} of {input_size} inputs); "
+                "serve this checkpoint with tensor_parallel_size=1"
+            )
+        super().create_weights(
+            layer,
+            input_size,
+            input_size_per_partition,
+            output_partition_sizes,
+            output_size,
+            params_dtype,
+            weight_loader,
+        )
+        n1, n2 = factor_sizes(input_size)
+        holder = torch.nn.Module()
+        for name, shape in (("left", (n1, n1)), ("right", (n2, n2)), ("clip_ratio", (1,))):
+            param = torch.nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
+            param.weight_loader = checked_loader(
+                self._same_for_every_shard(name),
+                layer_name=self.layer_name,
+                tensor=f"{self.transform_module}.{name}",
+                dtypes=SCALE_DTYPES,
+                files=self.files,
+                shards=self.shards,
+            )
+            holder.register_parameter(name, param)
+        layer.add_module(self.transform_module, holder)
+
+    def _same_for_every_shard(self, name: str):
+        """Load a transform tensor (any square size; checked after loading); fused shards must agree."""
+        where = f"{self.transform_module}.{name}"
+
+        def load(param, loaded_weight, shard_id=None):
+            value = (
+                loaded_weight.detach()
+                .to(torch.float32)
+                .reshape(-1 if name == "clip_ratio" else loaded_weight.shape)
+            )
+            if getattr(param, "ptq_loaded_shards", None):
+                if param.data.shape != value.shape or not torch.equal(param.data, value):
+                    raise CheckpointError(
+                        f"{self.where(where)} (shard {shard_id}): differs from the other shards' {name}; "
+                        "the layers fused here read one input and need one transform"
+                    )
+                return
+            param.data = value.clone()
+
+        return load
+
+    def validate_loaded(self, layer):
+        super().validate_loaded(layer)
+        holder = getattr(layer, self.transform_module)
+        try:
+            check_factors(
+                holder.left.data,
+                holder.right.data,
+                layer.input_size_per_partition,
+                self.where(f"{self.transform_module}.left/right"),
+            )
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
+        clip = holder.clip_ratio.data
+        if clip.numel() != 1 or not (0 < float(clip.reshape(-1)[0]) <= 1):
+            raise CheckpointError(
+                f"{self.where(self.transform_module + '.clip_ratio')}: must be one value in (0, 1], "
+                f"got {clip.reshape(-1).tolist()[:4]}"
+            )
+
+    def prepare(self, layer):
+        holder = getattr(layer, self.transform_module)
+        layer.ptq_left, layer.ptq_right = holder.left.data, holder.right.data
+        layer.ptq_clip_ratio = float(holder.clip_ratio.data.reshape(-1)[0])
+        delattr(layer, self.transform_module)
+        spec = IntDynamicSpec(self.weight_bits, self.act_bits, (holder.left.shape[0], holder.right.shape[0]))
+        self.kernels.prepare_int_dynamic(layer, spec)
