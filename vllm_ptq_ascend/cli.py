@@ -36,6 +36,9 @@ RECIPE_FLAGS = {
     "actorder": "actorder",
     "activations": "activations",
     "smoothing_strength": "smoothing_strength",
+    "epochs": "epochs",
+    "lr": "lr",
+    "clip_lr": "clip_lr",
 }
 CALIB_FLAGS = ("calib", "calib_samples", "calib_seq_len", "calib_modes", "calib_max_new_tokens", "seed")
 
@@ -324,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="w8a8-smoothquant: static per-tensor (default) or dynamic per-token scales",
     )
     r.add_argument("--smoothing-strength", type=float, default=_UNSET, help="SmoothQuant alpha (default 0.8)")
+    r.add_argument("--epochs", type=int, default=_UNSET, help="FlatQuant: epochs per block (default 15)")
+    r.add_argument("--lr", type=float, default=_UNSET, help="FlatQuant: transform lr (default 5e-3)")
+    r.add_argument("--clip-lr", type=float, default=_UNSET, help="FlatQuant: clipping lr (default 5e-2)")
     c = q.add_argument_group("calibration data (presets that calibrate)")
     c.add_argument(
         "--calib",

@@ -56,10 +56,15 @@ Tensors per label, as msModelSlim writes them (Ascend/msmodelslim
   version = the legacy unpacked layout (group 256 without ``group_size``). -> W4A8IntScheme
   with per-group scales ``weight_scale * weight_scale_second``; non-zero offsets and other
   versions are refused.
+- W4A4_FLATQUANT_DYNAMIC, W8A8_FLATQUANT_DYNAMIC, W4A8_FLATQUANT_DYNAMIC
+  (msmodelslim_flatquant.py, which records the sources read): the tensors of W8A8_DYNAMIC (int4
+  values in int8 for W4A4) or of W4A8_DYNAMIC "1.0.0" per channel, plus ``left_trans``,
+  ``right_trans`` (absent for o_proj) and ``clip_ratio`` -> FlatQuantScheme with L = left_trans,
+  R = right_trans and each fused shard's own clip ratio.
 - FLOAT: unquantized.
 
-Not served yet (a clear error naming the layer): W8A8_MIX, W4A4_*, *_FLATQUANT_*, MX and FP8
-labels.
+Not served yet (a clear error naming the layer): W8A8_MIX, W4A4_DYNAMIC, static and MX FlatQuant,
+MX and FP8 labels.
 """
 
 from __future__ import annotations
@@ -81,13 +86,13 @@ from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec
 
 DESCRIPTION_FILE = "quant_model_description.json"
 WHERE = DESCRIPTION_FILE
-SERVED = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "W4A8_DYNAMIC")
+FLATQUANT = ("W4A4_FLATQUANT_DYNAMIC", "W8A8_FLATQUANT_DYNAMIC", "W4A8_FLATQUANT_DYNAMIC")
+SERVED = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "W4A8_DYNAMIC", *FLATQUANT)
 NOT_YET = (
     "W8A8_MIX",
     "W4A4_DYNAMIC",
-    "W4A4_FLATQUANT_DYNAMIC",
-    "W8A8_FLATQUANT_DYNAMIC",
-    "W4A8_FLATQUANT_DYNAMIC",
+    "W8A8_FLATQUANT",  # static W8A8 under FlatQuant (ascendv1.py on_flat_clip_wrapper: label + "_FLATQUANT")
+    "W4A4_MXFP4_FLATQUANT",
     "W4A4_MXFP4",
     "W4A8_MXFP",
     "W8A8_MXFP8",
@@ -173,6 +178,10 @@ class ModelSlimDescription:
             return ModelSlimW8A8(prefix, files=files, shards=shards)
         if label == "W8A8_DYNAMIC":
             return ModelSlimW8A8Dynamic(prefix, files=files, shards=shards)
+        if label in FLATQUANT:
+            from vllm_ptq_ascend.msmodelslim_flatquant import flatquant_scheme
+
+            return flatquant_scheme(prefix, label, version=self.version, files=files, shards=shards)
         if label == "W4A8_DYNAMIC":
             from vllm_ptq_ascend.msmodelslim_w4a8 import ModelSlimW4A8Dynamic, w4a8_group_size
 

@@ -6,7 +6,8 @@ Each model (and serving path) is measured in a fresh Python process, so peak mem
   serve    streamed /v1/completions against `vllm serve` on 127.0.0.1: TTFT, TPOT, tokens/s;
   memory   the checkpoint's weight bytes, the KV cache vLLM allocated, peak RSS of the process;
   linear   with torch.profiler: time in our quantized linear layers, and the part of it spent
-           quantizing activations (dynamic per-token schemes only).
+           quantizing activations (dynamic per-token schemes only), of which FlatQuant's online
+           Kronecker transform (portable torch kernels; the NPU fuses it into npu_kronecker_quant).
 Serving paths: ``ptq_ascend`` (our plugin), ``stock`` (vLLM's own compressed-tensors support,
 ``--stock``), ``unquantized``.
 """
@@ -36,6 +37,7 @@ from vllm_ptq_ascend.eval.results import (
 
 LINEAR_LABEL = "ptq_ascend.linear"
 ACT_QUANT_LABEL = "ptq_ascend.act_quant"
+TRANSFORM_LABEL = "ptq_ascend.online_transform"  # FlatQuant's Kronecker transform, inside act_quant
 
 
 @dataclass(frozen=True)
@@ -119,25 +121,31 @@ def _labelled_linear_calls():
     """Wrap our linear layers' forward and activation quantization in profiler labels."""
     import torch
 
-    from vllm_ptq_ascend.kernels import get_backend
+    from vllm_ptq_ascend.kernels import get_backend, torch_ops
     from vllm_ptq_ascend.linear_method import PtqLinearMethod
 
+    def labelled(fn, label):
+        def call(*args, **kwargs):
+            with torch.profiler.record_function(label):
+                return fn(*args, **kwargs)
+
+        return call
+
     backend_cls = type(get_backend())
-    apply, quant = PtqLinearMethod.apply, backend_cls.quant_act_int8
-
-    def labelled_apply(self, layer, x, bias=None):
-        with torch.profiler.record_function(LINEAR_LABEL):
-            return apply(self, layer, x, bias)
-
-    def labelled_quant(self, layer, x):
-        with torch.profiler.record_function(ACT_QUANT_LABEL):
-            return quant(self, layer, x)
-
-    PtqLinearMethod.apply, backend_cls.quant_act_int8 = labelled_apply, labelled_quant
+    patches = [
+        (PtqLinearMethod, "apply", LINEAR_LABEL),
+        (backend_cls, "quant_act_int8", ACT_QUANT_LABEL),
+        (backend_cls, "quant_act_dynamic", ACT_QUANT_LABEL),
+        (torch_ops, "kronecker_transform", TRANSFORM_LABEL),
+    ]
+    originals = [getattr(owner, name) for owner, name, _ in patches]
+    for (owner, name, label), fn in zip(patches, originals):
+        setattr(owner, name, labelled(fn, label))
     try:
         yield
     finally:
-        PtqLinearMethod.apply, backend_cls.quant_act_int8 = apply, quant
+        for (owner, name, _), fn in zip(patches, originals):
+            setattr(owner, name, fn)
 
 
 def _linear_profile(llm, config: BenchConfig) -> dict | None:
@@ -152,17 +160,20 @@ def _linear_profile(llm, config: BenchConfig) -> dict | None:
         llm.generate(prompts, params, use_tqdm=False)  # warm-up
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             llm.generate(prompts, params, use_tqdm=False)
-    totals = {
-        e.key: e.cpu_time_total for e in prof.key_averages() if e.key in (LINEAR_LABEL, ACT_QUANT_LABEL)
-    }
+    labels = (LINEAR_LABEL, ACT_QUANT_LABEL, TRANSFORM_LABEL)
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key in labels}
     if not totals.get(ACT_QUANT_LABEL):
         return None
     linear_us = totals[LINEAR_LABEL]
-    return {
+    out = {
         "act_quant_ms": totals[ACT_QUANT_LABEL] / 1000,
         "linear_ms": linear_us / 1000,
         "act_quant_share": totals[ACT_QUANT_LABEL] / linear_us,
     }
+    if totals.get(TRANSFORM_LABEL):
+        transform_us = totals[TRANSFORM_LABEL]
+        out |= {"transform_ms": transform_us / 1000, "transform_share": transform_us / linear_us}
+    return out
 
 
 # ------------------------------------------------------------------ serve

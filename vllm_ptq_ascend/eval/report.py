@@ -425,6 +425,9 @@ def _speed_section(results: dict) -> list[str]:
 
     header = ["Model", "Path", "Bits", "Prefill tok/s", "Decode tok/s", "TTFT ms", "TPOT ms",
               "Weights MiB", "KV cache MiB", "Peak RSS MiB", "Act-quant share"]
+    transform = any(r.get("linear_transform_share") is not None for r in rows)
+    if transform:
+        header.append("Transform share")
     if ref:
         header += ["Prefill speedup", "Decode speedup"]
     table = []
@@ -442,6 +445,8 @@ def _speed_section(results: dict) -> list[str]:
             _fmt(r.get("memory_peak_rss_mib"), ",.1f"),
             _pct(r.get("linear_act_quant_share")),
         ]
+        if transform:
+            line.append(_pct(r.get("linear_transform_share")))
         if ref:
             line += [_fmt(r.get("prefill_speedup"), ".2f", "×"), _fmt(r.get("decode_speedup"), ".2f", "×")]
         table.append(line)
@@ -453,8 +458,10 @@ def _speed_section(results: dict) -> list[str]:
     if ref:
         note += f"; speedups are tok/s relative to the unquantized entry {ref}"
     out += [
-        note + ". Act-quant share: time in dynamic activation quantization / linear-layer time. Weights MiB:"
-        " the checkpoint's tensor bytes (kernels such as vLLM-CPU's oneDNN GEMMs keep repacked copies outside"
+        note + ". Act-quant share: time in dynamic activation quantization / linear-layer time."
+        + (" Transform share: FlatQuant's online Kronecker transform (in act-quant)." if transform else "")
+        + " Weights MiB: the checkpoint's tensor bytes (kernels such as vLLM-CPU's oneDNN GEMMs keep repacked"
+        " copies outside"
         " torch); peak RSS is the whole measuring process.",
         "",
     ]

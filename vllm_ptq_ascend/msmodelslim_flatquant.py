@@ -1,0 +1,347 @@
+"""msModelSlim FlatQuant dense linear layers -> FlatQuantScheme (schemes/flatquant.py).
+
+Labels ``W4A4_FLATQUANT_DYNAMIC``, ``W8A8_FLATQUANT_DYNAMIC`` and ``W4A8_FLATQUANT_DYNAMIC``: int
+weights of the first digit, an online Kronecker transform with activation clipping, then int
+activations of the second digit quantized per token.
+
+Sources read:
+
+- Producer, Ascend/msmodelslim at 3de0a3c4e96577644289563b0d3c4dccfa552c1b:
+  ``msmodelslim/core/quant_service/modelslim_v1/save/ascendv1.py`` ``on_flat_clip_wrapper`` (the
+  wrapped layer is saved by its own handler, every label rewritten ``*_DYNAMIC`` ->
+  ``*_FLATQUANT_DYNAMIC``; then ``<layer>.left_trans`` / ``<layer>.right_trans`` from the layer's
+  ``save_trans`` and ``<layer>.clip_ratio``), ``on_w8a8_dynamic_per_channel``,
+  ``on_w4a4_dynamic_per_channel`` and ``on_w4a8_dynamic`` (the weight tensors below);
+  ``msmodelslim/processor/flat_quant/flat_quant.py`` ``set_hook_ir`` (``clip_ratio =
+  act_quantizer.get_clip_ratio()``, i.e. sigmoid of the learned factor) and its config (``lac``
+  on by default, ``a_asym`` / ``w_asym`` off and not settable); ``.../flat_quant_utils/
+  trans_matrix.py`` (``SingleTransMatrix.forward``: "left" computes ``left.T @ X``, "right"
+  ``X @ right``, X the row viewed as [n1, n2]; ``get_save_params`` -> ``{"left_trans": L,
+  "right_trans": R}``), ``.../structure_pair.py`` (q/k/v and gate/up get one shared transform
+  object; ``AttnLinearLinearPair`` gives o_proj ``save_trans = left_trans`` only, its right factor
+  being folded into v_proj's output, ``weight_out_trans``), ``.../fake_clip_quantizer.py``
+  (``ActivationQuantizer``: one learned clip factor per linear; symmetric per-token scale
+  ``clip * max|x| / qmax``, ``q = clamp(round(x / s), -qmax - 1, qmax)``),
+  ``.../flat_quant_utils/utils.py`` ``get_decompose_dim`` (factor sizes). The legacy saver,
+  ``msmodelslim/pytorch/llm_ptq/llm_ptq_tools/save/complex_quantifier.py``
+  ``generate_weight_of_flat_linear_module``, writes W4A4_FLATQUANT_DYNAMIC alike (unpacked int8
+  weight, ``weight_scale`` / ``weight_offset`` [out, 1], ``clip_ratio`` = sigmoid, the same
+  ``left_trans`` / ``right_trans``). Docs: ``docs/zh/user_guide/quantization_formats/ascendv1.md``
+  "FlatQuant" (``x = x · Kronecker(left_trans, right_trans)``).
+- Consumer, vllm-project/vllm-ascend at 182b75ea84ff13ece27b57391331ef8935410aea:
+  ``vllm_ascend/quantization/methods/w4a4_flatquant.py`` (``weight`` int8 [out, in], ``weight_scale``
+  / ``weight_offset`` [out, 1] float32, ``left_trans`` / ``right_trans`` [a, a] / [b, b] of
+  ``get_decompose_dim(in)``, ``clip_ratio`` [1]; ``npu_kronecker_quant(x.view(-1, a, b),
+  left_trans.t(), right_trans, clip_ratio)``, which computes P1 @ X @ P2 (kernels/npu.py), i.e.
+  ``left_trans^T · X · right_trans``; the offset is not used). It has no W8A8 / W4A8 FlatQuant.
+
+The format as served here (``out`` / ``in``: the unfused layer's sizes):
+
+- ``weight``: W4A4 and W8A8 int8 [out, in], one value per byte (int4 values in [-8, 7]); W4A8
+  int8 [out / 2, in], int4 pairs packed along the output dim, as W4A8_DYNAMIC "1.0.0" (the
+  ascendV1 saver is the only one writing this label; other description versions are refused).
+- ``weight_scale`` [out, 1] float32, per channel (a per-group scale does not fit and is refused);
+  ``weight_offset`` [out, 1]: must be all zero (W8A8 / W4A8 savers write zeros; W4A4 writes the
+  quantizer's offset, zero for the symmetric weights FlatQuant trains); non-zero is refused.
+- W4A8 only: ``scale_bias`` ([out, 1], or [out, 16] for row-parallel layers), verified against the
+  weights and not used, as for W4A8_DYNAMIC (msmodelslim_w4a8.py).
+- ``left_trans`` [n1, n1], ``right_trans`` [n2, n2] (float), n1 * n2 = in: the served activation is
+  x -> vec(left_trans^T · X · right_trans) = x · (left_trans ⊗ right_trans), so FlatQuantScheme's
+  L = left_trans and R = right_trans, untransposed. Layers without ``right_trans`` (o_proj) use
+  R = identity of size in / n1. Any square sizes are accepted (msModelSlim's ``get_decompose_dim``
+  for the paired-norm and MLP layers, the head count for o_proj); singular or mis-sized factors are
+  refused naming the tensor.
+- ``clip_ratio`` [1] in (0, 1]: activations are clipped to ``clip_ratio * max|x|`` per token, which
+  is the scale of the symmetric quantization (the training quantizer's and npu_kronecker_quant's
+  ``max * clip / 7``).
+
+Fused layers: q/k/v (gate/up) carry identical ``left_trans`` / ``right_trans`` (one object in the
+producer; a checkpoint where they differ is refused) but one ``clip_ratio`` each, learned
+separately. Each shard is served with its own clip ratio: shards whose ratios differ run as
+separate row blocks (the transform and quantization per block, then one int GEMM each), so the
+layer computes exactly what msModelSlim calibrated. vLLM-Ascend's loader keeps the last shard's
+``clip_ratio`` for the whole fused layer (vLLM's v1 loader on a parameter without ``output_dim``).
+
+Inferred, not documented: that the stored ``clip_ratio`` is already the ratio (the saver writes
+``get_clip_ratio()``; vLLM-Ascend and its tests pass it straight to the kernel, e.g. 0.95), even
+though msModelSlim's ``FlatQuantOnlineWrapper._apply_clip`` and its docs apply a sigmoid to it
+again and clamp asymmetrically to [c * min, c * max]: we follow the training quantizer and the NPU
+kernel, which clip symmetrically to the quantization range. Tensor parallelism splitting a layer's
+input is refused (the transform mixes every input channel).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_ptq_ascend.kronecker import check_factors, factor_sizes
+from vllm_ptq_ascend.msmodelslim import ModelSlimW8A8Dynamic, drop, loaded
+from vllm_ptq_ascend.msmodelslim_w4a8 import PACKED_VERSION, ModelSlimW4A8Dynamic
+from vllm_ptq_ascend.schemes import int_weights
+from vllm_ptq_ascend.schemes.base import PtqScheme
+from vllm_ptq_ascend.schemes.flatquant import FlatQuantScheme
+from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec, require_loaded
+
+# label -> (weight bits, activation bits)
+BITS = {
+    "W4A4_FLATQUANT_DYNAMIC": (4, 4),
+    "W8A8_FLATQUANT_DYNAMIC": (8, 8),
+    "W4A8_FLATQUANT_DYNAMIC": (4, 8),
+}
+LABELS = tuple(BITS)
+SHARD_INDEX = {"q": 0, "k": 1, "v": 2}  # vLLM's qkv shard ids; gate/up are 0, 1
+GROUP = "flatquant"  # FlatQuantScheme's transform submodule: "flatquant_input"
+
+
+def modelslim_factor_sizes(n: int) -> tuple[int, int]:
+    """msModelSlim's (and vLLM-Ascend's) ``get_decompose_dim``: n = (a - b)(a + b) with the smallest a,
+    i.e. the factor pair of equal parity nearest to √n. There is none for n ≡ 2 (mod 4), where their
+    loop never ends (so no checkpoint exists): our nearest pair is used then."""
+    for n1 in range(math.isqrt(n), 0, -1):
+        if n % n1 == 0 and (n // n1 - n1) % 2 == 0:
+            return n1, n // n1
+    return factor_sizes(n)
+
+
+def _holder(left: torch.Tensor, right: torch.Tensor, clip: float) -> torch.nn.Module:
+    """FlatQuantScheme's ``<group>_input`` submodule."""
+    holder = torch.nn.Module()
+    for name, t in (("left", left), ("right", right), ("clip_ratio", torch.tensor([clip]))):
+        holder.register_parameter(name, torch.nn.Parameter(t.float(), requires_grad=False))
+    return holder
+
+
+class _FlatQuant:
+    """Mixin over an msModelSlim int scheme (its weight tensors and checks) adding the transform."""
+
+    label = ""
+    weight_bits = act_bits = 0
+
+    def _setup(self, label: str) -> None:
+        self.label = label
+        self.weight_bits, self.act_bits = BITS[label]
+        self.tensor_names = (*self.tensor_names, "left_trans", "clip_ratio")
+
+    def describe(self) -> str:
+        if self.inner is not None:
+            return f"msModelSlim {self.label} -> {self.inner.describe()}"
+        return (
+            f"msModelSlim {self.label} (FlatQuant: online left_trans ⊗ right_trans, clip_ratio per shard; "
+            f"int{self.weight_bits} symmetric per-channel weights, int{self.act_bits} dynamic per-token "
+            "activations)"
+        )
+
+    def checkpoint_tensors(self, out_features, in_features):
+        return super().checkpoint_tensors(out_features, in_features) | {
+            "left_trans": TensorSpec(FLOAT_DTYPES),  # any square size (o_proj: the head count)
+            "right_trans": TensorSpec(FLOAT_DTYPES, required=False),  # none for o_proj
+            "clip_ratio": TensorSpec(FLOAT_DTYPES, ((1,), ())),
+        }
+
+    def create_weights(
+        self,
+        layer,
+        input_size,
+        input_size_per_partition,
+        output_partition_sizes,
+        output_size,
+        params_dtype,
+        weight_loader,
+    ):
+        if input_size_per_partition != input_size:
+            raise CheckpointError(
+                f"{self.where('left_trans')}: FlatQuant layers cannot be split along their input "
+                f"(tensor parallelism gives this rank {input_size_per_partition} of {input_size} inputs); "
+                "serve this checkpoint with tensor_parallel_size=1"
+            )
+        super().create_weights(
+            layer,
+            input_size,
+            input_size_per_partition,
+            output_partition_sizes,
+            output_size,
+            params_dtype,
+            weight_loader,
+        )
+        n1, n2 = modelslim_factor_sizes(input_size)  # the sizes vLLM-Ascend registers
+        for name, shape in (("left_trans", (n1, n1)), ("right_trans", (n2, n2))):
+            param = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float32), requires_grad=False)
+            param.weight_loader = self.loader(self._shared(name), name, FLOAT_DTYPES)
+            layer.register_parameter(name, param)
+        clip = torch.nn.Parameter(torch.zeros(len(output_partition_sizes)), requires_grad=False)
+        clip.weight_loader = self.loader(self._per_shard_clip, "clip_ratio", FLOAT_DTYPES)
+        layer.register_parameter("clip_ratio", clip)
+
+    def _shared(self, name: str):
+        """Load a factor whole (any shape: checked after loading); fused shards must agree."""
+
+        def load(param, loaded_weight, shard_id=None):
+            value = loaded_weight.detach().to(torch.float32)
+            if getattr(param, "ptq_loaded_shards", None):
+                if param.data.shape != value.shape or not torch.equal(param.data, value):
+                    raise CheckpointError(
+                        f"{self.where(name)} (shard {shard_id}): differs from the other shards' {name}; "
+                        "the layers fused here read one input and need one transform"
+                    )
+                return
+            param.data = value.clone()
+
+        return load
+
+    def _per_shard_clip(self, param, loaded_weight, shard_id=None):
+        value = loaded_weight.detach().to(torch.float32).reshape(-1)
+        if value.numel() != 1:
+            raise CheckpointError(
+                f"{self.where('clip_ratio')}: must hold one value, got shape {tuple(loaded_weight.shape)}"
+            )
+        index = 0 if shard_id is None else SHARD_INDEX.get(shard_id, shard_id)
+        param.data[int(index)] = value[0]
+
+    def _factors(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        in_f = layer.input_size_per_partition
+        left = layer.left_trans.data.float()
+        if loaded(layer, "right_trans"):
+            require_loaded(layer, self.layer_name, ("right_trans",), self.files, self.shards)
+            right = layer.right_trans.data.float()
+        else:  # o_proj: msModelSlim folds the right factor into v_proj's output
+            n1 = left.shape[0] if left.dim() == 2 and left.shape[0] == left.shape[1] else 0
+            if not n1 or in_f % n1:
+                raise CheckpointError(
+                    f"{self.where('left_trans')}: shape {tuple(left.shape)} does not fit the layer's {in_f} "
+                    "inputs (a square factor dividing them; without right_trans the right factor is the "
+                    "identity)"
+                )
+            right = torch.eye(in_f // n1)
+        try:
+            check_factors(left, right, in_f, self.where("left_trans/right_trans"))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
+        return left, right
+
+    def _clip_ratios(self, layer) -> list[float]:
+        clips = layer.clip_ratio.data.reshape(-1).tolist()
+        names = self.shards if len(clips) == len(self.shards) else [self.layer_name] * len(clips)
+        for shard, c in zip(names, clips):
+            if not (math.isfinite(c) and 0 < c <= 1):
+                raise CheckpointError(
+                    f"{self.where('clip_ratio')}{f' (shard {shard})' if len(clips) > 1 else ''}: must be "
+                    f"in (0, 1] (msModelSlim stores the sigmoid of its learned clip factor), got {c}"
+                )
+        return clips
+
+    def translate(self, layer):
+        # the int scheme's checks and layout: weight int8 [out, in], weight_scale [out, 1], zero offsets
+        super().translate(layer)
+        left, right = self._factors(layer)
+        clips = self._clip_ratios(layer)
+        drop(layer, "left_trans", "right_trans", "clip_ratio")
+        layer.add_module(f"{GROUP}_input", _holder(left, right, clips[0]))
+        whole = self._flatquant(self.shards)
+        widths = list(layer.logical_widths)
+        if len(set(clips)) == 1 or len(clips) != len(widths):
+            return whole
+        runs: list[tuple[float, list[int], list[str]]] = []  # consecutive shards with one clip ratio
+        for i, (c, w) in enumerate(zip(clips, widths)):
+            if runs and runs[-1][0] == c:
+                runs[-1][1].append(w)
+                runs[-1][2].append(self.shards[i])
+            else:
+                runs.append((c, [w], [self.shards[i]]))
+        return _ClipBlocks(self, whole, runs)
+
+    def _flatquant(self, shards: list[str]) -> FlatQuantScheme:
+        return FlatQuantScheme(
+            self.layer_name,
+            weight_bits=self.weight_bits,
+            act_bits=self.act_bits,
+            packed=False,
+            transform_group=GROUP,
+            files=self.files,
+            shards=shards,
+        )
+
+
+class ModelSlimFlatQuant(_FlatQuant, ModelSlimW8A8Dynamic):
+    """W4A4_FLATQUANT_DYNAMIC / W8A8_FLATQUANT_DYNAMIC: W8A8_DYNAMIC's tensors (int4 values in int8
+    for W4A4) plus the transform."""
+
+    def __init__(self, layer_name: str, *, label: str, files=None, shards=None):
+        super().__init__(layer_name, files, shards)
+        self._setup(label)
+
+
+class ModelSlimFlatQuantW4A8(_FlatQuant, ModelSlimW4A8Dynamic):
+    """W4A8_FLATQUANT_DYNAMIC: W4A8_DYNAMIC's per-channel "1.0.0" tensors plus the transform."""
+
+    def __init__(self, layer_name: str, *, version: str, files=None, shards=None, row_parallel=None):
+        if version != PACKED_VERSION:
+            raise CheckpointError(
+                f"quant_model_description.json: layer '{layer_name}' has label 'W4A8_FLATQUANT_DYNAMIC' "
+                f"with description version {version!r}; only msModelSlim's ascendV1 layout (version "
+                f"'{PACKED_VERSION}': int4 pairs packed along the output dim, scale_bias) is served"
+            )
+        super().__init__(
+            layer_name, group_size=0, version=version, files=files, shards=shards, row_parallel=row_parallel
+        )
+        self._setup("W4A8_FLATQUANT_DYNAMIC")
+
+    def packed_dim(self) -> int:
+        """The weight holds int4 pairs along the output dim (for ``inspect``'s layer sizes)."""
+        return 0
+
+
+class _ClipBlocks(PtqScheme):
+    """A fused layer whose shards have different clip ratios: one FlatQuantScheme per run of shards
+    with one ratio, on its rows of the weight, outputs concatenated."""
+
+    def __init__(self, outer: _FlatQuant, whole: FlatQuantScheme, runs):
+        super().__init__(outer.layer_name, outer.files, outer.shards)
+        self.outer, self.whole, self.runs = outer, whole, runs
+
+    def describe(self) -> str:
+        ratios = ", ".join(f"{'/'.join(s.rsplit('.', 1)[-1] for s in shards)}: {c:.4g}" for c, _, shards in self.runs)
+        return f"{self.whole.describe()}; clip ratio per shard ({ratios})"
+
+    def create_weights(self, *args, **kwargs):  # created by the msModelSlim scheme
+        raise NotImplementedError
+
+    def validate_loaded(self, layer):
+        self.whole.validate_loaded(layer)  # weight range, scales, factors (clip ratios: translate)
+
+    def prepare(self, layer):
+        holder = getattr(layer, f"{GROUP}_input")
+        delattr(layer, f"{GROUP}_input")
+        w, s = layer.weight.data, layer.weight_scale.data
+        in_f = layer.input_size_per_partition
+        blocks, start = [], 0
+        for clip, widths, shards in self.runs:
+            end = start + sum(widths)
+            sub = torch.nn.Module()
+            sub.prefix = getattr(layer, "prefix", "") or self.layer_name
+            int_weights.setup_layer(sub, in_f, in_f, widths, end - start, layer.params_dtype)
+            sub.register_parameter("weight", torch.nn.Parameter(w[start:end].contiguous(), requires_grad=False))
+            sub.register_parameter(
+                "weight_scale", torch.nn.Parameter(s[start:end].contiguous(), requires_grad=False)
+            )
+            sub.add_module(f"{GROUP}_input", _holder(holder.left.data, holder.right.data, clip))
+            scheme = self.outer._flatquant(shards)
+            scheme.prepare(sub)
+            blocks.append((sub, scheme, start, end))
+            start = end
+        layer.ptq_flatquant_blocks = blocks
+        drop(layer, "weight", "weight_scale")
+
+    def apply_weights(self, layer, x, bias=None):
+        outs = [
+            scheme.apply_weights(sub, x, None if bias is None else bias[start:end])
+            for sub, scheme, start, end in layer.ptq_flatquant_blocks
+        ]
+        return torch.cat(outs, dim=-1)
+
+
+def flatquant_scheme(layer_name: str, label: str, *, version: str, files=None, shards=None) -> PtqScheme:
+    if label == "W4A8_FLATQUANT_DYNAMIC":
+        return ModelSlimFlatQuantW4A8(layer_name, version=version, files=files, shards=shards)
+    return ModelSlimFlatQuant(layer_name, label=label, files=files, shards=shards)
