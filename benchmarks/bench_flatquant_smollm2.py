@@ -1,7 +1,7 @@
 """FlatQuant on SmolLM2-135M-Instruct: perplexity of bf16, RTN W4A4 and FlatQuant W4A4/W4A8/W8A8,
 calibration wall time and peak RSS, serving speed with and without the online transform.
 
-    python benchmarks/bench_flatquant_smollm2.py [--calib-samples 32 --calib-seq-len 256 --epochs 15]
+    python benchmarks/bench_flatquant_smollm2.py [--calib-samples 16 --calib-seq-len 256 --epochs 10]
 
 Steps, each through the CLI and resumable (finished checkpoints and results are kept):
   1. `quantize` each preset in its own process, timed, with its peak RSS (getrusage of the child);
@@ -48,9 +48,9 @@ def quantize(base: Path, preset: str, calib: list[str]) -> dict:
         args += calib
     print("+ vllm-ptq-ascend", " ".join(args), flush=True)
     start = time.time()
-    proc = subprocess.run(
-        [sys.executable, "-c", RSS_WRAPPER, *CLI, *args], cwd=REPO, check=True, capture_output=True, text=True
-    )
+    command = [sys.executable, "-c", RSS_WRAPPER, *CLI, *args]
+    # stdout is parsed; progress (stderr) passes through
+    proc = subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)
     seconds = time.time() - start
     rss = int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PEAK_RSS_KIB")))
     card = json.loads((ckpt / "ptq_ascend_card.json").read_text())
@@ -75,9 +75,9 @@ def run(*args: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seq-len", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--skip-bench", action="store_true")
     a = p.parse_args()
     from vllm_ptq_ascend.models.embedded import embedded_model_dir

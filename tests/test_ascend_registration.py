@@ -21,10 +21,24 @@ import vllm_ascend_stub
 from npu_helpers import use_npu_emulation
 
 from vllm_ptq_ascend import plugin
-from vllm_ptq_ascend.ascend import MsModelSlimW4A8DynamicLinear, MsModelSlimW4A16Linear
+from vllm_ptq_ascend.ascend import (
+    MsModelSlimW4A8DynamicLinear,
+    MsModelSlimW4A8FlatQuantLinear,
+    MsModelSlimW4A16Linear,
+    MsModelSlimW8A8FlatQuantLinear,
+)
 
 KEY = ("W4A16", "linear")
 W4A8_KEY = ("W4A8_DYNAMIC", "linear")
+W8A8_FQ_KEY = ("W8A8_FLATQUANT_DYNAMIC", "linear")
+W4A8_FQ_KEY = ("W4A8_FLATQUANT_DYNAMIC", "linear")
+W4A4_FQ_KEY = ("W4A4_FLATQUANT_DYNAMIC", "linear")  # vLLM-Ascend has it (methods/w4a4_flatquant.py)
+OURS = {
+    KEY: MsModelSlimW4A16Linear,
+    W4A8_KEY: MsModelSlimW4A8DynamicLinear,
+    W8A8_FQ_KEY: MsModelSlimW8A8FlatQuantLinear,
+    W4A8_FQ_KEY: MsModelSlimW4A8FlatQuantLinear,
+}
 
 
 @pytest.fixture
@@ -35,8 +49,8 @@ def stub(monkeypatch):
 def test_keys_added_once(stub):
     plugin.register()
     plugin.register()
-    assert set(stub._SCHEME_REGISTRY) == {KEY, W4A8_KEY}
-    for key, adapter in ((KEY, MsModelSlimW4A16Linear), (W4A8_KEY, MsModelSlimW4A8DynamicLinear)):
+    assert set(stub._SCHEME_REGISTRY) == set(OURS)  # never W4A4_FLATQUANT_DYNAMIC, even when free
+    for key, adapter in OURS.items():
         cls = stub.get_scheme_class(*key)
         assert issubclass(cls, adapter) and issubclass(cls, vllm_ascend_stub.AscendLinearScheme)
 
@@ -48,12 +62,40 @@ def test_existing_key_is_left_alone(stub, caplog):
     class TheirW4A8:
         pass
 
-    stub.register_scheme(*KEY)(TheirW4A16)
-    stub.register_scheme(*W4A8_KEY)(TheirW4A8)
+    class TheirW4A4FlatQuant:
+        pass
+
+    class TheirW8A8FlatQuant:
+        pass
+
+    class TheirW4A8FlatQuant:
+        pass
+
+    theirs = {
+        KEY: TheirW4A16,
+        W4A8_KEY: TheirW4A8,
+        W4A4_FQ_KEY: TheirW4A4FlatQuant,
+        W8A8_FQ_KEY: TheirW8A8FlatQuant,
+        W4A8_FQ_KEY: TheirW4A8FlatQuant,
+    }
+    for key, cls in theirs.items():
+        stub.register_scheme(*key)(cls)
     with caplog.at_level(logging.INFO, logger="vllm_ptq_ascend.ascend"):
         plugin.register()
-    assert stub._SCHEME_REGISTRY == {KEY: TheirW4A16, W4A8_KEY: TheirW4A8}
-    assert "already has TheirW4A16" in caplog.text and "already has TheirW4A8" in caplog.text
+    assert stub._SCHEME_REGISTRY == theirs
+    for cls in (TheirW4A16, TheirW4A8, TheirW8A8FlatQuant, TheirW4A8FlatQuant):
+        assert f"already has {cls.__name__}" in caplog.text
+
+
+def test_flatquant_keys_added_next_to_vllm_ascends_w4a4_flatquant(stub):
+    class TheirW4A4FlatQuant:  # as vLLM-Ascend registers it
+        pass
+
+    stub.register_scheme(*W4A4_FQ_KEY)(TheirW4A4FlatQuant)
+    plugin.register()
+    assert stub._SCHEME_REGISTRY[W4A4_FQ_KEY] is TheirW4A4FlatQuant
+    assert issubclass(stub.get_scheme_class(*W8A8_FQ_KEY), MsModelSlimW8A8FlatQuantLinear)
+    assert issubclass(stub.get_scheme_class(*W4A8_FQ_KEY), MsModelSlimW4A8FlatQuantLinear)
 
 
 def test_w4a8_key_added_when_only_w4a16_is_taken(stub):
@@ -69,10 +111,11 @@ def test_w4a8_key_added_when_only_w4a16_is_taken(stub):
 
 def test_duplicate_raised_by_register_scheme_is_caught(stub, caplog, monkeypatch):
     monkeypatch.setattr(stub, "get_scheme_class", lambda *k: None)  # the key appears between check and add
-    stub._SCHEME_REGISTRY[KEY] = stub._SCHEME_REGISTRY[W4A8_KEY] = object
+    for key in OURS:
+        stub._SCHEME_REGISTRY[key] = object
     with caplog.at_level(logging.INFO, logger="vllm_ptq_ascend.ascend"):
         plugin.register()
-    assert stub._SCHEME_REGISTRY == {KEY: object, W4A8_KEY: object}
+    assert stub._SCHEME_REGISTRY == dict.fromkeys(OURS, object)
     assert "Scheme already registered" in caplog.text
 
 
@@ -114,7 +157,9 @@ def _create_weights(scheme, layer, in_f, out_f, dtype, layer_type):
         if packed[0] is not None:
             set_weight_attrs(p, {"packed_dim": packed[0], "packed_factor": packed[1]})
         layer.register_parameter(name, p)
-    assert scheme.get_pertensor_param(dtype, layer_type=layer_type) == {}
+    for name, t in scheme.get_pertensor_param(dtype, layer_type=layer_type).items():
+        # vLLM-Ascend: a PerTensorScaleParameter loaded by the layer's v1 loader (whole, unchecked)
+        layer.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
     params = scheme.get_perchannel_param(out_f, dtype)
     params.update(scheme.get_pergroup_param(in_f, out_f, dtype, layer_type=layer_type))
     for name, t in params.items():
@@ -269,3 +314,114 @@ def test_w4a8_dynamic_adapter_refuses_an_unknown_version(monkeypatch):
     monkeypatch.setattr("vllm.config.get_current_vllm_config", lambda: vllm_config)
     with pytest.raises(CheckpointError, match=r"description version '2.0.0'"):
         MsModelSlimW4A8DynamicLinear()
+
+
+# -- the FlatQuant adapters end to end -------------------------------------------------------------
+FQ_ADAPTERS = {
+    "W8A8_FLATQUANT_DYNAMIC": MsModelSlimW8A8FlatQuantLinear,
+    "W4A8_FLATQUANT_DYNAMIC": MsModelSlimW4A8FlatQuantLinear,
+}
+
+
+def _use_description(monkeypatch, quant_type, version="1.0.0"):
+    desc = {"model_quant_type": quant_type, "version": version, "group_size": 0}
+    vllm_config = SimpleNamespace(quant_config=SimpleNamespace(quant_description=desc))
+    monkeypatch.setattr("vllm.config.get_current_vllm_config", lambda: vllm_config)
+
+
+def _flatquant_layer(quant_type, prefix, dtype, layer_type, left_only=False, clip=0.9, out_f=48, seed=0):
+    """An adapter and its layer as vLLM-Ascend builds and loads them; the float64 pieces of a reference."""
+    from test_msmodelslim import flatquant_tensors, fq_factor
+
+    g = torch.Generator().manual_seed(seed)
+    left = fq_factor(8, g)  # vLLM-Ascend's get_decompose_dim(128) = (8, 16): the shapes it registers
+    right = None if left_only else fq_factor(16, g)
+    w = torch.randn(out_f, 128, generator=g, dtype=torch.float64)
+    tensors, deq = flatquant_tensors(quant_type, w, left, right, clip, name=prefix)
+    scheme = FQ_ADAPTERS[quant_type]()
+    layer = torch.nn.Module()
+    layer.prefix = prefix
+    _create_weights(scheme, layer, 128, out_f, dtype, layer_type)
+    assert set(tensors) | {"right_trans"} == {n for n, _ in layer.named_parameters()}
+    for name, t in tensors.items():
+        param = getattr(layer, name)
+        assert param.shape == t.shape, name  # vLLM's v1 loader asserts equal shapes
+        param.data.copy_(t)
+    return scheme, layer, left, right, deq
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "quant_type,layer_type,prefix,left_only",
+    [
+        ("W8A8_FLATQUANT_DYNAMIC", "others", "model.layers.0.mlp.up_proj", False),
+        ("W8A8_FLATQUANT_DYNAMIC", "row", "model.layers.0.self_attn.o_proj", True),  # no right_trans
+        ("W4A8_FLATQUANT_DYNAMIC", "row", "model.layers.0.mlp.down_proj", False),  # scale_bias [out, 16]
+        ("W4A8_FLATQUANT_DYNAMIC", "others", "model.layers.0.self_attn.q_proj", False),
+    ],
+)
+def test_flatquant_adapter_matches_float64(
+    quant_type, layer_type, prefix, left_only, dtype, monkeypatch, vllm_dist
+):
+    from test_msmodelslim import flatquant_act
+
+    from vllm_ptq_ascend.kernels import BACKEND_ENV
+
+    monkeypatch.setenv(BACKEND_ENV, "npu")
+    use_npu_emulation(monkeypatch)
+    _use_description(monkeypatch, quant_type)
+    scheme, layer, left, right, deq = _flatquant_layer(quant_type, prefix, dtype, layer_type, left_only)
+    scheme.process_weights_after_loading(layer)
+    assert layer.ptq_npu_act == "torch" and layer.ptq_npu_gemm == "int8"  # 8-bit FlatQuant on the NPU
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 128, generator=g).to(dtype)
+    bias = torch.randn(48, generator=g).to(dtype)
+    out = scheme.apply(layer, x, bias, tp_rank=0)
+    ref = flatquant_act(x, left=left, right=right, bits=8, clip=0.9) @ deq.t() + bias.double()
+    rel = float((out.double() - ref).norm() / ref.norm())
+    assert out.dtype == dtype and out.shape == (5, 48)
+    assert rel < (3e-3 if dtype == torch.float16 else 2**-7), rel
+
+
+def test_flatquant_adapter_fused_layer_keeps_the_last_shards_clip_ratio(monkeypatch, vllm_dist, caplog):
+    """vLLM-Ascend's v1 loader copies every shard's clip_ratio into one [1] tensor: the last one stays."""
+    from test_msmodelslim import flatquant_act
+
+    from vllm_ptq_ascend import ascend
+    from vllm_ptq_ascend.kernels import BACKEND_ENV
+
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    monkeypatch.setattr(ascend, "_FUSED_CLIP_NOTED", False)
+    _use_description(monkeypatch, "W8A8_FLATQUANT_DYNAMIC")
+    prefix = "model.layers.0.mlp.gate_up_proj"
+    scheme, layer, left, right, deq = _flatquant_layer(
+        "W8A8_FLATQUANT_DYNAMIC", prefix, torch.float32, "others", clip=0.95
+    )
+    layer.output_partition_sizes = [24, 24]
+    with caplog.at_level(logging.WARNING, logger="vllm_ptq_ascend.ascend"):
+        scheme.process_weights_after_loading(layer)
+    assert "keeps one clip_ratio, the last shard's" in caplog.text and prefix in caplog.text
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
+    ref = flatquant_act(x, left=left, right=right, bits=8, clip=0.95) @ deq.t()
+    assert float((scheme.apply(layer, x).double() - ref).norm() / ref.norm()) < 3e-3
+
+
+def test_flatquant_adapters_refuse_split_inputs_and_unknown_versions(monkeypatch):
+    import vllm.distributed
+
+    from vllm_ptq_ascend.validation import CheckpointError
+
+    _use_description(monkeypatch, "W4A8_FLATQUANT_DYNAMIC", version="0")
+    with pytest.raises(CheckpointError, match=r"'W4A8_FLATQUANT_DYNAMIC' with description version '0'"):
+        MsModelSlimW4A8FlatQuantLinear()
+    _use_description(monkeypatch, "W8A8_FLATQUANT_DYNAMIC")
+    scheme = MsModelSlimW8A8FlatQuantLinear()
+    scheme.get_weight(64, 48, torch.bfloat16)
+    monkeypatch.setattr(vllm.distributed, "get_tensor_model_parallel_world_size", lambda: 2)
+    assert set(scheme.get_pertensor_param(torch.bfloat16, layer_type="others")) == {
+        "left_trans",
+        "right_trans",
+        "clip_ratio",
+    }
+    with pytest.raises(CheckpointError, match=r"row-parallel layers cannot be split .* 2 tensor-parallel"):
+        scheme.get_pertensor_param(torch.bfloat16, layer_type="row")

@@ -394,3 +394,23 @@ def test_served_checkpoints_match_fake_quant_references(calibrated, tiny_model):
     # max/127 (see w4a4_int.py): the bounds of tests/test_presets_e2e.py
     d = diffs(served, ct_fake_quant_logprobs(calibrated["w4a8-flatquant"], prompts))
     assert sum(d) / len(d) < 0.1 and max(d) < 0.5
+
+
+def test_inspect_reports_missing_and_misshapen_transform_tensors(calibrated, tmp_path):
+    """`inspect` checks the transform tensors like any other: by name, shape and presence."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vllm_ptq_ascend.inspect_checkpoint import inspect
+
+    broken = tmp_path / "broken"
+    shutil.copytree(calibrated["w4a8-flatquant"], broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.flatquant_input.right"]
+    tensors["model.layers.0.self_attn.o_proj.flatquant_input.left"] = torch.eye(5)
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    problems = "\n".join(inspect(broken).all_problems())
+    assert "layer 'model.layers.1.mlp.down_proj', tensor 'flatquant_input.right': missing from" in problems
+    assert "o_proj', tensor 'flatquant_input.left': shape [5, 5], expected [16, 16]" in problems
+    assert not inspect(calibrated["w4a8-flatquant"]).all_problems()

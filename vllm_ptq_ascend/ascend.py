@@ -43,6 +43,19 @@ token to int8 as msModelSlim's fake-quant layer does, refuses non-zero offsets, 
 ``scale_bias`` against the weights and adds ``bias``. Per-group tensors (and a row layer's
 ``scale_bias`` columns) are loaded whole on a row-parallel rank and sliced to the rank's part
 after loading.
+
+W8A8_FLATQUANT_DYNAMIC and W4A8_FLATQUANT_DYNAMIC have no linear scheme there either (it has
+("W4A4_FLATQUANT_DYNAMIC", "linear"), ``methods/w4a4_flatquant.py``, which we leave alone); we add
+both keys, each only when free. Their tensors (msmodelslim_flatquant.py) are handed over as that
+file's W4A4 scheme does: ``left_trans`` [n1, n1], ``right_trans`` [n2, n2] (``get_decompose_dim``
+sizes) and ``clip_ratio`` [1] from ``get_pertensor_param``, ``weight_scale`` / ``weight_offset``
+per channel, and for W4A8 the packed weight and ``scale_bias`` as W4A8_DYNAMIC above. vLLM-Ascend
+loads ``get_pertensor_param`` tensors with vLLM's v1 loader, which neither splits nor checks them:
+a fused layer (q/k/v, gate/up) keeps the last shard's ``clip_ratio`` for all its shards, where
+msModelSlim learned one per shard (``ptq_ascend`` itself serves each shard's own), and a
+``right_trans`` the checkpoint lacks (o_proj) keeps the zeros handed over, so an all-zero
+``right_trans`` (never a valid, invertible factor) is served as the identity. Layers whose input is
+split across tensor-parallel ranks are refused (the transform mixes every input channel).
 """
 
 from __future__ import annotations
@@ -126,7 +139,8 @@ class _MsModelSlimLinearAdapter:
         )
         w = self.scratch.weight
         out = {"weight": w.data}
-        if self.scheme.packed:  # two int4 per int8 (msModelSlim 1.0.0), for vLLM's fused-shard offsets
+        # two int4 per int8 (msModelSlim 1.0.0), for vLLM's fused-shard offsets
+        if getattr(self.scheme, "packed", False):
             out["_packed_dim"], out["_packed_factor"] = w.packed_dim, w.packed_factor
         return self._hand_over(out)
 
@@ -177,10 +191,15 @@ class _MsModelSlimLinearAdapter:
                 set_param(layer, n, full[:, rank * cols : (rank + 1) * cols].contiguous())
         # vLLM-Ascend's loader tracks nothing; tensors not in the file keep the scratch zeros
         for n in self.names:
-            getattr(layer, n).ptq_loaded_shards = {None}
+            if self._arrived(layer, n):
+                getattr(layer, n).ptq_loaded_shards = {None}
         self.inner = self.scheme.translate(layer)
         self.inner.validate_loaded(layer)
         self.inner.prepare(layer)
+
+    def _arrived(self, layer: torch.nn.Module, name: str) -> bool:
+        """Whether the checkpoint held tensor ``name`` (vLLM-Ascend records nothing: assume it did)."""
+        return True
 
     def apply(
         self,
@@ -260,8 +279,85 @@ class MsModelSlimW4A8DynamicLinear(_MsModelSlimLinearAdapter):
         return tensors
 
 
+class _FlatQuantAdapter:
+    """The FlatQuant transform tensors, handed over from get_pertensor_param as vLLM-Ascend's
+    W4A4_FLATQUANT_DYNAMIC scheme does (mixed into an adapter above)."""
+
+    TRANSFORM = ("left_trans", "right_trans", "clip_ratio")
+
+    def get_pertensor_param(self, params_dtype: torch.dtype, **kwargs: Any) -> dict[str, Any]:
+        if kwargs.get("layer_type") == "row":
+            from vllm.distributed import get_tensor_model_parallel_world_size
+
+            from vllm_ptq_ascend.validation import CheckpointError
+
+            tp = get_tensor_model_parallel_world_size()
+            if tp > 1:
+                raise CheckpointError(
+                    f"quant_model_description.json: {self.quant_type} row-parallel layers cannot be split "
+                    f"along their input over {tp} tensor-parallel ranks (the transform mixes every input "
+                    "channel); serve this checkpoint with tensor_parallel_size=1"
+                )
+        return self._hand_over({n: getattr(self.scratch, n).data for n in self.TRANSFORM})
+
+    def _arrived(self, layer: torch.nn.Module, name: str) -> bool:
+        # a right_trans absent from the checkpoint (o_proj) keeps the zeros handed over
+        return name != "right_trans" or bool(getattr(layer, name).data.any())
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        global _FUSED_CLIP_NOTED
+        if len(getattr(layer, "output_partition_sizes", None) or ()) > 1 and not _FUSED_CLIP_NOTED:
+            _FUSED_CLIP_NOTED = True
+            logger.warning(
+                "vllm-ptq-ascend: under vLLM-Ascend's loader a fused FlatQuant layer (%s) keeps one "
+                "clip_ratio, the last shard's, where msModelSlim learned one per shard; ptq_ascend's own "
+                "config (--quantization ptq_ascend) serves each shard's",
+                getattr(layer, "prefix", "") or type(layer).__name__,
+            )
+        super().process_weights_after_loading(layer)
+
+
+_FUSED_CLIP_NOTED = False
+
+
+class MsModelSlimW8A8FlatQuantLinear(_FlatQuantAdapter, _MsModelSlimLinearAdapter):
+    """vLLM-Ascend linear scheme for msModelSlim W8A8_FLATQUANT_DYNAMIC (msmodelslim_flatquant.py):
+    ``weight`` int8 [out, in], ``weight_scale`` / ``weight_offset`` [out, 1], the transform tensors."""
+
+    quant_type = "W8A8_FLATQUANT_DYNAMIC"
+
+    def _make_scheme(self, desc):
+        from vllm_ptq_ascend.msmodelslim_flatquant import ModelSlimFlatQuant
+
+        return ModelSlimFlatQuant("", label=self.quant_type)
+
+    def _perchannel_names(self):
+        return ("weight_scale", "weight_offset")
+
+    def _pergroup_names(self):
+        return ()
+
+
+class MsModelSlimW4A8FlatQuantLinear(_FlatQuantAdapter, MsModelSlimW4A8DynamicLinear):
+    """vLLM-Ascend linear scheme for msModelSlim W4A8_FLATQUANT_DYNAMIC: W4A8_DYNAMIC's per-channel
+    "1.0.0" tensors (packed ``weight``, ``scale_bias``) and the transform tensors."""
+
+    quant_type = "W4A8_FLATQUANT_DYNAMIC"
+
+    def _make_scheme(self, desc):
+        from vllm_ptq_ascend.msmodelslim_flatquant import ModelSlimFlatQuantW4A8
+
+        return ModelSlimFlatQuantW4A8("", version=self.version, row_parallel=False)
+
+
 ADAPTERS = {
-    (cls.quant_type, LAYER_TYPE): cls for cls in (MsModelSlimW4A16Linear, MsModelSlimW4A8DynamicLinear)
+    (cls.quant_type, LAYER_TYPE): cls
+    for cls in (
+        MsModelSlimW4A16Linear,
+        MsModelSlimW4A8DynamicLinear,
+        MsModelSlimW8A8FlatQuantLinear,
+        MsModelSlimW4A8FlatQuantLinear,
+    )
 }
 
 

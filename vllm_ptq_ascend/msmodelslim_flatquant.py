@@ -62,12 +62,15 @@ separate row blocks (the transform and quantization per block, then one int GEMM
 layer computes exactly what msModelSlim calibrated. vLLM-Ascend's loader keeps the last shard's
 ``clip_ratio`` for the whole fused layer (vLLM's v1 loader on a parameter without ``output_dim``).
 
-Inferred, not documented: that the stored ``clip_ratio`` is already the ratio (the saver writes
-``get_clip_ratio()``; vLLM-Ascend and its tests pass it straight to the kernel, e.g. 0.95), even
-though msModelSlim's ``FlatQuantOnlineWrapper._apply_clip`` and its docs apply a sigmoid to it
-again and clamp asymmetrically to [c * min, c * max]: we follow the training quantizer and the NPU
-kernel, which clip symmetrically to the quantization range. Tensor parallelism splitting a layer's
-input is refused (the transform mixes every input channel).
+Inferred from the code, not documented or observed in a real checkpoint: that the stored
+``clip_ratio`` is already the ratio (the saver writes ``get_clip_ratio()``; vLLM-Ascend and its
+tests pass it straight to the kernel, e.g. 0.95), although ``msmodelslim/ir/flatquant.py``
+``FlatQuantOnlineWrapper._apply_clip`` and the ascendv1.md formula apply a sigmoid to it again and
+clamp asymmetrically to [c * min, c * max]: we follow the training quantizer and the NPU kernel,
+which clip symmetrically to the quantization range; that fused shards' learned clip ratios differ
+(independent parameters, so in general they do); that vLLM-Ascend keeps the last one (read in vLLM's
+loader, not run) and leaves an o_proj's missing ``right_trans`` uninitialised (``torch.empty``).
+Tensor parallelism splitting a layer's input is refused (the transform mixes every input channel).
 """
 
 from __future__ import annotations
@@ -108,7 +111,11 @@ def modelslim_factor_sizes(n: int) -> tuple[int, int]:
 def _holder(left: torch.Tensor, right: torch.Tensor, clip: float) -> torch.nn.Module:
     """FlatQuantScheme's ``<group>_input`` submodule."""
     holder = torch.nn.Module()
-    for name, t in (("left", left), ("right", right), ("clip_ratio", torch.tensor([clip]))):
+    for name, t in (
+        ("left", left),
+        ("right", right),
+        ("clip_ratio", torch.tensor([clip], dtype=torch.float32)),
+    ):
         holder.register_parameter(name, torch.nn.Parameter(t.float(), requires_grad=False))
     return holder
 
@@ -170,7 +177,9 @@ class _FlatQuant:
             param = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float32), requires_grad=False)
             param.weight_loader = self.loader(self._shared(name), name, FLOAT_DTYPES)
             layer.register_parameter(name, param)
-        clip = torch.nn.Parameter(torch.zeros(len(output_partition_sizes)), requires_grad=False)
+        clip = torch.nn.Parameter(
+            torch.zeros(len(output_partition_sizes), dtype=torch.float32), requires_grad=False
+        )
         clip.weight_loader = self.loader(self._per_shard_clip, "clip_ratio", FLOAT_DTYPES)
         layer.register_parameter("clip_ratio", clip)
 
@@ -213,7 +222,7 @@ class _FlatQuant:
                     "inputs (a square factor dividing them; without right_trans the right factor is the "
                     "identity)"
                 )
-            right = torch.eye(in_f // n1)
+            right = torch.eye(in_f // n1, dtype=torch.float32)
         try:
             check_factors(left, right, in_f, self.where("left_trans/right_trans"))
         except ValueError as e:
@@ -301,7 +310,9 @@ class _ClipBlocks(PtqScheme):
         self.outer, self.whole, self.runs = outer, whole, runs
 
     def describe(self) -> str:
-        ratios = ", ".join(f"{'/'.join(s.rsplit('.', 1)[-1] for s in shards)}: {c:.4g}" for c, _, shards in self.runs)
+        ratios = ", ".join(
+            f"{'/'.join(s.rsplit('.', 1)[-1] for s in shards)}: {c:.4g}" for c, _, shards in self.runs
+        )
         return f"{self.whole.describe()}; clip ratio per shard ({ratios})"
 
     def create_weights(self, *args, **kwargs):  # created by the msModelSlim scheme
@@ -321,7 +332,9 @@ class _ClipBlocks(PtqScheme):
             sub = torch.nn.Module()
             sub.prefix = getattr(layer, "prefix", "") or self.layer_name
             int_weights.setup_layer(sub, in_f, in_f, widths, end - start, layer.params_dtype)
-            sub.register_parameter("weight", torch.nn.Parameter(w[start:end].contiguous(), requires_grad=False))
+            sub.register_parameter(
+                "weight", torch.nn.Parameter(w[start:end].contiguous(), requires_grad=False)
+            )
             sub.register_parameter(
                 "weight_scale", torch.nn.Parameter(s[start:end].contiguous(), requires_grad=False)
             )

@@ -146,6 +146,10 @@ class ModelSlimW4A8Dynamic(_ModelSlimScheme):
     def per_group(self) -> bool:
         return self.group_size != -1
 
+    def packed_dim(self) -> int | None:
+        """Version 1.0.0 packs int4 pairs along the output dim (``inspect`` sizes the layer from it)."""
+        return 0 if self.packed else None
+
     def describe(self) -> str:
         inner = f" -> {self.inner.describe()}" if self.inner is not None else ""
         return f"msModelSlim {self.label} (version {self.version}){inner}"
