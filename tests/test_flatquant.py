@@ -414,3 +414,43 @@ def test_inspect_reports_missing_and_misshapen_transform_tensors(calibrated, tmp
     assert "layer 'model.layers.1.mlp.down_proj', tensor 'flatquant_input.right': missing from" in problems
     assert "o_proj', tensor 'flatquant_input.left': shape [5, 5], expected [16, 16]" in problems
     assert not inspect(calibrated["w4a8-flatquant"]).all_problems()
+
+
+def test_modifier_without_clipping_leaves_the_model_function_unchanged(tiny_model, tmp_path):
+    """FlatQuantModifier alone (no quantizer), clipping off: the learned transforms, the smoothing
+    folded into the norms and the inverse folded into the weights cancel; the float32 model's
+    logits are unchanged to float32 precision although every weight and norm changed."""
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_ptq_ascend.recipes.calibration import CalibrationSpec, build_calibration
+    from vllm_ptq_ascend.recipes.flatquant import FlatQuantModifier
+    from vllm_ptq_ascend.recipes.quantize import cpu_without_pinned_memory, single_process_calibration
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ds, _ = build_calibration(tiny_model, tok, CalibrationSpec(num_samples=8, max_seq_length=64), tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([ds[0]["input_ids"]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    modifier = FlatQuantModifier(weight_bits=4, act_bits=4, epochs=3, act_clip=False, weight_clip=False)
+    with cpu_without_pinned_memory(), single_process_calibration():
+        oneshot(
+            model=model, recipe=[modifier], dataset=ds, num_calibration_samples=len(ds), max_seq_length=64
+        )
+    after = model.state_dict()
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.post_attention_layernorm.weight"):
+        assert (after[name] - before[name]).abs().max() > 1e-3, name  # the fold really changed them
+    assert all(s["best_mse"] < s["initial_mse"] for s in modifier.history.values())
+    with torch.no_grad():
+        transformed = model(ids).logits
+    assert (transformed - logits).abs().max() / logits.abs().max() < 1e-4
+
+
+def test_budget_with_flatquant_is_refused_before_any_work(tiny_model, tmp_path):
+    from vllm_ptq_ascend.recipes.quantize import quantize
+
+    with pytest.raises(ValueError, match=r"--budget is not supported with 'w4a4-flatquant'.*w4a4-rtn"):
+        quantize(tiny_model, tmp_path / "out", "w4a4-flatquant", budget="ppl=10")
+    assert not (tmp_path / "out").exists()

@@ -207,6 +207,12 @@ def quantize(
     if budget is not None:
         from vllm_ptq_ascend.recipes.mixed import Budget, fallback_args
 
+        if any(type(m).__name__ == "FlatQuantModifier" for m in modifiers):
+            raise ValueError(
+                f"--budget is not supported with {recipe!r} yet: the sensitivity scan measures "
+                "round-to-nearest layers, not the learned FlatQuant transforms; use the round-to-nearest "
+                "preset (w4a4-rtn) or no budget"
+            )
         mixed_budget = Budget.parse(budget)
         if fallback is not None:
             fallback_args(fallback)  # checks the name
