@@ -1,13 +1,13 @@
-"""Mixed precision on SmolLM2-135M-Instruct: uniform W4A8 against W4A8 with the most sensitive units
-kept at W8A8 under a few perplexity budgets.
+"""Mixed precision on SmolLM2-135M-Instruct: a uniform preset (W4A8 group 64, or W4A4 round-to-nearest)
+against the same preset with the most sensitive units kept at W8A8 under a few perplexity budgets.
 
-    python benchmarks/bench_mixed_smollm2.py [--budgets ppl=20,ppl=10] [--skip-bench]
+    python benchmarks/bench_mixed_smollm2.py [--preset w4a8|w4a4-rtn] [--budgets ppl=20,ppl=10] [--skip-bench]
 
 Steps, each through the CLI and resumable (finished checkpoints and results are kept):
-  1. `sensitivity` scan of W4A8 (group 64) on 4 shipped calibration samples of up to 128 tokens;
-  2. `quantize --recipe w4a8 --budget B --scan scan/sensitivity.json` for each budget (GPTQ, 64 samples);
+  1. `sensitivity` scan of the preset on 4 shipped calibration samples of up to 128 tokens (by default);
+  2. `quantize --recipe PRESET --budget B --scan scan/sensitivity.json` for each budget (W4A8: GPTQ, 64 samples);
   3. `eval` (perplexity and KL on the held-out GSM8K solutions, HellaSwag) and `bench` (offline, no
-     server) of bf16, uniform W4A8 and the mixed checkpoints, then `report`;
+     server) of bf16, the uniform preset and the mixed checkpoints, then `report`;
   4. summary.md / summary.json here: budget, units kept, size, perplexity, KL, HellaSwag, tokens/s.
 The budget is measured on the scan samples (what `quantize` controls); perplexity and KL in the
 summary are measured on held-out text (what a user sees).
@@ -37,47 +37,51 @@ def run(*args: str) -> None:
     subprocess.run([*CLI, *args], check=True, cwd=REPO)
 
 
+# preset -> (results folder, the preset's own options, the name its checkpoints get)
+SETUPS = {
+    "w4a8": ("mixed_smollm2", ("--group-size", "64"), "w4a8-g64"),
+    "w4a4-rtn": ("mixed_w4a4_smollm2", (), "w4a4-rtn"),
+}
+
+
 def main() -> int:
+    global OUT
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(SETUPS), default="w4a8")
     p.add_argument("--budgets", default="ppl=20,ppl=10")
+    p.add_argument("--scan-samples", default=SCAN[1])
+    p.add_argument("--scan-seq-len", default=SCAN[3])
     p.add_argument("--skip-bench", action="store_true")
     a = p.parse_args()
     from vllm_ptq_ascend.models.embedded import embedded_model_dir
 
+    folder, options, tag0 = SETUPS[a.preset]
+    OUT = REPO / "benchmarks" / "results" / folder
+    scan_args = ("--scan-samples", str(a.scan_samples), "--scan-seq-len", str(a.scan_seq_len))
     base = embedded_model_dir()
     scan = OUT / "scan" / "sensitivity.json"
     if not scan.is_file():
-        run(
-            "sensitivity",
-            str(base),
-            "--scheme",
-            "w4a8",
-            "--group-size",
-            "64",
-            "--out",
-            str(scan.parent),
-            *SCAN,
-        )
-    uniform = CKPTS / "smollm2-w4a8-g64"
+        run("sensitivity", str(base), "--scheme", a.preset, *options, "--out", str(scan.parent), *scan_args)
+    uniform = CKPTS / f"smollm2-{tag0}"
     if not (uniform / "config.json").is_file():
-        run("quantize", str(base), "--recipe", "w4a8", "--group-size", "64", "--out", str(uniform))
-    models = [f"bf16={base}", f"w4a8-g64={uniform}"]
+        run("quantize", str(base), "--recipe", a.preset, *options, "--out", str(uniform))
+    models = [f"bf16={base}", f"{tag0}={uniform}"]
     for budget in a.budgets.split(","):
         tag = budget.replace("=", "").replace(".", "p")
-        ckpt = CKPTS / f"smollm2-w4a8-g64-{tag}"
+        ckpt = CKPTS / f"smollm2-{tag0}-{tag}"
         if not (ckpt / "config.json").is_file():
-            run("quantize", str(base), "--recipe", "w4a8", "--group-size", "64", "--budget", budget,
-                "--scan", str(scan), "--out", str(ckpt), *SCAN)  # fmt: skip
-        models.append(f"w4a8-g64-{tag}={ckpt}")
+            run("quantize", str(base), "--recipe", a.preset, *options, "--budget", budget,
+                "--scan", str(scan), "--out", str(ckpt), *scan_args)  # fmt: skip
+        models.append(f"{tag0}-{tag}={ckpt}")
     run("eval", *models, "--results", str(OUT), "--tasks", "hellaswag", "--no-report")
     if not a.skip_bench:
         run("bench", *models, "--results", str(OUT), "--no-serve", "--no-report")
     run("report", str(OUT))
-    write_summary(models)
+    write_summary(models, tag0)
     return 0
 
 
-def write_summary(models: list[str]) -> None:
+def write_summary(models: list[str], tag0: str = "w4a8-g64") -> None:
     rows = []
     for spec in models:
         name, path = spec.split("=", 1)
@@ -103,7 +107,7 @@ def write_summary(models: list[str]) -> None:
     base_ppl = rows[0]["perplexity"]
     info = machine()
     lines = [
-        "# Mixed precision on SmolLM2-135M-Instruct: W4A8 (group 64) with sensitive units at W8A8",
+        f"# Mixed precision on SmolLM2-135M-Instruct: {tag0} with sensitive units at W8A8",
         "",
         f"{machine_line(info)}; {info['date']}. Generated by `benchmarks/bench_mixed_smollm2.py`.",
         "Budget and 'scan-set ppl' are measured on the 4 scan samples (what `quantize --budget` controls); "
