@@ -5,7 +5,7 @@ against the same preset with the most sensitive units kept at W8A8 under a few p
 
 Steps, each through the CLI and resumable (finished checkpoints and results are kept):
   1. `sensitivity` scan of the preset on 4 shipped calibration samples of up to 128 tokens (by default);
-  2. `quantize --recipe PRESET --budget B --scan scan/sensitivity.json` for each budget (W4A8: GPTQ, 64 samples);
+  2. `quantize --recipe PRESET --budget B --scan scan/sensitivity.json` per budget (W4A8: GPTQ, 64 samples);
   3. `eval` (perplexity and KL on the held-out GSM8K solutions, HellaSwag) and `bench` (offline, no
      server) of bf16, the uniform preset and the mixed checkpoints, then `report`;
   4. summary.md / summary.json here: budget, units kept, size, perplexity, KL, HellaSwag, tokens/s.
