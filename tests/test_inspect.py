@@ -77,15 +77,21 @@ EXPECTED_SCHEME = {
     "w4a16-awq": "W4A16 (group 128, zero points)",
     "w8a16-gptq": "W8A16 (group 128, symmetric)",
     "w4a8": "W4A8 int",
+    "w4a4-rtn": "W4A4 int",
+    "w4a4-flatquant": "FlatQuant W4A4",
+    "w4a8-flatquant": "FlatQuant W4A8",
+    "w8a8-flatquant": "FlatQuant W8A8",
 }
 
 
 def _expected_scheme(ckpt_dir) -> str:
     """The plugin's own describe() for the checkpoint's single group (from_config planning)."""
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.config import PtqAscendConfig, flatquant_scheme
 
     qc = json.loads((ckpt_dir / "config.json").read_text())["quantization_config"]
     (plan,) = [p for p in PtqAscendConfig.from_config(qc).plans.values() if p]
+    if qc.get("transform_config"):  # every linear of the FlatQuant presets has an input transform
+        return flatquant_scheme(plan, "flatquant", "x", {}, ["x"]).describe()
     return plan.build("x", {}, ["x"]).describe()
 
 
