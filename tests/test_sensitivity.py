@@ -118,6 +118,21 @@ def test_fallback_group_targets_the_kept_layers_exactly():
     assert modifiers[0].ignore == ["lm_head", *kept] and "fallback" not in modifiers[0].config_groups
 
 
+@pytest.mark.parametrize("preset", ["w4a4-rtn", "w8a8-dynamic", "w4a8"])
+def test_fallback_reaches_the_config_the_modifier_applies(preset):
+    """QuantizationModifier resolves its config when built: the fallback must reach that resolved
+    config, not only config_groups (it once did not, and QuantizationModifier presets ignored it)."""
+    kept = ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    modifiers = build_recipe(preset)
+    _ = modifiers[0].resolved_config  # resolved once already, as llmcompressor does at construction
+    apply_fallback(modifiers, kept, "w8a8")
+    assert modifiers[0].resolved_config.config_groups["fallback"].targets == kept
+    modifiers = build_recipe(preset)
+    _ = modifiers[0].resolved_config
+    apply_fallback(modifiers, kept, "none")
+    assert set(kept) <= set(modifiers[0].resolved_config.ignore)
+
+
 def test_scan_ranks_the_fragile_layer_first(fragile_model, tmp_path, capsys):
     out = tmp_path / "scan"
     code = cli_main(["sensitivity", str(fragile_model), "--scheme", "w4a8", "--group-size", "32", "--out",

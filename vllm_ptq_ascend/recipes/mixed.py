@@ -167,6 +167,10 @@ def apply_fallback(modifiers: list, kept_layers: list[str], fallback: str) -> No
             m.config_groups[FALLBACK_GROUP] = QuantizationScheme(
                 targets=list(kept_layers), **FALLBACKS[fallback]
             )
+        # llmcompressor's QuantizationMixin resolves (and caches) its config when the modifier is
+        # built; without this the QuantizationModifier presets silently drop the change.
+        if hasattr(m, "_resolved_config"):
+            m._resolved_config = None
 
 
 def load_ranking(path, model_dir, preset: str, options: dict, units) -> list[dict]:
