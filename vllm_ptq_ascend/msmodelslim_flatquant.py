@@ -84,7 +84,7 @@ from vllm_ptq_ascend.msmodelslim import ModelSlimW8A8Dynamic, drop, loaded
 from vllm_ptq_ascend.msmodelslim_w4a8 import PACKED_VERSION, ModelSlimW4A8Dynamic
 from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.base import PtqScheme
-from vllm_ptq_ascend.schemes.flatquant import FlatQuantScheme
+from vllm_ptq_ascend.schemes.flatquant import FlatQuantScheme, require_whole_input
 from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec, require_loaded
 
 # label -> (weight bits, activation bits)
@@ -157,12 +157,7 @@ class _FlatQuant:
         params_dtype,
         weight_loader,
     ):
-        if input_size_per_partition != input_size:
-            raise CheckpointError(
-                f"{self.where('left_trans')}: FlatQuant layers cannot be split along their input "
-                f"(tensor parallelism gives this rank {input_size_per_partition} of {input_size} inputs); "
-                "serve this checkpoint with tensor_parallel_size=1"
-            )
+        require_whole_input(self.where("left_trans"), input_size, input_size_per_partition)
         super().create_weights(
             layer,
             input_size,

@@ -19,6 +19,16 @@ from vllm_ptq_ascend.schemes.w4a4_int import W4A4IntScheme
 from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, checked_loader
 
 
+def require_whole_input(where: str, input_size: int, input_size_per_partition: int) -> None:
+    """The transform mixes every input channel; a row-parallel shard holds only some."""
+    if input_size_per_partition != input_size:
+        raise CheckpointError(
+            f"{where}: FlatQuant layers cannot be split along their input "
+            f"(tensor parallelism gives this rank {input_size_per_partition} of {input_size} inputs); "
+            "serve this checkpoint with tensor_parallel_size=1"
+        )
+
+
 class FlatQuantScheme(W4A4IntScheme):
     def __init__(
         self,
@@ -66,13 +76,7 @@ class FlatQuantScheme(W4A4IntScheme):
         params_dtype,
         weight_loader,
     ):
-        if input_size_per_partition != input_size:
-            # The transform mixes every input channel; a row-parallel shard holds only some.
-            raise CheckpointError(
-                f"{self.where('weight')}: FlatQuant layers cannot be split along their input "
-                f"(tensor parallelism gives this rank {input_size_per_partition} of {input_size} inputs); "
-                "serve this checkpoint with tensor_parallel_size=1"
-            )
+        require_whole_input(self.where("weight"), input_size, input_size_per_partition)
         super().create_weights(
             layer,
             input_size,
