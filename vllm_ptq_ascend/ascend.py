@@ -40,9 +40,21 @@ along the output dim for version "1.0.0"), ``weight_scale`` / ``weight_offset`` 
 or [out, 16] when ``layer_type == "row"``). Unlike that linear (a weight-only matmul with float
 activations that ignored ``scale_bias``, the offsets and ``bias``), ours quantizes activations per
 token to int8 as msModelSlim's fake-quant layer does, refuses non-zero offsets, verifies
-``scale_bias`` against the weights and adds ``bias``. Per-group tensors (and a row layer's
-``scale_bias`` columns) are loaded whole on a row-parallel rank and sliced to the rank's part
-after loading.
+``scale_bias`` against the weights and adds ``bias``.
+
+Row-parallel layers: which handed-over tensors vLLM's row loader narrows to this rank's input
+columns is decided by vLLM-Ascend's ``create_weights`` (it marks some with ``input_dim``: in 0.23 and
+0.26, ``weight_scale_second`` / ``weight_offset_second``). We do not restate that rule: we run its
+own ``AscendLinearMethod.create_weights`` once on a probe (:func:`narrowed_names`). A tensor it
+narrows is handed over at this rank's width; one it loads whole is handed over at the full width
+and cut to this rank's columns after loading. The width and rank are the layer's own
+(``layer.tp_size`` / ``layer.tp_rank``): vLLM-Ascend may run o_proj / down_proj on their own
+tensor-parallel groups.
+
+vLLM-Ascend's msModelSlim config resolves embeddings (``VocabParallelEmbedding``) through the
+linear keys too; our adapters refuse them by name. Under vLLM-Ascend's compressed-tensors config
+(an llmcompressor checkpoint served with no flag), the same registry keys build our
+compressed-tensors schemes instead (``ascend_ct.py``).
 
 W8A8_FLATQUANT_DYNAMIC and W4A8_FLATQUANT_DYNAMIC have no linear scheme there either (it has
 ("W4A4_FLATQUANT_DYNAMIC", "linear"), ``methods/w4a4_flatquant.py``, which we leave alone); we add
@@ -60,7 +72,10 @@ split across tensor-parallel ranks are refused (the transform mixes every input 
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -68,6 +83,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 METHODS_MODULE = "vllm_ascend.quantization.methods"
+ADAPTERS_MODULE = "vllm_ascend.quantization.method_adapters"
 LAYER_TYPE = "linear"
 REGISTRY_API = ("register_scheme", "get_scheme_class")
 
@@ -85,6 +101,72 @@ def _quant_description() -> dict[str, Any]:
 
 def _noop_loader(param, loaded_weight, *args, **kwargs):  # never called: vLLM-Ascend loads
     raise AssertionError("parameters of the vLLM-Ascend adapter are loaded by vLLM-Ascend")
+
+
+def layer_under_construction() -> tuple[torch.nn.Module | None, str]:
+    """The layer (and prefix) whose quant method is being resolved.
+
+    vLLM-Ascend builds a scheme with no arguments (``scheme_cls()``) from inside its config's
+    ``get_quant_method(layer, prefix)``, which vLLM calls from the layer's ``__init__``; the only
+    way to know the layer then is that caller's frame. Returns (None, "") outside such a call."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "get_quant_method":
+            layer, prefix = frame.f_locals.get("layer"), frame.f_locals.get("prefix")
+            if isinstance(layer, torch.nn.Module) and isinstance(prefix, str):
+                return layer, prefix
+        frame = frame.f_back
+    return None, ""
+
+
+HOOKS = ("get_weight", "get_pertensor_param", "get_perchannel_param", "get_pergroup_param")
+
+
+@functools.lru_cache(maxsize=None)
+def narrowed_names(hook: str, names: tuple[str, ...]) -> frozenset[str]:
+    """Which of ``names``, handed over from ``hook`` by a row-parallel layer's scheme, vLLM-Ascend's
+    own ``AscendLinearMethod.create_weights`` marks with ``input_dim`` (so vLLM's row loader narrows
+    them to the rank's columns). Decided by running that code on a probe scheme and layer."""
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    adapters = importlib.import_module(ADAPTERS_MODULE)
+
+    class Probe:
+        def _tensors(self, which):
+            return {n: torch.empty(2, 2) for n in names} if which == hook else {}
+
+        def get_weight(self, *args, **kwargs):
+            return self._tensors("get_weight")
+
+        def get_pertensor_param(self, *args, **kwargs):
+            return self._tensors("get_pertensor_param")
+
+        def get_perchannel_param(self, *args, **kwargs):
+            return self._tensors("get_perchannel_param")
+
+        def get_pergroup_param(self, *args, **kwargs):
+            return self._tensors("get_pergroup_param")
+
+    layer = object.__new__(RowParallelLinear)  # only its type matters to create_weights
+    torch.nn.Module.__init__(layer)
+    adapters.AscendLinearMethod(Probe()).create_weights(
+        layer, 2, [2], 2, 2, torch.float32, weight_loader=_noop_loader
+    )
+    return frozenset(n for n in names if getattr(getattr(layer, n), "input_dim", None) is not None)
+
+
+def refuse_embedding(layer: torch.nn.Module | None, prefix: str, quant_type: str) -> None:
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    from vllm_ptq_ascend.validation import CheckpointError
+
+    if isinstance(layer, VocabParallelEmbedding):
+        raise CheckpointError(
+            f"quant_model_description.json: layer '{prefix}' is an embedding labelled {quant_type!r}; "
+            "vLLM-Ascend resolves it through the linear scheme for that label, which vllm-ptq-ascend "
+            "serves for linear layers only (label the embedding FLOAT, or serve with "
+            "--quantization ptq_ascend)"
+        )
 
 
 def _description_group_size(desc: dict[str, Any], default: int = 0) -> int:
@@ -108,13 +190,25 @@ class _MsModelSlimLinearAdapter:
 
     def __init__(self) -> None:
         desc = _quant_description()
+        layer, self.prefix = layer_under_construction()
+        refuse_embedding(layer, self.prefix, self.quant_type)
+        self._layer = layer
         self.version = str(desc.get("version", "0"))
         self.scheme = self._make_scheme(desc)
         self.scratch = torch.nn.Module()  # the msModelSlim tensors, as our scheme creates them
-        self.row_tp = 1  # >1: per-group tensors loaded whole on a row-parallel rank, sliced after loading
+        self.row_tp = 1  # >1: some tensors loaded whole on a row-parallel rank, cut after loading
         self.row_whole: dict[str, int] = {}  # name -> columns this rank keeps, for those tensors
         self.names: list[str] = []  # every tensor handed to vLLM-Ascend
         self.inner = None
+
+    def tp_size(self) -> int:
+        """The layer's own tensor-parallel size (its TP group may not be the global one)."""
+        size = getattr(self._layer, "tp_size", None)
+        if isinstance(size, int):
+            return size
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        return get_tensor_model_parallel_world_size()
 
     def _make_scheme(self, desc: dict[str, Any]):
         raise NotImplementedError
@@ -154,13 +248,13 @@ class _MsModelSlimLinearAdapter:
         self, input_size: int, output_size: int, params_dtype: torch.dtype, layer_type: str | None = None
     ) -> dict[str, Any]:
         tensors = self._row_tensors(layer_type)
-        if layer_type == "row" and tensors:
-            from vllm.distributed import get_tensor_model_parallel_world_size
-
-            self.row_tp = get_tensor_model_parallel_world_size()
-            # vLLM's row loader does not split them (no input_dim): every rank holds all columns
-            self.row_whole = {n: t.shape[1] for n, t in tensors.items()}
-            tensors = {n: t.new_zeros(t.shape[0], t.shape[1] * self.row_tp) for n, t in tensors.items()}
+        if layer_type == "row" and tensors and self.tp_size() > 1:
+            self.row_tp = self.tp_size()
+            narrowed = narrowed_names("get_pergroup_param", tuple(tensors))
+            # the others are loaded whole by vLLM's row loader: every rank holds all columns
+            whole = {n: t for n, t in tensors.items() if n not in narrowed}
+            self.row_whole = {n: t.shape[1] for n, t in whole.items()}
+            tensors |= {n: t.new_zeros(t.shape[0], t.shape[1] * self.row_tp) for n, t in whole.items()}
         return self._hand_over(tensors)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -180,7 +274,7 @@ class _MsModelSlimLinearAdapter:
             getattr(layer, "output_size", out_f),
             s.params_dtype,
         )
-        if self.row_tp > 1:  # keep this rank's columns, as the row loader kept its input columns
+        if self.row_whole:  # keep this rank's columns, as the row loader kept its input columns
             rank = getattr(layer, "tp_rank", 0)
             for n, cols in self.row_whole.items():
                 full = getattr(layer, n).data
@@ -266,9 +360,7 @@ class MsModelSlimW4A8DynamicLinear(_MsModelSlimLinearAdapter):
         if self.scheme.packed:
             sb = self.scratch.scale_bias.data
             if layer_type == "row":
-                from vllm.distributed import get_tensor_model_parallel_world_size
-
-                tp = get_tensor_model_parallel_world_size()
+                tp = self.tp_size()
                 if ROW_SCALE_BIAS_COLS % tp:
                     raise CheckpointError(
                         f"quant_model_description.json: W4A8_DYNAMIC scale_bias of a row-parallel layer has "
@@ -287,11 +379,9 @@ class _FlatQuantAdapter:
 
     def get_pertensor_param(self, params_dtype: torch.dtype, **kwargs: Any) -> dict[str, Any]:
         if kwargs.get("layer_type") == "row":
-            from vllm.distributed import get_tensor_model_parallel_world_size
-
             from vllm_ptq_ascend.validation import CheckpointError
 
-            tp = get_tensor_model_parallel_world_size()
+            tp = self.tp_size()
             if tp > 1:
                 raise CheckpointError(
                     f"quant_model_description.json: {self.quant_type} row-parallel layers cannot be split "
@@ -350,15 +440,65 @@ class MsModelSlimW4A8FlatQuantLinear(_FlatQuantAdapter, MsModelSlimW4A8DynamicLi
         return ModelSlimFlatQuantW4A8("", version=self.version, row_parallel=False)
 
 
-ADAPTERS = {
-    (cls.quant_type, LAYER_TYPE): cls
-    for cls in (
-        MsModelSlimW4A16Linear,
-        MsModelSlimW4A8DynamicLinear,
-        MsModelSlimW8A8FlatQuantLinear,
-        MsModelSlimW4A8FlatQuantLinear,
-    )
+class RegisteredScheme:
+    """What we register for a key. Built with no arguments like every vLLM-Ascend scheme, it runs
+    our msModelSlim adapter under a msModelSlim description, and under vLLM-Ascend's
+    compressed-tensors config (an llmcompressor checkpoint) our compressed-tensors scheme."""
+
+    _ptq_ascend_adapter = True
+    modelslim: type = _MsModelSlimLinearAdapter
+    serves_compressed_tensors = False
+
+    def __init__(self) -> None:
+        from vllm_ptq_ascend.ascend_ct import CompressedTensorsLinear, is_compressed_tensors
+        from vllm_ptq_ascend.validation import CheckpointError
+
+        quant_type = self.modelslim.quant_type
+        if not is_compressed_tensors(_quant_description()):
+            self.impl = self.modelslim()
+        elif self.serves_compressed_tensors:
+            self.impl = CompressedTensorsLinear(quant_type)
+        else:
+            _, prefix = layer_under_construction()
+            raise CheckpointError(
+                f"config.json: layer '{prefix}': vLLM-Ascend resolved a compressed-tensors group to "
+                f"{quant_type!r}, which vllm-ptq-ascend serves for msModelSlim checkpoints only; serve "
+                "this checkpoint with --quantization ptq_ascend"
+            )
+
+    def get_weight(self, *args, **kwargs):
+        return self.impl.get_weight(*args, **kwargs)
+
+    def get_pertensor_param(self, *args, **kwargs):
+        return self.impl.get_pertensor_param(*args, **kwargs)
+
+    def get_perchannel_param(self, *args, **kwargs):
+        return self.impl.get_perchannel_param(*args, **kwargs)
+
+    def get_pergroup_param(self, *args, **kwargs):
+        return self.impl.get_pergroup_param(*args, **kwargs)
+
+    def process_weights_after_loading(self, layer):
+        return self.impl.process_weights_after_loading(layer)
+
+    def apply(self, layer, x, bias=None, tp_rank=0):
+        return self.impl.apply(layer, x, bias, tp_rank)
+
+
+ADAPTERS = {  # key -> (msModelSlim adapter, whether compressed-tensors groups of that type are served)
+    (MsModelSlimW4A16Linear.quant_type, LAYER_TYPE): (MsModelSlimW4A16Linear, True),
+    (MsModelSlimW4A8DynamicLinear.quant_type, LAYER_TYPE): (MsModelSlimW4A8DynamicLinear, True),
+    (MsModelSlimW8A8FlatQuantLinear.quant_type, LAYER_TYPE): (MsModelSlimW8A8FlatQuantLinear, False),
+    (MsModelSlimW4A8FlatQuantLinear.quant_type, LAYER_TYPE): (MsModelSlimW4A8FlatQuantLinear, False),
 }
+
+
+def registered_class(key: tuple[str, str], base: type | None = None) -> type:
+    """The class we register for ``key`` (a subclass of vLLM-Ascend's scheme base, where given)."""
+    adapter, ct = ADAPTERS[key]
+    bases = (RegisteredScheme, base) if isinstance(base, type) else (RegisteredScheme,)
+    name = "PtqAscend" + adapter.__name__.removeprefix("MsModelSlim")
+    return type(name, bases, {"modelslim": adapter, "serves_compressed_tensors": ct, "__module__": __name__})
 
 
 def register_ascend_schemes() -> list[tuple[str, str]]:
@@ -367,16 +507,26 @@ def register_ascend_schemes() -> list[tuple[str, str]]:
     Does nothing without vLLM-Ascend, warns and skips if its registry API differs, and is
     idempotent (a key that already holds our class is left as it is).
     """
-    import importlib
+    import importlib.util
 
     try:
-        methods = importlib.import_module(METHODS_MODULE)
-    except ImportError as e:
-        logger.debug("vllm-ptq-ascend: vLLM-Ascend not importable (%s); no schemes registered with it", e)
+        present = importlib.util.find_spec("vllm_ascend") is not None
+    except (ImportError, ValueError):
+        present = False
+    if not present:
+        logger.debug("vllm-ptq-ascend: vLLM-Ascend is not installed; no schemes registered with it")
         return []
-    except Exception as e:  # vLLM-Ascend present but broken here: never break vLLM's start-up for it
-        logger.warning(
-            "vllm-ptq-ascend: importing %s failed (%r); no schemes registered with it", METHODS_MODULE, e
+    try:
+        methods = importlib.import_module(METHODS_MODULE)
+    except Exception as e:  # vLLM-Ascend installed but broken: say what is lost, never break start-up
+        logger.error(
+            "vllm-ptq-ascend: vLLM-Ascend is installed but importing %s failed (%r): vllm-ptq-ascend's "
+            "schemes for %s are NOT registered with it, so msModelSlim checkpoints with those labels and "
+            "llmcompressor W4A16/W4A8 checkpoints will not be served through vLLM-Ascend's own configs "
+            "(--quantization ptq_ascend still works)",
+            METHODS_MODULE,
+            e,
+            ", ".join(f"({q}, {t})" for q, t in ADAPTERS),
         )
         return []
     missing = [n for n in REGISTRY_API if not callable(getattr(methods, n, None))]
@@ -389,7 +539,7 @@ def register_ascend_schemes() -> list[tuple[str, str]]:
         return []
     base = getattr(methods, "AscendLinearScheme", None)
     added = []
-    for key, adapter in ADAPTERS.items():
+    for key in ADAPTERS:
         existing = methods.get_scheme_class(*key)
         if existing is not None:
             if not getattr(existing, _PTQ_ADAPTER, False):
@@ -397,13 +547,12 @@ def register_ascend_schemes() -> list[tuple[str, str]]:
                     "vllm-ptq-ascend: vLLM-Ascend already has %s for %s; leaving it", existing.__name__, key
                 )
             continue
-        # a subclass of vLLM-Ascend's base too (its TP-switch mixin), where it has one
-        cls = type(adapter.__name__, (adapter, base), {}) if isinstance(base, type) else adapter
+        cls = registered_class(key, base)
         try:
             methods.register_scheme(*key)(cls)
         except ValueError as e:  # registered meanwhile
             logger.info("vllm-ptq-ascend: not registering %s with vLLM-Ascend: %s", key, e)
             continue
         added.append(key)
-        logger.info("vllm-ptq-ascend: registered %s with vLLM-Ascend for %s", adapter.__name__, key)
+        logger.info("vllm-ptq-ascend: registered %s with vLLM-Ascend for %s", cls.__name__, key)
     return added

