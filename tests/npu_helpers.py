@@ -23,7 +23,16 @@ def emulation_module():
 
 
 def use_npu_emulation(monkeypatch):
-    """``import torch_npu`` yields the emulation until the test ends."""
+    """``import torch_npu`` yields the emulation (an Atlas A2, ``SOC_NAME``'s default) until the test ends."""
     module = emulation_module()
     monkeypatch.setitem(sys.modules, "torch_npu", module)
+    monkeypatch.setitem(sys.modules, "torch_npu.npu", module.npu)
+    return module
+
+
+def use_chip(monkeypatch, soc_name: str):
+    """The emulated torch_npu is the chip ``soc_name`` ("Ascend910_9391", "Ascend310P3") for the test."""
+    module = use_npu_emulation(monkeypatch)
+    assert soc_name in module.SOC_VERSIONS, soc_name
+    monkeypatch.setattr(module, "SOC_NAME", soc_name)
     return module

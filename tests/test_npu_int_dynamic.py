@@ -147,11 +147,16 @@ def test_quant_matmul_int4_formula(layout, out_dtype):
     ref = (a.double() @ b.double()) * scale.double() * pt.double().unsqueeze(1)
     assert out.dtype == out_dtype and out.shape == (m, n)
     assert float(((out.double() - ref).abs() - 2 * UNIT_ROUNDOFF[out_dtype] * ref.abs()).max()) <= 1e-6
-    # fp16 output without pertoken_scale: int32 bias, FP19 scale (table 2's first int4 row)
+    # fp16 output without pertoken_scale: int32 bias, the int64 of npu_trans_quant_param, read as FP19
+    # (table 2's first int4 row; a float32 scale there is refused, as aclnn's A4W4 check does)
     bias = torch.randint(-50, 50, (n,), generator=g, dtype=torch.int32)
-    out = emu.npu_quant_matmul(x1, x2, scale, bias=bias, output_dtype=torch.float16)
+    out = emu.npu_quant_matmul(
+        x1, x2, emu.npu_trans_quant_param(scale), bias=bias, output_dtype=torch.float16
+    )
     ref = (a.double() @ b.double() + bias.double()) * emu._fp19(scale).double()
     assert float(((out.double() - ref).abs() - 2**-10 * ref.abs()).max()) <= 1e-6
+    with pytest.raises(TypeError, match="npu_trans_quant_param"):
+        emu.npu_quant_matmul(x1, x2, scale, bias=bias, output_dtype=torch.float16)
 
 
 @pytest.mark.parametrize(

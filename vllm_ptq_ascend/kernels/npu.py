@@ -4,27 +4,53 @@ Validated only against the pure-torch emulation of these ops in ``tests/npu_emul
 (no NPU hardware was available). ``torch_npu`` is imported lazily, inside the methods, so this
 module imports anywhere.
 
-Sources (vllm-project/vllm-ascend at 182b75e, Ascend/op-plugin docs at 517f2e7):
+Sources (vllm-project/vllm-ascend at 182b75e, Ascend/op-plugin docs at 517f2e7; the NZ policy, chip
+detection and scale encodings re-read in the vLLM-Ascend releases 0.26.0rc1 and 0.23.0.post1):
 - W8A8 static: vllm_ascend/quantization/methods/w8a8_static.py and
   vllm_ascend/ops/register_custom_ops.py (``_quantize_impl``): ``npu_quantize(x, 1 / input_scale,
   input_offset, torch.qint8, -1, False)`` with scale and offset repeated to K in the model dtype;
-  weight transposed to [in, out] and cast to FRACTAL_NZ; ``npu_quant_matmul(x, w, deq_scale,
-  bias=quant_bias, output_dtype=...)`` with ``deq_scale = input_scale * weight_scale``.
+  weight transposed to [in, out] and ``maybe_trans_nz``; ``npu_quant_matmul(x, w, deq_scale,
+  bias=quant_bias, output_dtype=...)`` with ``deq_scale = input_scale * weight_scale``: float32 for
+  bf16 models, for fp16 models an int64 (vLLM-Ascend loads msModelSlim's, which is the float32 bit
+  pattern, ``deqscale2int64``). Here the fp16 int64 is made by ``npu_trans_quant_param(deq_scale)``,
+  the encoding the npu_quant_matmul docs prescribe ("如需传入int64数据类型的scale，需要提前调用
+  torch_npu.npu_trans_quant_param"); the dequant unit reads the same FP19 from both.
+  npu_quant_matmul with an int8/fp16 output and no pertoken_scale refuses a float32 scale in aclnn
+  and in graph mode (only op-plugin's eager adapter converts it), so it always gets the int64.
 - W8A8 dynamic: vllm_ascend/quantization/methods/w8a8_dynamic.py: ``npu_dynamic_quant(x)`` then
-  ``npu_quant_matmul(xq, w, weight_scale, pertoken_scale=..., bias=..., output_dtype=x.dtype)``;
-  ``scale_from_float_to_int64`` (float32 bits in an int64) for fp16 deq scales.
+  ``npu_quant_matmul(xq, w, weight_scale, pertoken_scale=..., bias=..., output_dtype=x.dtype)``,
+  weight through ``maybe_trans_nz``. vLLM-Ascend passes ``weight_scale`` in the model dtype; a
+  float16 scale is in no row of the dtype table (fp16 output with pertoken_scale takes a float32
+  scale only), so the scale here is float32 for both dtypes.
 - W8A16: vllm_ascend/quantization/methods/w8a16.py (``npu_weight_quant_batchmatmul(x=, weight=,
-  antiquant_scale=, antiquant_offset=, bias=)``, weight [in, out]).
+  antiquant_scale=, antiquant_offset=, bias=)``, weight [in, out] through ``maybe_trans_nz``).
+- FRACTAL_NZ (vllm_ascend/utils.py ``maybe_trans_nz`` / ``_should_trans_nz``, same in both
+  releases): never for float32 or meta tensors; always on the 310P; else by ``weight_nz_mode``
+  (``--additional-config '{"weight_nz_mode": N}'``, else the env ``VLLM_ASCEND_ENABLE_NZ``, default 1):
+  0 none, 1 quantized (int8) weights, 2 also fp16/bf16 weights. vLLM-Ascend applies it to the int8
+  weights of its W8A8 static, W8A8 dynamic and W8A16 (per-channel) linears and to none of its
+  int4-packed linear weights (W4A4, FlatQuant); so here: the int8 [in, out] weight of every
+  npu_quant_matmul, and the int8 weight-only weight when it is per channel / per tensor
+  (aclnnWeightQuantBatchMatmulV2 takes NZ int8 weights there, per group only for int4); int4-packed
+  weights stay ND. The mode is read from vLLM-Ascend's config when it is initialised, else the env.
+- The chip (vllm_ascend/utils.py ``check_ascend_device_type``: ``torch_npu.npu.get_soc_version()``
+  220-225 Atlas A2 (Ascend910B*), 250-255 A3 (Ascend910_93*), 200-205 310P, 260 A5): A2 and A3 are
+  served; the 310P lacks npu_dynamic_quant, per-token scales in npu_quant_matmul, bf16 and int4
+  matmuls (the ops' docs), and its static W8A8 / W8A16 use other layouts (x2 transposed to (n, k)
+  before FRACTAL_NZ), which vLLM-Ascend serves with its own 310P schemes
+  (vllm_ascend/_310p/quantization in 0.26.0rc1). Other chips are refused too. Each refusal names the
+  layer, at load.
 - int4 weights: vllm_ascend/quantization/methods/w4a16.py (``npu_convert_weight_to_int4pack`` of
   int32 values), w4a4_laos_dynamic.py (pack [out, in], then transpose), and the W4A8_DYNAMIC linear
   removed in vllm-ascend #13713 (w4a8.py at efda0446db^: int4-packed [in, out/8] weight with per-group
   ``antiquant_scale`` [groups, out] and ``antiquant_group_size``).
-- Ascend/op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_quant_matmul.md (dtype table: fp16
-  output without pertoken_scale takes an int64/float32 scale and an int32 bias only; bf16 output
-  takes float32 scale and int32/bf16/float32 bias) and torch_npu-npu_weight_quant_batchmatmul.md
+- Ascend/op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_quant_matmul.md (dtype table 2, as
+  hicann/ops-nn's aclnn checkers read it: fp16 output without pertoken_scale takes an int64 scale and
+  an int32 bias only; with pertoken_scale a float32 scale and an int32/fp16/float32 bias; bf16 output
+  takes a float32/bf16 scale and an int32/bf16/float32 bias), torch_npu-npu_trans_quant_param.md
+  (``(bits(scale) & 0xFFFFE000) | 1 << 46``) and torch_npu-npu_weight_quant_batchmatmul.md
   (ANTIQUANT(w) = (w + offset) * scale, so offset = -zero_point; antiquant_group_size a multiple of
-  32 in [32, K-1]; bias float32 for bf16 x, float16 for fp16 x; FRACTAL_NZ weights only in graph
-  mode, so weight-only weights stay ND here).
+  32 in [32, K-1]; bias float32 for bf16 x, float16 for fp16 x).
 
 Choices where vLLM-Ascend has no dense-linear counterpart:
 - Asymmetric static activations: ``quant_bias = -zp * colsum(W)`` (int32) goes into the int32 bias
@@ -90,6 +116,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 
@@ -117,9 +144,81 @@ def _layer_name(layer: torch.nn.Module) -> str:
     return getattr(layer, "prefix", "") or type(layer).__name__
 
 
-def float_scale_to_int64(scale: torch.Tensor) -> torch.Tensor:
-    """float32 bits of each scale in an int64 (vllm-ascend w8a8_dynamic.scale_from_float_to_int64)."""
-    return scale.float().contiguous().view(torch.int32).to(torch.int64)
+def weight_nz_mode() -> int:
+    """vLLM-Ascend's ``weight_nz_mode``: from its config once initialised, else ``VLLM_ASCEND_ENABLE_NZ``
+    (default 1), as its ``AscendConfig`` reads it."""
+    try:
+        from vllm_ascend.ascend_config import get_ascend_config
+    except ImportError:
+        get_ascend_config = None
+    if get_ascend_config is not None:
+        try:
+            return int(get_ascend_config().weight_nz_mode)
+        except RuntimeError:  # "Ascend config is not initialized": outside a vLLM-Ascend engine
+            pass
+    return int(os.environ.get("VLLM_ASCEND_ENABLE_NZ", "1"))
+
+
+def maybe_trans_nz(npu, weight: torch.Tensor) -> torch.Tensor:
+    """FRACTAL_NZ where vLLM-Ascend's ``maybe_trans_nz`` casts on Atlas A2/A3 (the 310P, where it
+    always casts, is refused before)."""
+    if weight.dtype == torch.float32 or weight.is_meta:
+        return weight
+    mode = weight_nz_mode()
+    if not mode or (weight.dtype in NPU_DTYPES and mode != 2):
+        return weight
+    return npu.npu_format_cast(weight, ACL_FORMAT_FRACTAL_NZ)
+
+
+SERVED_CHIPS = "Atlas A2/A3 (Ascend910B*, Ascend910_93*)"
+_310P_LACKS = {
+    "dynamic_quant": "npu_dynamic_quant",
+    "pertoken": "per-token scales in npu_quant_matmul",
+    "bf16": "bfloat16",
+    "int4": "int4 matmuls",
+}
+
+
+def chip_family(version: int) -> str:
+    """vLLM-Ascend's AscendDeviceType for a ``torch_npu.npu.get_soc_version()`` (check_ascend_device_type)."""
+    if 220 <= version <= 225:
+        return "A2"
+    if 250 <= version <= 255:
+        return "A3"
+    if 200 <= version <= 205:
+        return "310P"
+    if version == 260:
+        return "A5"
+    return "unknown"
+
+
+def require_served_chip(npu, layer: torch.nn.Module, needs: tuple[str, ...]) -> None:
+    """Refuse, naming the layer, any chip but Atlas A2/A3. ``needs``: what the layer's kernels use
+    among ``_310P_LACKS`` (bf16 is added from the layer's dtype)."""
+    version = int(npu.npu.get_soc_version())
+    family = chip_family(version)
+    if family in ("A2", "A3"):
+        return
+    name = _layer_name(layer)
+    device = str(npu.npu.get_device_name())
+    if family != "310P":
+        raise RuntimeError(
+            f"layer '{name}': the Ascend kernels serve {SERVED_CHIPS} only; this is {device} "
+            f"(soc_version {version}, {family}). Serve it with VLLM_PTQ_ASCEND_KERNELS=torch"
+        )
+    needs = (*needs, "bf16") if layer.params_dtype == torch.bfloat16 else needs
+    lacking = [_310P_LACKS[n] for n in _310P_LACKS if n in needs]
+    why = (
+        f"this layer needs {', '.join(lacking)}, which the 310P lacks"
+        if lacking
+        else "its static W8A8 / W8A16 kernels use other weight layouts (x2 transposed to (n, k) before "
+        "FRACTAL_NZ), which this backend does not implement (vLLM-Ascend has its own 310P schemes)"
+    )
+    raise RuntimeError(
+        f"layer '{name}': {device} (soc_version {version}) is an Atlas 310P chip, which lacks "
+        f"{', '.join(_310P_LACKS.values())}; {why}. The Ascend kernels serve {SERVED_CHIPS} only; "
+        "serve it with VLLM_PTQ_ASCEND_KERNELS=torch"
+    )
 
 
 def antiquant_group_ok(group_size: int, in_features: int) -> bool:
@@ -132,6 +231,11 @@ class NpuBackend(TorchBackend):
 
     name = "npu"
 
+    def _require_served(self, layer: torch.nn.Module, needs: tuple[str, ...]) -> None:
+        """The chip, then the dtype: errors that name the layer, at load."""
+        require_served_chip(_torch_npu(), layer, needs)
+        self._require_npu_dtype(layer)
+
     def _require_npu_dtype(self, layer: torch.nn.Module) -> None:
         if layer.params_dtype not in NPU_DTYPES:
             raise ValueError(
@@ -143,7 +247,7 @@ class NpuBackend(TorchBackend):
 
     # -- W8A8 ----------------------------------------------------------------
     def prepare_int8(self, layer: torch.nn.Module, spec: Int8LinearSpec) -> None:
-        self._require_npu_dtype(layer)
+        self._require_served(layer, () if spec.static_input else ("dynamic_quant", "pertoken"))
         npu = _torch_npu()
         dtype = layer.params_dtype
         w_scale = layer.weight_scale.data.float()
@@ -152,7 +256,7 @@ class NpuBackend(TorchBackend):
             w_scale = torch.repeat_interleave(w_scale.reshape(-1), counts)
         w_scale = w_scale.reshape(-1).contiguous()
         w_t = layer.weight.data.to(torch.int8).t().contiguous()  # [in, out]
-        layer.ptq_npu_w = npu.npu_format_cast(w_t, ACL_FORMAT_FRACTAL_NZ)
+        layer.ptq_npu_w = maybe_trans_nz(npu, w_t)
         layer.ptq_npu_static = spec.static_input
         layer.ptq_npu_w4a8 = "int8"
         if spec.static_input:
@@ -162,8 +266,9 @@ class NpuBackend(TorchBackend):
             # npu_quantize(div_mode=False) multiplies: scale and offset per input channel, model dtype
             layer.ptq_npu_x_recip = (1.0 / scale).reshape(1).repeat(k).to(dtype)
             layer.ptq_npu_x_offset = None if zp is None else zp.float().reshape(1).repeat(k).to(dtype)
-            deq = (scale * w_scale).float()
-            layer.ptq_npu_deq = deq if dtype == torch.bfloat16 else float_scale_to_int64(deq)
+            deq = (scale * w_scale).float().contiguous()
+            # fp16 output without pertoken_scale takes the int64 quant parameter only (docs, aclnn)
+            layer.ptq_npu_deq = deq if dtype == torch.bfloat16 else npu.npu_trans_quant_param(deq)
             layer.ptq_npu_quant_bias = (
                 None if zp is None else (-zp.to(torch.int64) * w_t.to(torch.int64).sum(0)).to(torch.int32)
             )
@@ -207,7 +312,10 @@ class NpuBackend(TorchBackend):
 
     # -- W4A8 ------------------------------------------------------------------
     def prepare_w4a8(self, layer: torch.nn.Module, spec: W4A8Spec) -> None:
-        self._require_npu_dtype(layer)
+        per_group = spec.group_size not in (-1, layer.input_size_per_partition)
+        self._require_served(
+            layer, ("dynamic_quant", "pertoken", "int4") if per_group else ("dynamic_quant", "pertoken")
+        )
         in_features = layer.input_size_per_partition
         if spec.group_size == -1 or spec.group_size == in_features:
             w_int = torch_ops.unpack_weight(layer, 4)
@@ -240,7 +348,9 @@ class NpuBackend(TorchBackend):
 
     # -- W4A4 / FlatQuant ---------------------------------------------------------
     def prepare_int_dynamic(self, layer: torch.nn.Module, spec: IntDynamicSpec) -> None:
-        self._require_npu_dtype(layer)
+        int4 = spec.weight_bits == 4 and spec.act_bits == 4
+        needs = ("pertoken",) + (("int4",) if int4 else ()) + (() if spec.kronecker else ("dynamic_quant",))
+        self._require_served(layer, needs)
         name = _layer_name(layer)
         w_int = layer.weight.data.to(torch.int8)
         out_f, in_f = w_int.shape
@@ -364,7 +474,7 @@ class NpuBackend(TorchBackend):
 
     # -- W4A16 / W8A16 ---------------------------------------------------------
     def prepare_weight_only(self, layer: torch.nn.Module, spec: WeightOnlySpec) -> None:
-        self._require_npu_dtype(layer)
+        self._require_served(layer, ("int4",) if spec.num_bits == 4 else ())
         in_features = layer.input_size_per_partition
         group = -1 if spec.group_size in (-1, in_features) else spec.group_size
         if group != -1 and not antiquant_group_ok(group, in_features):
@@ -424,6 +534,8 @@ class NpuBackend(TorchBackend):
             weight = npu.npu_convert_weight_to_int4pack(w_int.to(torch.int32).contiguous()).t()
         else:  # int8 weights (W8A16, or int4 values no packing fits: exact, one byte each)
             weight = w_int.to(torch.int8).t().contiguous()
+            if group == -1:  # as vLLM-Ascend's W8A16; NZ int8 per group is refused by the op
+                weight = maybe_trans_nz(npu, weight)
         if group == -1:
             a_scale = scale.reshape(-1).to(dtype).contiguous()
             a_off = None if zp is None else (-zp.reshape(-1).float()).to(dtype).contiguous()

@@ -39,9 +39,48 @@ Sources (the documentation and op adapter code of torch_npu, read 2026-08):
   int4 (CAST_NONE = RINT). Shape limits: K in [1, 262144], M and N in [1, 256], N % 8 == 0 for
   int32 output; clip_ratio in (0, 1]. Inferred, not documented: the int4 cast saturates to
   [-8, 7] (Ascend's default saturation mode; with clip < 1 the scaled values reach 7 / clip).
+- Scales and dtype combinations of npu_quant_matmul, as the op checks them (read 2026-11): the
+  aclnn checkers hicann/ops-nn matmul/quant_batch_matmul_v3/op_host/op_api/aclnn_quant_matmul_v4.cpp
+  (CheckDtypeValidOnOnlyL0c2out*: without pertoken_scale an int8 / float16 output refuses a
+  float32 scale, "scale dtype should not be FLOAT", and a float16 bias; with pertoken_scale a
+  float16 output needs a float32 scale, and a float16 bias needs a float16 output; a bfloat16
+  bias needs a bfloat16 output; float16 scales are in no list) and quant_matmul_checker.cpp
+  (PERTOKEN_FP16_OUT_BIAS_SUPPORT_LIST = int32/float16/float32), read at the jbgztxdy/ops-nn mirror
+  (4d4c634). op-plugin's eager adapter (QuantMatmulKernelNpuOpApi.cpp) converts a float32 scale
+  given with no pertoken_scale and an int8/float16 output through npu_trans_quant_param before
+  calling aclnn; the docs say graph mode does not ("图模式不支持scale直接传入float32", and the
+  graph example: "pertoken_scale为空时，输出fp16必须先调用npu_trans_quant_param"). The emulation
+  refuses that call (it answers as aclnn and graph mode do): the documented way is the int64 of
+  npu_trans_quant_param, valid in both modes. Docs table 2 prints "bfloat16" among the float16
+  output's pertoken biases; the 600 docs and both checkers say float16 (followed here).
+- npu_trans_quant_param (torch_npu-npu_trans_quant_param.md; aclnnTransQuantParamV2 docs; the
+  ops-nn ATK golden of TransQuantParamV2): out = (bits(scale) & 0xFFFFE000) | 1 << 46, then with an
+  offset: (out & 0x4000FFFFFFFF) | ((clamp(round(offset), -256, 255) & 0x1FF) << 37), round half
+  to even as the golden's np.round. round_mode=1 ("R_INT") rounds the scale to its top 19 bits
+  first; the emulation rounds to nearest, ties to even (inferred from the mode's name). The
+  dequant unit reads the low 32 bits as FP19, so a plain float32 bit pattern in an int64 (what
+  msModelSlim's deqscale2int64 writes and vLLM-Ascend's W8A8 static passes for float16 models;
+  also Ascend C's SetQuantScalar example) is read the same way, bit 46 clear.
+- FRACTAL_NZ is a property of the storage (torch_npu reads it from the NPUStorageDesc, so views
+  and ``param.data = nz_tensor`` keep it): the emulation records it per storage.
+  npu_weight_quant_batchmatmul: aclnnWeightQuantBatchMatmulV2.md (ops-nn) lists FRACTAL_NZ int8
+  weights for per-channel dequantization on A2/A3 (per-group NZ only for int4/int32 weights), and
+  vLLM-Ascend's W8A16 linear passes them (maybe_trans_nz); the torch_npu page's "FRACTAL_NZ only in
+  graph mode" sits under the Atlas inference (310P) line and in a general note that upstream's use
+  contradicts, so A2/A3 NZ int8 per-channel weights are accepted.
+- The chip: ``torch_npu.npu.get_soc_version()`` / ``get_device_name()`` as vLLM-Ascend reads them
+  (vllm_ascend/utils.py check_ascend_device_type: 220-225 Atlas A2, 250-255 A3, 200-205 310P), with
+  the SoC names and numbers of Ascend/pytorch torch_npu/csrc/core/npu/NpuVariables.h. ``SOC_NAME``
+  picks the emulated chip (tests set it). On the 310P (Atlas inference products) the ops refuse
+  what their docs do not list there: npu_dynamic_quant, pertoken_scale, int4 operands, bfloat16, and
+  npu_quant_matmul wants a FRACTAL_NZ x2 (ops-nn quant_matmul_checker CheckFormat). Other chips are
+  not emulated.
 """
 
 from __future__ import annotations
+
+import types
+import weakref
 
 import torch
 
@@ -49,12 +88,14 @@ __all__ = [
     "ACL_FORMAT_FRACTAL_NZ",
     "ACL_FORMAT_ND",
     "get_npu_format",
+    "npu",
     "npu_convert_weight_to_int4pack",
     "npu_dynamic_quant",
     "npu_format_cast",
     "npu_kronecker_quant",
     "npu_quant_matmul",
     "npu_quantize",
+    "npu_trans_quant_param",
     "npu_weight_quant_batchmatmul",
 ]
 
@@ -62,7 +103,6 @@ EMULATED = True  # lets tests check that the fake, not a real torch_npu, is in u
 
 ACL_FORMAT_ND = 2
 ACL_FORMAT_FRACTAL_NZ = 29
-_FORMAT_ATTR = "_npu_emulated_format"
 MAX_KN = 65535
 INT4_PER_INT32 = 8
 KRONECKER_MAX_K = 262144  # aclnnFlatQuant: x's first dim in [1, 262144] (tests may lower it)
@@ -73,16 +113,96 @@ def _fail(op: str, msg: str, exc=RuntimeError):
     raise exc(f"{op}: {msg}")
 
 
+# -- the chip ------------------------------------------------------------------------------
+# SoC name -> torch_npu.npu.get_soc_version() (NpuVariables.h). Tests pick the emulated chip by
+# setting SOC_NAME (monkeypatch.setattr(torch_npu, "SOC_NAME", ...)).
+SOC_VERSIONS = {
+    "Ascend910A": 102,  # Atlas training series (not emulated)
+    "Ascend310P1": 200,
+    "Ascend310P3": 202,
+    "Ascend310P5": 204,
+    "Ascend910B1": 220,
+    "Ascend910B2": 221,
+    "Ascend910B3": 223,
+    "Ascend910B4": 224,
+    "Ascend910_9391": 250,
+    "Ascend910_9392": 251,
+    "Ascend910_9381": 252,
+    "Ascend910_9382": 253,
+    "Ascend910_9372": 254,
+    "Ascend910_9362": 255,
+}
+SOC_NAME = "Ascend910B4"  # an Atlas 800I A2
+
+
+def chip_family() -> str:
+    """The emulated chip's family ("A2", "A3", "310P" or "other"), by vLLM-Ascend's soc_version ranges."""
+    if SOC_NAME not in SOC_VERSIONS:
+        raise ValueError(
+            f"torch_npu emulation: unknown SOC_NAME {SOC_NAME!r} (known: {sorted(SOC_VERSIONS)})"
+        )
+    v = SOC_VERSIONS[SOC_NAME]
+    if 220 <= v <= 225:
+        return "A2"
+    if 250 <= v <= 255:
+        return "A3"
+    if 200 <= v <= 205:
+        return "310P"
+    return "other"
+
+
+def _get_soc_version() -> int:
+    chip_family()  # validates SOC_NAME
+    return SOC_VERSIONS[SOC_NAME]
+
+
+def _get_device_name(device_name=None) -> str:
+    chip_family()
+    return SOC_NAME
+
+
+npu = types.ModuleType("torch_npu.npu", "The emulated device namespace: the chip queries only.")
+npu.get_soc_version = _get_soc_version
+npu.get_device_name = _get_device_name
+
+
+def _served_chip(op: str, *, on_310p: bool) -> str:
+    """The chip family; ops call it first. Other chips are not emulated; the 310P only where
+    the op's docs list the Atlas inference products (``on_310p``)."""
+    fam = chip_family()
+    if fam == "other" or (fam == "310P" and not on_310p):
+        _fail(
+            op, f"not supported (or not emulated) on {SOC_NAME}: the docs list Atlas A2/A3 here", RuntimeError
+        )
+    return fam
+
+
+# -- storage formats -----------------------------------------------------------------------
+# id(storage) -> (weakref to the storage, format). torch keeps one Python object per storage, so
+# a view or a ``param.data = t`` assignment finds the same entry; the weakref drops it with the
+# storage.
+_FORMATS: dict[int, tuple[weakref.ref, int]] = {}
+
+
 def get_npu_format(tensor: torch.Tensor) -> int:
-    """The storage format recorded by :func:`npu_format_cast` (ND for any other tensor)."""
-    return getattr(tensor, _FORMAT_ATTR, ACL_FORMAT_ND)
+    """The format of the tensor's storage (ND unless :func:`npu_format_cast` made it)."""
+    storage = tensor.untyped_storage()
+    entry = _FORMATS.get(id(storage))
+    if entry is not None and entry[0]() is storage:
+        return entry[1]
+    return ACL_FORMAT_ND
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    if _FORMATS.get(key, (None,))[0] is ref:
+        del _FORMATS[key]
 
 
 def npu_format_cast(self: torch.Tensor, acl_format: int) -> torch.Tensor:
-    """A layout change, not a value change: returns a new tensor object tagged with the format.
+    """A relayout into a new storage of ``acl_format``; the values (as torch sees them) are unchanged.
 
-    Like on hardware, the tag belongs to the returned tensor; a view of it (``.t()``, slicing)
-    is a plain ND tensor again.
+    As on hardware, the format belongs to the storage: views of the result and parameters whose
+    ``.data`` is set to it report it too.
     """
     if acl_format not in (ACL_FORMAT_ND, ACL_FORMAT_FRACTAL_NZ):
         _fail(
@@ -94,8 +214,12 @@ def npu_format_cast(self: torch.Tensor, acl_format: int) -> torch.Tensor:
         _fail(
             "npu_format_cast", f"FRACTAL_NZ needs a tensor of at least 2 dims, got shape {tuple(self.shape)}"
         )
-    out = self.contiguous().view(self.shape)  # a new object (sharing memory) to carry the tag
-    setattr(out, _FORMAT_ATTR, acl_format)
+    out = self.contiguous().clone()
+    if acl_format != ACL_FORMAT_ND:
+        storage = out.untyped_storage()
+        key = id(storage)
+        ref = weakref.ref(storage, lambda r, k=key: _forget(k, r))
+        _FORMATS[key] = (ref, acl_format)
     return out
 
 
@@ -160,6 +284,7 @@ def npu_dynamic_quant(x: torch.Tensor, *, smooth_scales=None, group_index=None, 
     result packed 8 per int32 along the last dim, which must be a multiple of 8).
     """
     op = "npu_dynamic_quant"
+    _served_chip(op, on_310p=False)  # docs: Atlas A2/A3 (and Ascend 950) only
     if x.dtype not in (torch.float16, torch.bfloat16):
         _fail(op, f"x must be float16 or bfloat16, got {x.dtype}", TypeError)
     if x.dim() < 2:
@@ -190,6 +315,7 @@ def npu_kronecker_quant(x, kronecker_p1, kronecker_p2, clip_ratio=None, dst_dtyp
     Returns (out int32 (K, M, N / 8), quant_scale float32 (K,)).
     """
     op = "npu_kronecker_quant"
+    _served_chip(op, on_310p=False)
     if x.dtype not in (torch.float16, torch.bfloat16):
         _fail(op, f"x must be float16 or bfloat16, got {x.dtype}", TypeError)
     if x.dim() != 3:
@@ -228,8 +354,11 @@ def npu_kronecker_quant(x, kronecker_p1, kronecker_p2, clip_ratio=None, dst_dtyp
 def npu_quantize(input, scales, zero_points, dtype, axis=1, div_mode=True):
     """Per-tensor / per-axis quantization: round(input * scales + zero_points) (div_mode=False)."""
     op = "npu_quantize"
+    fam = _served_chip(op, on_310p=True)
     if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         _fail(op, f"input must be float, float16 or bfloat16, got {input.dtype}", TypeError)
+    if fam == "310P" and input.dtype == torch.bfloat16:
+        _fail(op, f"bfloat16 is not supported on {SOC_NAME} (Atlas inference products)", TypeError)
     if dtype != torch.qint8:
         _fail(op, f"dtype {dtype} is not emulated (torch.qint8 only)", NotImplementedError)
     if div_mode:
@@ -263,47 +392,111 @@ def npu_quantize(input, scales, zero_points, dtype, axis=1, div_mode=True):
 
 
 # -- scales --------------------------------------------------------------------------------
+_QUANT_PARAM_FLAG = 1 << 46  # npu_trans_quant_param sets bit 46
+_FP19_MASK = 0xFFFFE000  # the top 19 bits of a float32: sign, 8 exponent, 10 mantissa bits
+_OFFSET_SHIFT = 37  # a 9-bit offset in bits 37..45
+
+
 def _fp19(scale_f32: torch.Tensor) -> torch.Tensor:
     """float32 truncated to the FP19 the dequant unit reads (sign, 8 exponent, 10 mantissa bits)."""
     bits = scale_f32.contiguous().view(torch.int32) & torch.tensor(-8192, dtype=torch.int32)  # 0xFFFFE000
     return bits.view(torch.float32)
 
 
-def decode_int64_scale(scale: torch.Tensor) -> torch.Tensor:
-    """float32 value of an int64-encoded quant scale (float32 bits in the low 32 bits, FP19)."""
+def _check_quant_param_input(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.float32:
+        _fail(op, f"{name} must be float32, got {t.dtype}", TypeError)
+    if t.dim() not in (1, 2) or t.numel() == 0:
+        _fail(op, f"{name} must be a non-empty 1-D or 2-D tensor, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        _fail(op, f"{name} must be contiguous")
+
+
+def npu_trans_quant_param(scale: torch.Tensor, offset: torch.Tensor | None = None, round_mode: int = 0):
+    """float32 scale (and offset) -> the int64 quant parameter of npu_quant_matmul (documented encoding):
+    ``(bits(scale) & 0xFFFFE000) | 1 << 46``, an offset as 9 bits at bit 37."""
+    op = "npu_trans_quant_param"
+    _check_quant_param_input(op, "scale", scale)
+    if round_mode not in (0, 1):
+        _fail(op, f"round_mode must be 0 (truncate) or 1 (R_INT), got {round_mode}")
+    bits = scale.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    if round_mode == 1:  # round the 13 dropped bits to nearest, ties to even (inferred from R_INT)
+        low = bits & 0x1FFF
+        keep = bits >> 13
+        up = (low > 0x1000) | ((low == 0x1000) & ((keep & 1) == 1))
+        bits = (keep + up.to(torch.int64)) << 13
+    out = (bits & _FP19_MASK) | _QUANT_PARAM_FLAG
+    if offset is None:
+        return out
+    _check_quant_param_input(op, "offset", offset)
+    off = torch.round(offset).clamp(-256, 255).to(torch.int64)  # half to even, as the ATK golden's np.round
+    off_bits = (off & 0x1FF) << _OFFSET_SHIFT
+    try:
+        out, off_bits = torch.broadcast_tensors(out, off_bits)
+    except RuntimeError:
+        _fail(op, f"offset of shape {tuple(offset.shape)} does not broadcast with scale {tuple(scale.shape)}")
+    if scale.dim() == 2 and tuple(out.shape) != tuple(scale.shape):
+        _fail(
+            op,
+            f"with a 2-D scale the output has its shape {tuple(scale.shape)}, offset {tuple(offset.shape)}",
+        )
+    return (out & 0x4000FFFFFFFF) | off_bits
+
+
+def _check_int64_scale(scale: torch.Tensor) -> None:
     if scale.dtype != torch.int64:
         raise TypeError(f"an int64-encoded scale must be int64, got {scale.dtype}")
-    if bool((scale < 0).any()) or bool((scale >= 2**47).any()):
-        raise ValueError("int64 scale has bits set above bit 46: not a quant-param encoding")
+    bad = (scale < 0) | (scale >= 2**47) | (((scale >> 32) & 0x1F) != 0)
+    if bool(bad.any()):
+        raise ValueError(
+            "int64 scale has bits set outside the low 32 (scale), 37..45 (offset) and 46 (flag): "
+            "not a quant-param encoding (use npu_trans_quant_param)"
+        )
+
+
+def decode_int64_scale(scale: torch.Tensor) -> torch.Tensor:
+    """float32 value the dequant unit reads from an int64 quant parameter: the low 32 bits as FP19.
+
+    Takes npu_trans_quant_param's encoding and a plain float32 bit pattern (bit 46 clear)."""
+    _check_int64_scale(scale)
     low = scale & 0xFFFFFFFF
     low32 = torch.where(low >= 2**31, low - 2**32, low).to(torch.int32)
     return _fp19(low32.view(torch.float32))
 
 
-# npu_quant_matmul dtype combinations (docs, table 2, Atlas A2/A3), int8 x int8:
-# output dtype -> (scale dtypes, bias dtypes, pertoken allowed, offset allowed)
+def decode_int64_offset(scale: torch.Tensor) -> torch.Tensor:
+    """The 9-bit signed offset (bits 37..45) of an int64 quant parameter, as int64."""
+    _check_int64_scale(scale)
+    off = (scale >> _OFFSET_SHIFT) & 0x1FF
+    return torch.where(off >= 256, off - 512, off)
+
+
+_F16, _BF16, _F32, _I32, _I64 = torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.int64
+# npu_quant_matmul dtype combinations on Atlas A2/A3 (docs table 2 as the aclnn checkers read it,
+# see the module docstring), int8 x int8:
+# output dtype -> [(scale dtypes, bias dtypes, pertoken: False / True (optional) / "required", offset)]
 _QMM_TABLE = {
-    torch.float16: [
-        ({torch.int64, torch.float32}, {torch.int32}, False, False),
-        ({torch.float32}, {torch.int32, torch.bfloat16, torch.float32}, True, False),
+    _F16: [
+        ({_I64}, {_I32}, False, False),
+        ({_F32}, {_I32, _F16, _F32}, "required", False),
     ],
-    torch.int8: [({torch.int64, torch.float32}, {torch.int32}, False, True)],
-    torch.bfloat16: [
-        ({torch.float32, torch.bfloat16}, {torch.int32, torch.bfloat16, torch.float32}, True, False),
-    ],
-    torch.int32: [({torch.float32, torch.bfloat16}, {torch.int32}, False, False)],
+    torch.int8: [({_I64}, {_I32}, False, True)],
+    _BF16: [({_F32, _BF16}, {_I32, _BF16, _F32}, True, False)],
+    _I32: [({_F32, _BF16}, {_I32}, False, False)],
 }
-
-
-# int32 x int32 (int4) rows of table 2: (scale dtypes, bias dtypes, pertoken, offset allowed);
-# an empty bias set means bias must be None. The pertoken row's offset column reads "float16" in the
-# docs (a 2-D-scale case): offset is not emulated here.
+# int32 x int32 (int4) rows of table 2; an empty bias set means bias must be None. The pertoken row's
+# offset column reads "float16" in the docs (a 2-D-scale case): offset is not emulated here.
 _QMM_TABLE_INT4 = {
-    torch.float16: [
-        ({torch.int64, torch.float32}, {torch.int32}, False, False),
-        ({torch.float32}, set(), "required", False),
+    _F16: [
+        ({_I64}, {_I32}, False, False),
+        ({_F32}, set(), "required", False),
     ],
-    torch.bfloat16: [({torch.float32}, set(), "required", False)],
+    _BF16: [({_F32}, set(), "required", False)],
+}
+# table 1, Atlas inference products (310P): int8 only, no pertoken_scale, no bfloat16
+_QMM_TABLE_310P = {
+    _F16: [({_I64}, {_I32}, False, False)],
+    torch.int8: [({_I64}, {_I32}, False, True)],
 }
 
 
@@ -326,8 +519,20 @@ def npu_quant_matmul(
     ``(x1 @ x2 [+ int32 bias]) * scale [* pertoken] [+ float bias]`` (docs formula; pertoken as in
     the grouped-matmul docs' formula 3)."""
     op = "npu_quant_matmul"
+    fam = _served_chip(op, on_310p=True)
     out_dtype = torch.int8 if output_dtype is None else output_dtype
     int4 = x1.dtype == torch.int32 and x2.dtype == torch.int32
+    if fam == "310P":
+        if torch.int32 in (x1.dtype, x2.dtype):
+            _fail(
+                op,
+                f"int4 (int32-packed) operands are not supported on {SOC_NAME} (docs: int8 only)",
+                TypeError,
+            )
+        if pertoken_scale is not None:
+            _fail(op, f"pertoken_scale is not supported on {SOC_NAME} (Atlas inference products)")
+        if get_npu_format(x2) != ACL_FORMAT_FRACTAL_NZ:
+            _fail(op, f"x2 must be FRACTAL_NZ on {SOC_NAME} (aclnn CheckFormat for ASCEND310P)")
     if not int4 and torch.int32 in (x1.dtype, x2.dtype):
         _fail(op, "mixed int8 / int32 operands (A8W4) are not emulated", NotImplementedError)
     if not int4 and (x1.dtype != torch.int8 or x2.dtype != torch.int8):
@@ -349,9 +554,18 @@ def npu_quant_matmul(
     if a.shape[-1] != k:
         _fail(op, f"K of x1 ({a.shape[-1]}) and x2 ({k}) differ: x2 must be laid out [k, n]")
     # dtype combination
-    rows = (_QMM_TABLE_INT4 if int4 else _QMM_TABLE).get(out_dtype)
+    table = _QMM_TABLE_310P if fam == "310P" else (_QMM_TABLE_INT4 if int4 else _QMM_TABLE)
+    rows = table.get(out_dtype)
     if rows is None:
-        _fail(op, f"output_dtype {output_dtype} is not supported", TypeError)
+        _fail(op, f"output_dtype {output_dtype} is not supported here ({SOC_NAME})", TypeError)
+    if scale.dtype == torch.float32 and pertoken_scale is None and out_dtype in (torch.float16, torch.int8):
+        _fail(
+            op,
+            f"a float32 scale with {out_dtype} output and no pertoken_scale is refused by aclnnQuantMatmul "
+            "('scale dtype should not be FLOAT') and in graph mode (docs); only op-plugin's eager adapter "
+            "converts it. Pass the int64 of torch_npu.npu_trans_quant_param(scale) instead",
+            TypeError,
+        )
     ok = any(
         scale.dtype in s
         and (bias is None or bias.dtype in b_dtypes)
@@ -387,10 +601,15 @@ def npu_quant_matmul(
     acc = torch.matmul(a.double(), b.double())
     if bias is not None and bias.dtype == torch.int32:
         acc = acc + bias.double()
+    quant_offset = offset
     if scale.dtype == torch.int64:
         s = decode_int64_scale(scale)
-    elif scale.dtype == torch.float32 and pertoken_scale is None and out_dtype != torch.bfloat16:
-        s = _fp19(scale)  # op-plugin converts it with npu_trans_quant_param first
+        packed_offset = decode_int64_offset(scale)
+        if bool((packed_offset != 0).any()):
+            if out_dtype != torch.int8:
+                _fail(op, "an int64 scale with an offset (npu_trans_quant_param's offset) is for int8 output")
+            if quant_offset is None:
+                quant_offset = packed_offset.float()
     else:
         s = scale.float()
     if out_dtype == torch.int32:
@@ -400,8 +619,8 @@ def npu_quant_matmul(
         out = out * pertoken_scale.float().unsqueeze(-1)
     if bias is not None and bias.dtype != torch.int32:
         out = out + bias.float()
-    if offset is not None:
-        out = out + offset.float()
+    if quant_offset is not None:
+        out = out + quant_offset.float()
     if out_dtype == torch.int8:
         return torch.round(out).clamp(-128, 127).to(torch.int8)
     return out.to(out_dtype)
@@ -424,14 +643,26 @@ def npu_weight_quant_batchmatmul(
     accumulates in float32 and the result is rounded to x's dtype.
     """
     op = "npu_weight_quant_batchmatmul"
+    fam = _served_chip(op, on_310p=True)
     if x.dtype not in (torch.float16, torch.bfloat16):
         _fail(op, f"x must be float16 or bfloat16, got {x.dtype}", TypeError)
+    if fam == "310P" and (x.dtype != torch.float16 or weight.dtype != torch.int8):
+        _fail(op, f"{SOC_NAME} takes float16 x and int8 weights only (docs)", TypeError)
     if x.dim() != 2:
         _fail(op, f"x must be 2-D (m, k), got shape {tuple(x.shape)}")
     if weight.dim() != 2:
         _fail(op, f"weight must be 2-D (k, n), got shape {tuple(weight.shape)}")
     if get_npu_format(weight) == ACL_FORMAT_FRACTAL_NZ:
-        _fail(op, "a FRACTAL_NZ weight is supported in graph mode only, not in single-op calls (docs)")
+        if fam == "310P":
+            _fail(op, "FRACTAL_NZ weights are not emulated for the 310P (there: (n, k) layout, graph mode)")
+        if weight.dtype != torch.int8:
+            _fail(op, "FRACTAL_NZ int32 (int4) weights are not emulated", NotImplementedError)
+        if int(antiquant_group_size):
+            _fail(
+                op,
+                "a FRACTAL_NZ int8 weight takes per-tensor / per-channel antiquant only "
+                "(aclnnWeightQuantBatchMatmulV2: NZ per-group needs int4/int32 weights)",
+            )
     if quant_scale is not None or quant_offset is not None:
         _fail(op, "quant_scale / quant_offset (int8 output) are not emulated", NotImplementedError)
     if weight.dtype == torch.int8:
