@@ -41,6 +41,8 @@ def _pack(q: torch.Tensor, dim: int) -> torch.Tensor:
     q = q.to(torch.int16).movedim(dim, 0)
     p = ((q[1::2] << 4) | (q[0::2] & 0xF)).to(torch.uint8).view(torch.int8)
     return p.movedim(0, dim).contiguous()
+
+
 TP = 2
 
 
@@ -218,23 +220,25 @@ def _modelslim_w4a8(prefix, out_f, in_f, group, version, seed=0):
     ],
 )
 @pytest.mark.parametrize("tp", [1, TP])
-def test_modelslim_w4a8_dynamic_through_vllm_ascend(va, as_rank, kind, prefix, group, version, tp):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_modelslim_w4a8_dynamic_through_vllm_ascend(va, as_rank, kind, prefix, group, version, tp, dtype):
     as_main(va)
     out_f, in_f = 64, 256
     desc, tensors, w = _modelslim_w4a8(prefix, out_f, in_f, group, version)
     quant_config = va.modelslim_config.AscendModelSlimConfig(desc)
-    x = torch.randn(5, in_f, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x = torch.randn(5, in_f, generator=torch.Generator().manual_seed(1)).to(dtype)
 
     def make():
-        return build(kind, quant_config, in_f, out_f, torch.bfloat16, prefix)
+        return build(kind, quant_config, in_f, out_f, dtype, prefix)
 
     out = run_ranks(as_rank, make, {None: tensors}, x, kind, tp)
+    assert out.dtype == torch.float64 and out.shape == (5, out_f)
     xs = x.double().chunk(tp, dim=-1)
     if kind == "RowParallelLinear":  # each rank quantizes its own slice of the input per token
         ref = sum(quant_per_token(xr) @ wr.t() for xr, wr in zip(xs, w.chunk(tp, dim=1)))
     else:
         ref = quant_per_token(x.double()) @ w.t()
-    assert rel_err(out, ref) < 2**-7
+    assert rel_err(out, ref) < (3e-3 if dtype == torch.float16 else 2**-7)
 
 
 def test_modelslim_w4a8_row_scales_follow_vllm_ascends_input_dim(va, as_rank):
@@ -254,31 +258,41 @@ def test_modelslim_w4a8_row_scales_follow_vllm_ascends_input_dim(va, as_rank):
     assert layer.scale_bias.shape == (64, 16)  # loaded whole, this rank's 8 columns kept after loading
 
 
-# -- W4A16 (msModelSlim), whole-loaded per-group scales at two ranks ---------------------------------
-@pytest.mark.parametrize("kind", ["RowParallelLinear", "ColumnParallelLinear"])
-def test_modelslim_w4a16_two_ranks(va, as_rank, kind):
+# -- W4A16 (msModelSlim): whole-loaded per-group scales, both saver layouts --------------------------
+@pytest.mark.parametrize(
+    "kind,group,version",
+    [
+        ("RowParallelLinear", 32, "1.0.0"),
+        ("ColumnParallelLinear", 32, "1.0.0"),
+        ("RowParallelLinear", 0, "1.0.0"),  # per channel: packed along the input
+        ("RowParallelLinear", 64, "0"),  # legacy: one int4 per int8
+        ("ColumnParallelLinear", 0, "0"),
+    ],
+)
+@pytest.mark.parametrize("tp", [1, TP])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_modelslim_w4a16_through_vllm_ascend(va, as_rank, kind, group, version, tp, dtype):
     prefix = "model.layers.0.mlp." + ("down_proj" if kind == "RowParallelLinear" else "up_proj")
-    g = torch.Generator().manual_seed(3)
-    out_f, in_f, group = 64, 256, 32
+    g = torch.Generator().manual_seed(3 + group)
+    out_f, in_f = 64, 256
+    n_groups = in_f // group if group else 1
     q = torch.randint(-8, 8, (out_f, in_f), generator=g)
-    scale = torch.rand(out_f, in_f // group, generator=g) * 0.02 + 1e-3
-    offset = torch.randint(-3, 4, (out_f, in_f // group), generator=g).float()
-    tensors = {"weight": _pack(q, 0), "weight_scale": scale, "weight_offset": offset}
-    desc = {"model_quant_type": "W4A16", "version": "1.0.0", "group_size": group, f"{prefix}.weight": "W4A16"}
+    scale = torch.rand(out_f, n_groups, generator=g) * 0.02 + 1e-3
+    offset = torch.randint(-3, 4, (out_f, n_groups), generator=g).float()
+    if not group:
+        offset.zero_()  # per channel symmetric; the group cases carry zero points
+    # msModelSlim 1.0.0 packs along the output dim per group, along the input dim per channel
+    weight = (_pack(q, 0 if group else 1)) if version == "1.0.0" else q.to(torch.int8)
+    tensors = {"weight": weight, "weight_scale": scale, "weight_offset": offset}
+    desc = {"model_quant_type": "W4A16", "version": version, "group_size": group, f"{prefix}.weight": "W4A16"}
     quant_config = va.modelslim_config.AscendModelSlimConfig(desc)
-    x = torch.randn(4, in_f, generator=g).to(torch.bfloat16)
+    x = torch.randn(4, in_f, generator=g).to(dtype)
     out = run_ranks(
-        as_rank,
-        lambda: build(kind, quant_config, in_f, out_f, torch.bfloat16, prefix),
-        {None: tensors},
-        x,
-        kind,
-        TP,
+        as_rank, lambda: build(kind, quant_config, in_f, out_f, dtype, prefix), {None: tensors}, x, kind, tp
     )
-    w = (q.double() - offset.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(
-        group, 1
-    )
-    assert rel_err(out, x.double() @ w.t()) < 2**-7
+    gs = group or in_f
+    w = (q.double() - offset.double().repeat_interleave(gs, 1)) * scale.double().repeat_interleave(gs, 1)
+    assert rel_err(out, x.double() @ w.t()) < (2e-3 if dtype == torch.float16 else 2**-8)
 
 
 def test_modelslim_embedding_is_refused_by_name(va):
@@ -499,3 +513,159 @@ def test_ptq_ascend_is_allowed_on_a_platform_with_an_allow_list(va, monkeypatch)
     plugin.register()
     current_platform.verify_quantization("ptq_ascend")
     assert type(current_platform).supported_quantization[: len(allowed)] == allowed
+
+
+# -- registration behaviour against the real registry -----------------------------------------------
+def test_registering_again_changes_nothing(va):
+    before = dict(va.methods.registry._SCHEME_REGISTRY)
+    plugin.register()
+    plugin.register()
+    assert va.methods.registry._SCHEME_REGISTRY == before
+
+
+def test_a_key_taken_between_check_and_add_is_left_alone(va, monkeypatch, caplog):
+    from vllm_ptq_ascend.ascend import ADAPTERS
+
+    registry = va.methods.registry._SCHEME_REGISTRY
+    for key in ADAPTERS:
+        registry[key] = object  # someone else's, appearing after our get_scheme_class check
+    monkeypatch.setattr(va.methods, "get_scheme_class", lambda *k: None)
+    with caplog.at_level(logging.INFO, logger="vllm_ptq_ascend.ascend"):
+        plugin.register()
+    assert all(registry[k] is object for k in ADAPTERS)
+    assert "Scheme already registered" in caplog.text  # vLLM-Ascend's own ValueError, caught
+
+
+def test_another_registry_api_warns_and_registers_nothing(va, monkeypatch, caplog):
+    from vllm_ptq_ascend.ascend import ADAPTERS
+
+    for key in ADAPTERS:
+        va.methods.registry._SCHEME_REGISTRY.pop(key, None)
+    monkeypatch.delattr(va.methods, "register_scheme")
+    with caplog.at_level(logging.WARNING, logger="vllm_ptq_ascend.ascend"):
+        plugin.register()
+    assert not set(ADAPTERS) & set(va.methods.registry._SCHEME_REGISTRY)
+    assert "has no register_scheme" in caplog.text
+
+
+# -- msModelSlim W4A8_DYNAMIC: bad tensors and descriptions ----------------------------------------
+def test_modelslim_w4a8_tampered_scale_bias_is_refused(va):
+    as_main(va)
+    prefix = "model.layers.0.self_attn.o_proj"
+    desc, tensors, _ = _modelslim_w4a8(prefix, 32, 128, 64, "1.0.0")
+    tensors["scale_bias"][3, 7] += 100.0
+    quant_config = va.modelslim_config.AscendModelSlimConfig(desc)
+    layer = build("RowParallelLinear", quant_config, 128, 32, torch.bfloat16, prefix)
+    load(layer, tensors)
+    with (
+        ascend_config(quant_config),
+        pytest.raises(CheckpointError, match=r"o_proj', tensor 'scale_bias': disagrees.*row 3, column 7"),
+    ):
+        layer.quant_method.process_weights_after_loading(layer)
+
+
+def test_modelslim_w4a8_unknown_version_is_refused(va):
+    as_main(va)
+    prefix = "model.layers.0.mlp.up_proj"
+    desc, _, _ = _modelslim_w4a8(prefix, 32, 128, 64, "1.0.0")
+    quant_config = va.modelslim_config.AscendModelSlimConfig(desc | {"version": "2.0.0"})
+    with pytest.raises(CheckpointError, match=r"description version '2.0.0'"):
+        build("ColumnParallelLinear", quant_config, 128, 32, torch.bfloat16, prefix)
+
+
+# -- msModelSlim FlatQuant W8A8 / W4A8 (keys vLLM-Ascend lacks) --------------------------------------
+def _flatquant(quant_type, prefix, left_only=False, clip=0.9, out_f=48, seed=0, shards=(None,)):
+    from test_msmodelslim import flatquant_tensors, fq_factor
+
+    g = torch.Generator().manual_seed(seed)
+    left = fq_factor(8, g)  # vLLM-Ascend's get_decompose_dim(128) = (8, 16): the shapes it registers
+    right = None if left_only else fq_factor(16, g)
+    tensors, deqs = {}, []
+    for shard in shards:
+        w = torch.randn(out_f, 128, generator=g, dtype=torch.float64)
+        tensors[shard], deq = flatquant_tensors(quant_type, w, left, right, clip, name=prefix)
+        deqs.append(deq)
+    desc = {"model_quant_type": quant_type, "version": "1.0.0", "group_size": 0}
+    base = prefix.rsplit(".", 1)[0]
+    names = {"gate_up_proj": ["gate_proj", "up_proj"]}.get(
+        prefix.rsplit(".", 1)[1], [prefix.rsplit(".", 1)[1]]
+    )
+    desc |= {f"{base}.{n}.weight": quant_type for n in names}
+    return desc, tensors, left, right, torch.cat(deqs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "quant_type,kind,prefix,left_only",
+    [
+        ("W8A8_FLATQUANT_DYNAMIC", "ColumnParallelLinear", "model.layers.0.mlp.up_proj", False),
+        ("W8A8_FLATQUANT_DYNAMIC", "RowParallelLinear", "model.layers.0.self_attn.o_proj", True),  # no right
+        ("W4A8_FLATQUANT_DYNAMIC", "RowParallelLinear", "model.layers.0.mlp.down_proj", False),  # [out, 16]
+        ("W4A8_FLATQUANT_DYNAMIC", "ColumnParallelLinear", "model.layers.0.self_attn.q_proj", False),
+    ],
+)
+def test_modelslim_flatquant_through_vllm_ascend(va, quant_type, kind, prefix, left_only, dtype):
+    from test_msmodelslim import flatquant_act
+
+    desc, tensors, left, right, deq = _flatquant(quant_type, prefix, left_only)
+    quant_config = va.modelslim_config.AscendModelSlimConfig(desc)
+    layer = build(kind, quant_config, 128, 48, dtype, prefix)
+    assert set(tensors[None]) | {"right_trans"} == {n for n, _ in layer.named_parameters()}
+    load(layer, tensors[None])
+    with ascend_config(quant_config):
+        layer.quant_method.process_weights_after_loading(layer)
+    assert layer.ptq_npu_act == "torch" and layer.ptq_npu_gemm == "int8"  # 8-bit FlatQuant on the NPU
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out = layer.quant_method.apply(layer, x)
+    ref = flatquant_act(x, left=left, right=right, bits=8, clip=0.9) @ deq.t()
+    assert out.dtype == dtype and rel_err(out.double(), ref) < (3e-3 if dtype == torch.float16 else 2**-7)
+
+
+def test_modelslim_flatquant_fused_layer_keeps_the_last_shards_clip_ratio(va, caplog, monkeypatch):
+    """vLLM-Ascend's v1 loader copies each shard's clip_ratio into one [1] tensor: the last stays."""
+    from test_msmodelslim import flatquant_act
+
+    from vllm_ptq_ascend import ascend
+
+    monkeypatch.setattr(ascend, "_FUSED_CLIP_NOTED", False)
+    prefix = "model.layers.0.mlp.gate_up_proj"
+    desc, tensors, left, right, deq = _flatquant(
+        "W8A8_FLATQUANT_DYNAMIC", prefix, clip=0.95, out_f=24, shards=(0, 1)
+    )
+    tensors[0]["clip_ratio"] = torch.tensor([0.5])  # the first shard's is overwritten by the second's
+    quant_config = va.modelslim_config.AscendModelSlimConfig(desc)
+    quant_config.packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
+    layer = build("MergedColumnParallelLinear", quant_config, 128, [24, 24], torch.float16, prefix)
+    for shard, t in tensors.items():
+        load(layer, t, shard)
+    with ascend_config(quant_config), caplog.at_level(logging.WARNING, logger="vllm_ptq_ascend.ascend"):
+        layer.quant_method.process_weights_after_loading(layer)
+    assert "keeps one clip_ratio, the last shard's" in caplog.text and prefix in caplog.text
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2)).to(torch.float16)
+    ref = flatquant_act(x, left=left, right=right, bits=8, clip=0.95) @ deq.t()
+    assert rel_err(layer.quant_method.apply(layer, x).double(), ref) < 3e-3
+
+
+def test_modelslim_flatquant_refuses_split_inputs_and_unknown_versions(va, as_rank):
+    prefix = "model.layers.0.mlp.down_proj"
+    desc, _, _, _, _ = _flatquant("W4A8_FLATQUANT_DYNAMIC", prefix)
+    with pytest.raises(CheckpointError, match=r"'W4A8_FLATQUANT_DYNAMIC' with description version '0'"):
+        build(
+            "RowParallelLinear",
+            va.modelslim_config.AscendModelSlimConfig(desc | {"version": "0"}),
+            128,
+            48,
+            torch.bfloat16,
+            prefix,
+        )
+    as_rank(0, TP)
+    desc, _, _, _, _ = _flatquant("W8A8_FLATQUANT_DYNAMIC", prefix)
+    with pytest.raises(CheckpointError, match=r"row-parallel layers cannot be split .* 2 tensor-parallel"):
+        build(
+            "RowParallelLinear",
+            va.modelslim_config.AscendModelSlimConfig(desc),
+            128,
+            48,
+            torch.bfloat16,
+            prefix,
+        )
