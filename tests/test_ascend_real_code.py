@@ -486,6 +486,23 @@ def test_flatquant_keys_refuse_compressed_tensors_descriptions(va, monkeypatch):
             cls()
 
 
+def test_checkpoints_vllm_ascend_cannot_serve_go_to_ptq_ascend_with_no_flag(va):
+    from vllm_ptq_ascend.config import PtqAscendConfig
+
+    claim = PtqAscendConfig.override_quantization_method
+    asym_static = ct_config(
+        {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+        {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "tensor", "dynamic": False},
+    )
+    for config in (ct_config(wna16(8, 64, True)), asym_static, ct_config(wna16(4, 32, True, "group"))):
+        assert claim(config, None) == "ptq_ascend", config
+        assert claim(config, "compressed-tensors") is None  # the user's choice stands
+    assert claim(ct_config(wna16(4, 32, False)), None) is None  # vLLM-Ascend + our W4A16 class serve it
+    assert claim(ct_config(*w4a8(32)), None) == "ptq_ascend"  # its own W4A8_DYNAMIC is msModelSlim-only
+    as_main(va)
+    assert claim(ct_config(*w4a8(32)), None) is None  # main: our class holds the key
+
+
 # -- the platform allow-list -------------------------------------------------------------------------
 def test_ptq_ascend_is_allowed_on_a_platform_with_an_allow_list(va, monkeypatch):
     """vLLM-Ascend's NPUPlatform lists its methods in supported_quantization; verify_quantization

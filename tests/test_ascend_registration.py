@@ -20,3 +20,12 @@ def test_vllm_ascend_absent_is_quiet(monkeypatch, caplog):
         assert register_ascend_schemes() == []
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("vllm_ptq")]
     assert "not installed" in caplog.text
+
+
+def test_compressed_tensors_checkpoints_stay_with_vllm_without_vllm_ascend():
+    from layer_helpers import ct_config, wna16
+
+    from vllm_ptq_ascend.config import PtqAscendConfig
+
+    plugin.register()
+    assert PtqAscendConfig.override_quantization_method(ct_config(wna16(8, 64, True)), None) is None

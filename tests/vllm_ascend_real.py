@@ -116,6 +116,7 @@ def imported(version: str):
         del sys.modules[name]  # another version's, restored by a later monkeypatch undo
     saved_modules = dict(sys.modules)
     saved_methods = list(vllm_quant.QUANTIZATION_METHODS)
+    saved_configs = dict(vllm_quant._CUSTOMIZED_METHOD_TO_QUANT_CONFIG)
     saved_path = list(sys.path)
     finder = _StubFinder()
     sys.meta_path.insert(0, finder)
@@ -131,4 +132,10 @@ def imported(version: str):
         for name in [n for n in sys.modules if n == "vllm_ascend" or n.startswith("vllm_ascend.")]:
             del sys.modules[name]
         sys.modules.update({n: m for n, m in saved_modules.items() if n.startswith("vllm_ascend")})
-        vllm_quant.QUANTIZATION_METHODS[:] = saved_methods
+        # its "compressed-tensors" and "ascend" go; what others registered meanwhile (ptq_ascend) stays
+        configs = vllm_quant._CUSTOMIZED_METHOD_TO_QUANT_CONFIG
+        kept = {k: v for k, v in configs.items() if not v.__module__.startswith("vllm_ascend")}
+        configs.clear()
+        configs.update(saved_configs | kept)
+        added = [m for m in vllm_quant.QUANTIZATION_METHODS if m not in saved_methods and m in kept]
+        vllm_quant.QUANTIZATION_METHODS[:] = saved_methods + added

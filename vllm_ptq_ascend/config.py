@@ -14,6 +14,7 @@ that vLLM reads through :meth:`PtqAscendConfig.get_config_filenames`) are parsed
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,8 @@ from vllm_ptq_ascend.schemes import (
 )
 from vllm_ptq_ascend.transforms_config import TransformPlan, parse_transform_config, transform_group_for
 from vllm_ptq_ascend.validation import CheckpointError, tensor_file_index
+
+logger = logging.getLogger(__name__)
 
 CT_METHOD = "compressed-tensors"
 INT_QUANTIZED = "int-quantized"
@@ -240,6 +243,16 @@ def plan_groups(
     return plans
 
 
+def _servable_by_us(hf_quant_cfg: dict[str, Any]) -> bool:
+    try:
+        ct, _, g_idx_groups = parse_ct_config(hf_quant_cfg)
+        plan_groups(ct, g_idx_groups)
+        parse_transform_config(hf_quant_cfg.get("transform_config"))
+    except CheckpointError:
+        return False
+    return True
+
+
 def _args(a: QuantizationArgs) -> str:
     return a.model_dump_json(include={"num_bits", "type", "symmetric", "strategy", "group_size", "dynamic"})
 
@@ -306,6 +319,19 @@ class PtqAscendConfig(QuantizationConfig):
             return QUANT_METHOD
         if user_quant is None and is_marked(hf_quant_cfg):
             return QUANT_METHOD
+        if user_quant is None and method == CT_METHOD and _servable_by_us(hf_quant_cfg):
+            # On Ascend, a checkpoint vLLM-Ascend's compressed-tensors config refuses (W8A16,
+            # asymmetric static W8A8, ...) is served by ptq_ascend with no flag.
+            from vllm_ptq_ascend.ascend_ct import vllm_ascend_cannot_serve
+
+            why = vllm_ascend_cannot_serve(hf_quant_cfg)
+            if why:
+                logger.info(
+                    "vllm-ptq-ascend: serving this compressed-tensors checkpoint with %s: %s",
+                    QUANT_METHOD,
+                    why,
+                )
+                return QUANT_METHOD
         return None
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None):
@@ -374,9 +400,12 @@ def flatquant_scheme(
         bits = (4, 4)
     elif plan is not None and plan.scheme is W4A8IntScheme and options.get("group_size") is None:
         bits = (4, 8)
-    elif plan is not None and plan.scheme is W8A8Int8Scheme and options["weight_per_channel"] and not options[
-        "static_input"
-    ]:
+    elif (
+        plan is not None
+        and plan.scheme is W8A8Int8Scheme
+        and options["weight_per_channel"]
+        and not options["static_input"]
+    ):
         bits = (8, 8)
     if bits is None:
         what = f"config group {plan.group!r}" if plan else "no quantization config group (unquantized)"
