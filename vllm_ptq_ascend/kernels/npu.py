@@ -28,11 +28,12 @@ detection and scale encodings re-read in the vLLM-Ascend releases 0.26.0rc1 and 
   releases): never for float32 or meta tensors; always on the 310P; else by ``weight_nz_mode``
   (``--additional-config '{"weight_nz_mode": N}'``, else the env ``VLLM_ASCEND_ENABLE_NZ``, default 1):
   0 none, 1 quantized (int8) weights, 2 also fp16/bf16 weights. vLLM-Ascend applies it to the int8
-  weights of its W8A8 static, W8A8 dynamic and W8A16 (per-channel) linears and to none of its
-  int4-packed linear weights (W4A4, FlatQuant); so here: the int8 [in, out] weight of every
-  npu_quant_matmul, and the int8 weight-only weight when it is per channel / per tensor
-  (aclnnWeightQuantBatchMatmulV2 takes NZ int8 weights there, per group only for int4); int4-packed
-  weights stay ND. The mode is read from vLLM-Ascend's config when it is initialised, else the env.
+  weights of its W8A8 static, W8A8 dynamic and W8A16 (per-channel) linears, to none of its W4A4 /
+  FlatQuant int4-packed weights, and (W4A8_DYNAMIC linear, w4a8.py process_weights_after_loading) to
+  an int8 weight it then packs to int4, a layout neither documented nor emulated. So here: the int8
+  [in, out] weight of every npu_quant_matmul, and the int8 weight-only weight when it is per channel
+  / per tensor (aclnnWeightQuantBatchMatmulV2 takes NZ int8 weights there, per group only int4);
+  int4-packed weights stay ND. The mode is read from vLLM-Ascend's config once initialised, else the env.
 - The chip (vllm_ascend/utils.py ``check_ascend_device_type``: ``torch_npu.npu.get_soc_version()``
   220-225 Atlas A2 (Ascend910B*), 250-255 A3 (Ascend910_93*), 200-205 310P, 260 A5): A2 and A3 are
   served; the 310P lacks npu_dynamic_quant, per-token scales in npu_quant_matmul, bf16 and int4
