@@ -453,20 +453,34 @@ def test_unservable_groups_are_refused_by_vllm_ascend_before_any_scheme(va):
 
 
 def test_online_transforms_are_refused_naming_the_layer_and_the_flag(va):
-    """vLLM-Ascend's compressed-tensors config never applies a transform_config: refused, not dropped."""
+    """vLLM-Ascend's compressed-tensors config never applies a transform_config: refused, not dropped;
+    with no flag, ptq_ascend claims such a checkpoint (vLLM-Ascend would serve it silently wrong)."""
+    from test_flatquant import transform_config_dict
+
+    from vllm_ptq_ascend.config import PtqAscendConfig
+
     as_main(va)
-    config = ct_config(*w4a8(None)) | {
-        "transform_config": {
-            "config_groups": {
-                "u": {"type": "hadamard", "apply": [{"targets": ["Linear"], "location": "input"}]}
-            }
-        }
-    }
+    config = ct_config(*w4a8(None)) | {"transform_config": transform_config_dict()}
+    assert PtqAscendConfig.override_quantization_method(config, None) == "ptq_ascend"
     quant_config = ct_quant_config(va, config)
     with pytest.raises(
-        CheckpointError, match=r"'model.layers.0.mlp.up_proj'.*transform_config.*--quantization ptq_ascend"
+        CheckpointError, match=r"'model.layers.0.mlp.up_proj'.*online transform_config.*--quantization"
     ):
         build("ColumnParallelLinear", quant_config, 256, 64, torch.bfloat16, "model.layers.0.mlp.up_proj")
+    # fused into the weights (SpinQuant R1/R2 as llmcompressor writes them): served as they are
+    fused = ct_config(wna16(4, 32, True)) | {
+        "transform_config": transform_config_dict(kind="hadamard", location="weight_input")
+    }
+    assert PtqAscendConfig.override_quantization_method(fused, None) is None
+    layer = build(
+        "ColumnParallelLinear",
+        ct_quant_config(va, fused),
+        256,
+        64,
+        torch.bfloat16,
+        "model.layers.0.mlp.up_proj",
+    )
+    assert "weight_packed" in dict(layer.named_parameters())
 
 
 def test_a_broken_group_is_refused_naming_the_layer(va):

@@ -278,9 +278,14 @@ def test_unsupported_transform_types_are_refused_not_dropped():
     config = ct_config(*W4A4, fmt="int-quantized") | {
         "transform_config": transform_config_dict(kind="hadamard")
     }
-    with pytest.raises(CheckpointError, match=r"transform type 'hadamard' is not served"):
+    with pytest.raises(CheckpointError, match=r"online input transform of type 'hadamard' is not served"):
         PtqAscendConfig.from_config(config)
-    config["transform_config"] = transform_config_dict(location="weight_input")
+    # fused into the weights when saved (SpinQuant R1/R2): nothing to do at serve time
+    config["transform_config"] = transform_config_dict(kind="hadamard", location="weight_input")
+    assert PtqAscendConfig.from_config(config).transforms == []
+    mixed = transform_config_dict()
+    mixed["config_groups"]["flatquant"]["apply"].append({"targets": ["Linear"], "location": "weight_input"})
+    config["transform_config"] = mixed
     with pytest.raises(CheckpointError, match="applies to layer inputs only"):
         PtqAscendConfig.from_config(config)
 

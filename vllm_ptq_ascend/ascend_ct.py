@@ -87,17 +87,17 @@ class CompressedTensorsLinear:
                 f"config.json: vLLM-Ascend built a {quant_type} scheme outside a layer's get_quant_method; "
                 "vllm-ptq-ascend cannot tell which layer it is for (serve with --quantization ptq_ascend)"
             )
-        if desc.get("transform_config"):
-            raise CheckpointError(
-                f"config.json: layer '{prefix}': quantization_config has a transform_config, which "
-                "vLLM-Ascend's compressed-tensors config does not apply; serve this checkpoint with "
-                "--quantization ptq_ascend"
-            )
         from vllm.config import get_current_vllm_config
 
         clean = {k: v for k, v in desc.items() if k not in ASCEND_ADDED_KEYS}
         mapping = getattr(get_current_vllm_config().quant_config, "packed_modules_mapping", None) or {}
         config = _config(json.dumps(clean, sort_keys=True), json.dumps(dict(mapping), sort_keys=True))
+        if config.transforms:  # online ones; those fused into the weights (SpinQuant R1/R2) need nothing
+            raise CheckpointError(
+                f"config.json: layer '{prefix}': quantization_config has an online transform_config, which "
+                "vLLM-Ascend's compressed-tensors config does not apply; serve this checkpoint with "
+                "--quantization ptq_ascend"
+            )
         try:
             scheme = config.scheme_for(prefix, layer)
         except CheckpointError as e:
@@ -204,6 +204,10 @@ def vllm_ascend_cannot_serve(hf_quant_cfg: dict[str, Any]) -> str | None:
         return None
     if not cls.__module__.startswith("vllm_ascend."):
         return None
+    from vllm_ptq_ascend.transforms_config import parse_transform_config
+
+    if parse_transform_config(hf_quant_cfg.get("transform_config")):
+        return "vLLM-Ascend's compressed-tensors config ignores its online transform_config"
     try:
         config = cls.from_config(copy.deepcopy(hf_quant_cfg))
     except Exception as e:  # its parser (compressed-tensors) refuses the config

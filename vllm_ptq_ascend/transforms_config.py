@@ -1,8 +1,11 @@
 """The checkpoint's ``transform_config`` -> which layers get FlatQuant's online transform.
 
-compressed-tensors' QuantizationConfig ignores ``transform_config``, so it is read here;
-a transform of another type (vLLM's Hadamard rotations, ...) is refused rather than dropped,
-since serving the rotated weights without their online half gives wrong outputs.
+compressed-tensors' QuantizationConfig ignores ``transform_config``, so it is read here.
+A transform applied only to weights (locations ``weight_input`` / ``weight_output``: SpinQuant's
+R1 and R2 as llmcompressor writes them) is already fused into the stored weights, so it needs
+nothing at serve time and is accepted. An online transform of another type (Hadamard rotations of
+layer inputs or outputs: QuIP, SpinQuant R3/R4) is refused by name rather than dropped, since
+serving the rotated weights without their online half gives wrong outputs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from vllm_ptq_ascend.kronecker import TRANSFORM_TYPE
 from vllm_ptq_ascend.validation import CheckpointError
 
 WHERE = "config.json: quantization_config.transform_config"
+# where a transform is applied to the weight when the checkpoint is written (compressed-tensors
+# fuses it: TransformFactory._apply_to_module) rather than to activations at run time
+WEIGHT_LOCATIONS = ("weight_input", "weight_output")
 
 
 @dataclass(frozen=True)
@@ -41,10 +47,20 @@ def parse_transform_config(raw: dict[str, Any] | None) -> list[TransformPlan]:
         raise CheckpointError(f"{WHERE} is not a valid compressed-tensors transform config: {e}") from e
     plans = []
     for group, scheme in config.config_groups.items():
+        if all(args.location in WEIGHT_LOCATIONS for args in scheme.apply):
+            continue  # fused into the checkpoint's weights when it was saved
         if scheme.type != TRANSFORM_TYPE:
+            online = sorted(
+                {
+                    str(getattr(a.location, "value", a.location))
+                    for a in scheme.apply
+                    if a.location not in WEIGHT_LOCATIONS
+                }
+            )
             raise CheckpointError(
-                f"{WHERE}.config_groups[{group!r}]: transform type {scheme.type!r} is not served "
-                f"by ptq_ascend (supported: {TRANSFORM_TYPE!r}); serve Hadamard-rotated checkpoints with "
+                f"{WHERE}.config_groups[{group!r}]: online {'/'.join(online)} transform of type "
+                f"{scheme.type!r} is not served by ptq_ascend (served: transforms fused into the weights, "
+                f"and online {TRANSFORM_TYPE!r} input transforms); serve this checkpoint with "
                 "--quantization compressed-tensors"
             )
         for args in scheme.apply:
