@@ -1,8 +1,9 @@
 """FlatQuant's learnable pieces for one decoder block, differentiable end to end.
 
 A :class:`TrainableTransform` per group of linears that share an input: Kronecker factors L, R
-(identity at the start), a per-channel smoothing scale s (where a norm can absorb it) and an
-activation clipping ratio; a :class:`FlatQuantLinear` per linear: the folded weight
+(:class:`KroneckerFactor`: identity or random-orthogonal at the start, learned directly or as
+U·diag·Vᵀ with Cayley-orthogonal U, V), a per-channel smoothing scale s (where a norm can absorb
+it) and an activation clipping ratio; a :class:`FlatQuantLinear` per linear: the folded weight
 (W·s)·P⁻ᵀ fake-quantized with a learnable per-output-channel clipping ratio. Rounding uses
 the straight-through estimator. Weights are quantized on compressed-tensors' grid
 (scale = max/((2^b - 1)/2), what the QuantizationModifier that follows writes); activations on
@@ -19,6 +20,61 @@ from vllm_ptq_ascend.kernels.torch_ops import kronecker_transform
 from vllm_ptq_ascend.kronecker import factor_sizes
 
 CLIP_INIT_LOGIT = 4.0  # sigmoid(4) = 0.982, FlatQuant's initial clipping ratio
+INITS = ("identity", "random-orthogonal")
+PARAMETRIZATIONS = ("direct", "svd-cayley")
+
+
+def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The reference's initial factor (ruikangliu/FlatQuant ``function_utils.get_random_orthg``):
+    Q of the QR decomposition of a standard normal matrix, columns signed so R's diagonal is
+    positive (the unique such Q: Haar-distributed), in float64."""
+    return orthogonal_from(torch.randn(n, n, generator=generator, dtype=torch.float64))
+
+
+def orthogonal_from(h: torch.Tensor) -> torch.Tensor:
+    """Q of h = QR with R's diagonal made positive."""
+    q, r = torch.linalg.qr(h)
+    return q * torch.sign(torch.diagonal(r))
+
+
+class KroneckerFactor(nn.Module):
+    """One Kronecker factor M, learned either directly ("direct": the matrix itself, its inverse
+    transpose by inversion) or as the reference's default ``SVDDecomposeTransMatrix`` ("svd-cayley":
+    M = U·diag(d)·Vᵀ with U, V kept orthogonal by torch's Cayley parametrization and d starting at
+    ones, so M⁻ᵀ = U·diag(1/d)·Vᵀ needs no inversion)."""
+
+    def __init__(self, n: int, init: str, parametrization: str, generator: torch.Generator | None = None):
+        super().__init__()
+        if init not in INITS:
+            raise ValueError(f"FlatQuant init must be one of {', '.join(INITS)}, got {init!r}")
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"FlatQuant parametrization must be one of {', '.join(PARAMETRIZATIONS)}, "
+                f"got {parametrization!r}"
+            )
+        self.parametrization = parametrization
+
+        def start() -> torch.Tensor:
+            return (random_orthogonal(n, generator) if init == "random-orthogonal" else torch.eye(n)).float()
+
+        if parametrization == "direct":
+            self.m = nn.Parameter(start())
+            return
+        self.u, self.v = nn.Linear(n, n, bias=False), nn.Linear(n, n, bias=False)
+        for lin in (self.u, self.v):
+            lin.weight.data = start()
+            nn.utils.parametrizations.orthogonal(lin, orthogonal_map="cayley", use_trivialization=False)
+        self.d = nn.Parameter(torch.ones(n))
+
+    def matrix(self) -> torch.Tensor:
+        if self.parametrization == "direct":
+            return self.m
+        return self.u.weight @ torch.diag(self.d) @ self.v.weight.t()
+
+    def inverse_t(self) -> torch.Tensor:
+        if self.parametrization == "direct":
+            return torch.linalg.inv(self.m).t()
+        return self.u.weight @ torch.diag(1 / self.d) @ self.v.weight.t()
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -38,18 +94,39 @@ def fake_quant_weight(w: torch.Tensor, bits: int, clip: torch.Tensor) -> torch.T
 
 
 class TrainableTransform(nn.Module):
-    def __init__(self, n: int, act_bits: int, smooth_init: torch.Tensor | None, act_clip: bool):
+    def __init__(
+        self,
+        n: int,
+        act_bits: int,
+        smooth_init: torch.Tensor | None,
+        act_clip: bool,
+        init: str = "identity",
+        parametrization: str = "direct",
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         n1, n2 = factor_sizes(n)
         self.act_bits = act_bits
-        self.left = nn.Parameter(torch.eye(n1))
-        self.right = nn.Parameter(torch.eye(n2))
+        self.left_factor = KroneckerFactor(n1, init, parametrization, generator)
+        self.right_factor = KroneckerFactor(n2, init, parametrization, generator)
         self.log_smooth = None
         if smooth_init is not None:
             self.log_smooth = nn.Parameter(smooth_init.float().clamp(min=1e-5).log())
         self.clip_logit = nn.Parameter(torch.tensor(CLIP_INIT_LOGIT), requires_grad=act_clip)
         if not act_clip:
             self.clip_logit.data.fill_(30.0)  # sigmoid = 1: no clipping
+
+    @property
+    def left(self) -> torch.Tensor:
+        return self.left_factor.matrix()
+
+    @property
+    def right(self) -> torch.Tensor:
+        return self.right_factor.matrix()
+
+    def factor_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer trains for the factors (the transform's learning rate)."""
+        return [*self.left_factor.parameters(), *self.right_factor.parameters()]
 
     def smooth(self) -> torch.Tensor | None:
         return None if self.log_smooth is None else self.log_smooth.exp()
@@ -69,8 +146,7 @@ class TrainableTransform(nn.Module):
         s = self.smooth()
         if s is not None:
             w = w * s
-        inv_l, inv_r = torch.linalg.inv(self.left), torch.linalg.inv(self.right)
-        return kronecker_transform(w, inv_l.t(), inv_r.t())
+        return kronecker_transform(w, self.left_factor.inverse_t(), self.right_factor.inverse_t())
 
 
 class FlatQuantLinear(nn.Module):

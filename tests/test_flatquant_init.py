@@ -1,0 +1,94 @@
+"""FlatQuant's initialisation and parametrisation against the reference's formulas, in float64.
+
+Reference: ruikangliu/FlatQuant ``flatquant/function_utils.py`` (``get_random_orthg``: scipy's QR of a
+standard normal matrix, Q·diag(sign(diag R))) and ``flatquant/trans_utils.py``
+(``SVDDecomposeTransMatrix``: each factor U·diag(d)·Vᵀ, U and V ``nn.Linear`` weights set to that
+initial matrix and then put under torch's ``orthogonal(..., orthogonal_map="cayley",
+use_trivialization=False)``, d = ones; the inverse transpose U·diag(1/d)·Vᵀ).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import qr
+from torch import nn
+
+from vllm_ptq_ascend.recipes.flatquant.trainable import (
+    KroneckerFactor,
+    TrainableTransform,
+    orthogonal_from,
+    random_orthogonal,
+)
+
+
+@pytest.mark.parametrize("n", [1, 4, 24, 48])
+def test_random_orthogonal_is_the_references_formula(n):
+    h = torch.randn(n, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    q_ref, r_ref = qr(h.numpy())
+    ref = torch.from_numpy(q_ref @ np.diag(np.sign(np.diag(r_ref))))
+    q = orthogonal_from(h)
+    assert torch.allclose(q, ref, atol=1e-12)
+    assert torch.allclose(q.t() @ q, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    # the same draw the factor makes from a seeded generator
+    assert torch.equal(random_orthogonal(n, torch.Generator().manual_seed(n)), q)
+
+
+def _reference_svd_factor(n: int, inits: list[torch.Tensor]) -> nn.Module:
+    """The reference's construction of one factor of SVDDecomposeTransMatrix (U and V each drawn)."""
+    ref = nn.Module()
+    ref.u, ref.v = nn.Linear(n, n, bias=False), nn.Linear(n, n, bias=False)
+    for lin, init in zip((ref.u, ref.v), inits):
+        lin.weight.data = init.clone()
+        nn.utils.parametrizations.orthogonal(lin, orthogonal_map="cayley", use_trivialization=False)
+    ref.d = nn.Parameter(torch.ones(n))
+    return ref
+
+
+@pytest.mark.parametrize("init", ["identity", "random-orthogonal"])
+def test_svd_cayley_factor_is_the_references_and_stays_invertible_exactly(init):
+    n = 8
+    factor = KroneckerFactor(n, init, "svd-cayley", torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    draws = [random_orthogonal(n, g) if init != "identity" else torch.eye(n) for _ in "uv"]
+    ref = _reference_svd_factor(n, [d.float() for d in draws])
+    assert torch.allclose(factor.u.weight, ref.u.weight) and torch.allclose(factor.v.weight, ref.v.weight)
+    m = factor.matrix().double()
+    want = ref.u.weight.double() @ ref.v.weight.double().t()  # d = 1 at the start
+    assert torch.allclose(m, want, atol=1e-6)
+    if init == "identity":
+        assert torch.allclose(m, torch.eye(n, dtype=torch.float64), atol=1e-7)
+    # after a training step U, V stay orthogonal and M⁻ᵀ = U·diag(1/d)·Vᵀ without inverting M
+    opt = torch.optim.SGD(factor.parameters(), lr=0.1)
+    (factor.matrix() ** 3).sum().backward()
+    opt.step()
+    u, v, d = factor.u.weight.double(), factor.v.weight.double(), factor.d.double()
+    eye = torch.eye(n, dtype=torch.float64)
+    assert torch.allclose(u.t() @ u, eye, atol=1e-5) and torch.allclose(v.t() @ v, eye, atol=1e-5)
+    assert not torch.allclose(d, torch.ones_like(d))
+    m = factor.matrix().double()
+    assert torch.allclose(m, u @ torch.diag(d) @ v.t(), atol=1e-5)
+    assert torch.allclose(factor.inverse_t().double(), torch.linalg.inv(m).t(), atol=1e-4)
+
+
+@pytest.mark.parametrize("parametrization", ["direct", "svd-cayley"])
+def test_transform_keeps_the_linear_function_without_quantization_loss(parametrization):
+    """x·P and W·P⁻ᵀ multiply back to x·Wᵀ: with 16-bit fake quantization the product is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    t = TrainableTransform(
+        48, 16, None, act_clip=False, init="random-orthogonal", parametrization=parametrization, generator=g
+    )
+    assert not torch.allclose(t.left.detach(), torch.eye(t.left.shape[0]))
+    x = torch.randn(5, 48, generator=g)
+    w = torch.randn(32, 48, generator=g)
+    ref = x.double() @ w.double().t()
+    out = (t.activations(x) @ t.weight(w).t()).double()
+    assert float((out - ref).norm() / ref.norm()) < 1e-3
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="init must be one of identity, random-orthogonal"):
+        KroneckerFactor(4, "hadamard-ish", "direct")
+    with pytest.raises(ValueError, match="parametrization must be one of direct, svd-cayley"):
+        KroneckerFactor(4, "identity", "lu")
