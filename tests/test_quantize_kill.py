@@ -1,6 +1,7 @@
-"""A quantize run killed outright (SIGKILL: no cleanup runs) leaves its hidden partial directory;
-the next run for the same output removes it and succeeds. The output never appears half-written,
-and a partial directory whose process is still alive is never touched."""
+"""A quantize run stopped by SIGTERM, SIGHUP or SIGINT removes its hidden partial directory and exits
+with the conventional status. One killed outright (SIGKILL: no cleanup runs) leaves it; the next run
+for the same output removes it and succeeds. The output never appears half-written, and a partial
+directory whose process is still alive is never touched."""
 
 from __future__ import annotations
 
@@ -13,9 +14,21 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from vllm_ptq_ascend.atomic import atomic_directory, remove_stale_partials
 
-HOLD = textwrap.dedent(
+# the default dispositions, whatever this test run inherited (a background job ignores SIGINT,
+# nohup ignores SIGHUP)
+DEFAULTS = textwrap.dedent(
+    """
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    """
+)
+HOLD = DEFAULTS + textwrap.dedent(
     """
     import sys, time
     from vllm_ptq_ascend.atomic import atomic_directory
@@ -27,15 +40,78 @@ HOLD = textwrap.dedent(
 )
 
 
+# the same, with SIGHUP ignored first (as under nohup)
+HOLD_NOHUP = HOLD.replace("signal.SIGHUP, signal.SIG_DFL", "signal.SIGHUP, signal.SIG_IGN")
+
+
 def partials(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.partial-*"))
 
 
-def hold_partial(out: Path) -> subprocess.Popen:
+def hold_partial(out: Path, script: str = HOLD) -> subprocess.Popen:
     """A process inside atomic_directory(out), writing, until it is killed."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "ready"
     return proc
+
+
+@pytest.mark.parametrize(
+    "sig, status",
+    [
+        (signal.SIGTERM, 128 + signal.SIGTERM),  # 143, as a shell reports it
+        (signal.SIGHUP, 128 + signal.SIGHUP),
+        (signal.SIGINT, -signal.SIGINT),  # KeyboardInterrupt: Python ends by re-raising SIGINT
+    ],
+)
+def test_catchable_signals_remove_the_partial_directory(tmp_path, sig, status):
+    out = tmp_path / "out"
+    proc = hold_partial(out)
+    (partial,) = partials(out)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == status, proc.stderr.read()[-2000:]
+    assert not partial.exists() and partials(out) == [] and not out.exists()
+
+
+def test_an_ignored_signal_stays_ignored(tmp_path):
+    """Under nohup (SIGHUP ignored) a hang-up neither stops the run nor removes its work."""
+    out = tmp_path / "out"
+    assert HOLD_NOHUP != HOLD
+    proc = hold_partial(out, HOLD_NOHUP)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)
+        (partial,) = partials(out)
+        assert (partial / "model.safetensors").read_bytes() == b"half"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert partials(out) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_signal_handlers_are_restored_after_the_directory_is_written(tmp_path):
+    script = DEFAULTS + textwrap.dedent(
+        """
+        import signal, sys
+        from vllm_ptq_ascend.atomic import atomic_directory
+        mine = lambda *a: None
+        signal.signal(signal.SIGHUP, mine)  # a program's own handler is left in place
+        with atomic_directory(sys.argv[1]) as tmp:
+            inside = signal.getsignal(signal.SIGTERM)
+            assert signal.getsignal(signal.SIGHUP) is mine
+        assert inside is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGHUP) is mine
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    assert (tmp_path / "out").is_dir()
 
 
 def test_stale_partial_of_a_killed_process_is_removed(tmp_path):
@@ -97,14 +173,15 @@ def test_replacing_an_existing_output_is_atomic(tmp_path):
     assert [p.name for p in out.iterdir()] == ["new"] and partials(out) == []
 
 
-def test_quantize_killed_mid_run_then_rerun(tiny_model, tmp_path):
-    """SIGKILL the CLI while it writes (a calibrated preset), then run it again."""
-    out = tmp_path / "ckpt"
-    cmd = [
+def quantize_cmd(tiny_model, out: Path) -> list[str]:
+    return [
         sys.executable, "-m", "vllm_ptq_ascend.cli", "quantize", str(tiny_model),
         "--recipe", "w8a8-smoothquant", "--calib-samples", "16", "--calib-seq-len", "64", "--out", str(out),
     ]  # fmt: skip
-    log = tmp_path / "first.log"
+
+
+def signal_mid_write(cmd: list[str], out: Path, log: Path, sig: int) -> int:
+    """Start the CLI, send ``sig`` once its partial directory exists; returns its exit status."""
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
@@ -113,12 +190,30 @@ def test_quantize_killed_mid_run_then_rerun(tiny_model, tmp_path):
             assert proc.poll() is None, f"quantize ended before writing:\n{log.read_text()[-3000:]}"
             assert time.time() < deadline, "no partial directory after 240 s"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        time.sleep(0.5)  # into the run: loading and calibrating
+        proc.send_signal(sig)
+        return proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_quantize_stopped_by_sigterm_mid_run_leaves_nothing(tiny_model, tmp_path):
+    """SIGTERM (a timeout, a service stop) while the CLI works: no output, no partial directory."""
+    out = tmp_path / "ckpt"
+    log = tmp_path / "run.log"
+    status = signal_mid_write(quantize_cmd(tiny_model, out), out, log, signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    assert "error: stopped by SIGTERM; no partial output is left behind" in log.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.log"]
+
+
+def test_quantize_killed_mid_run_then_rerun(tiny_model, tmp_path):
+    """SIGKILL the CLI while it writes (a calibrated preset), then run it again."""
+    out = tmp_path / "ckpt"
+    cmd = quantize_cmd(tiny_model, out)
+    assert signal_mid_write(cmd, out, tmp_path / "first.log", signal.SIGKILL) == -signal.SIGKILL
     assert not out.exists()  # never half-written
     (stale,) = partials(out)  # SIGKILL ran no cleanup
 

@@ -6,8 +6,10 @@ import glob
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -72,11 +74,61 @@ def remove_stale_partials(dest: str | Path) -> list[Path]:
     return removed
 
 
+class Terminated(SystemExit):
+    """Raised in the main thread when SIGTERM or SIGHUP arrives inside ``atomic_directory``, so the
+    partial directory is removed on the way out. Exit status 128 + the signal number (143 for
+    SIGTERM), as a shell reports a process ended by that signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"stopped by {signal.Signals(self.signum).name}"
+
+
+# Signals whose default action ends the process with no cleanup. SIGINT already raises
+# KeyboardInterrupt; SIGKILL cannot be caught (the next run removes what it leaves).
+_CAUGHT = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s))
+
+
+@contextmanager
+def _cleanup_on_termination() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise :class:`Terminated` instead of ending the process.
+
+    Only in the main thread, and only for signals left at their default action (a handler the
+    program installed, or SIG_IGN as under nohup, is kept). A second signal while cleaning up is
+    ignored, so the cleanup is not itself cut short.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = []
+
+    def handler(signum, frame):
+        if stopping:
+            return
+        stopping.append(signum)
+        raise Terminated(signum)
+
+    previous = {}
+    for sig in _CAUGHT:
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 @contextmanager
 def atomic_directory(dest: str | Path) -> Iterator[Path]:
     """Yield a hidden temporary directory beside ``dest``; rename it into place on success.
 
     Any exception (Ctrl-C included) removes it, so ``dest`` is either complete or absent.
+    SIGTERM and SIGHUP (a timeout, a closed terminal) raise :class:`Terminated` inside, which
+    removes it too and ends the process with status 128 + the signal number.
     A process killed outright (SIGKILL) cannot clean up: its partial directory, named after
     its pid, is removed by the next ``atomic_directory`` for the same ``dest``.
     An existing ``dest`` is replaced only once the new one is complete: it is first renamed
@@ -85,10 +137,17 @@ def atomic_directory(dest: str | Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(dest)
+    with _cleanup_on_termination():
+        with _atomic_directory(dest) as tmp:
+            yield tmp
+
+
+@contextmanager
+def _atomic_directory(dest: Path) -> Iterator[Path]:
     tag = _prefix(dest) + _owner_tag()
-    tmp = Path(tempfile.mkdtemp(prefix=tag, dir=dest.parent))
-    old = None
+    tmp = old = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=tag, dir=dest.parent))
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private
         if dest.exists():
@@ -98,7 +157,8 @@ def atomic_directory(dest: str | Path) -> Iterator[Path]:
     except BaseException:
         if old is not None and not dest.exists() and (old / dest.name).exists():
             (old / dest.name).rename(dest)  # put the previous one back
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         raise

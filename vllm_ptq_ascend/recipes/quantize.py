@@ -9,6 +9,7 @@ and gains a ``ptq_ascend`` block, which makes vLLM pick our plugin with no flag.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from typing import Any
 
 from vllm_ptq_ascend import QUANT_METHOD, __version__
 from vllm_ptq_ascend.atomic import atomic_directory
+from vllm_ptq_ascend.recipes import self_check as sc
 from vllm_ptq_ascend.recipes.calibration import CalibrationSpec, build_calibration
 from vllm_ptq_ascend.recipes.presets import build_recipe, get_preset
 from vllm_ptq_ascend.recipes.recipe_yaml import make_recipe_file_plain
@@ -146,6 +148,8 @@ def model_card(info: dict[str, Any]) -> str:
             f"- FlatQuant: {len(flat['blocks'])} blocks calibrated in {flat['seconds']} s; mean block MSE "
             f"{flat['initial_mse_mean']:.4g} (identity transforms) -> {flat['best_mse_mean']:.4g} (learned)"
         )
+    if info.get("self_check"):
+        lines.append(sc.card_line(info["self_check"]))
     lines.append("- libraries: " + ", ".join(f"{k} {v}" for k, v in info["libraries"].items()))
     lines.append(f"\nFull details: `{CARD_JSON}`.\n")
     return "\n".join(lines)
@@ -180,6 +184,10 @@ def quantize(
     scan_calibration: CalibrationSpec | None = None,
     scan_file: str | Path | None = None,
     progress: bool = True,
+    self_check: bool = True,
+    max_kl: float | None = None,
+    max_ppl_ratio: float | None = None,
+    force: bool = False,
     **recipe_options,
 ) -> Path:
     """Quantize ``model_dir`` with preset ``recipe`` into ``out_dir``; returns ``out_dir``.
@@ -189,6 +197,12 @@ def quantize(
     the model is loaded. ``budget`` ("kl=0.05", "ppl=5") keeps the layers the preset hurts most
     at ``fallback`` ("w8a8", "w8a16" or "none") until the budget is met (``recipes/mixed.py``),
     measured on ``scan_calibration`` samples; ``scan_file`` reuses the ranking of a `sensitivity` run.
+
+    Before it is published, the written checkpoint is loaded back and measured against the
+    original on held-out text (``recipes/self_check.py``). A result beyond the preset's limits
+    (``max_kl``, ``max_ppl_ratio`` override them) raises ``SelfCheckFailed`` and writes nothing,
+    unless ``force``: then it is written and its card records the failure. ``self_check=False``
+    skips the check (recorded on the card).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
@@ -218,6 +232,13 @@ def quantize(
             fallback_args(fallback)  # checks the name
     elif fallback is not None or scan_calibration is not None or scan_file is not None:
         raise ValueError("fallback and scan samples apply only with a budget (--budget kl=X or ppl=X)")
+    if self_check:
+        limits = sc.limits_for(recipe, max_kl, max_ppl_ratio)
+    elif force or max_kl is not None or max_ppl_ratio is not None:
+        raise ValueError(
+            "force, max_kl and max_ppl_ratio (--force, --max-kl, --max-ppl-ratio) apply only "
+            "with the self-check; drop them or --no-self-check"
+        )
     check_recipe_fits_model(model_dir, modifiers)
 
     import torch
@@ -263,11 +284,18 @@ def quantize(
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)
         make_recipe_file_plain(tmp / "recipe.yaml")
+        mark_checkpoint(tmp, {"recipe": recipe, "recipe_options": recipe_options})
+        del model  # the checks below load what was written
+        gc.collect()
         if mixed is not None:
             from vllm_ptq_ascend.recipes.mixed import measure_checkpoint
 
             mixed["checkpoint"] = measure_checkpoint(tmp, scan_ref)
             mixed["met"] = mixed_budget.met_values(mixed["checkpoint"])
+        check = {"skipped": True}
+        if self_check:
+            check = sc.self_check(model_dir, tmp, tokenizer, limits)
+            check["forced"] = bool(force and not check["passed"])
         info = {
             "recipe": recipe,
             "recipe_options": recipe_options,
@@ -276,10 +304,12 @@ def quantize(
             "calibration": calib_summary,
             "mixed_precision": mixed,
             "flatquant": flatquant_summary(modifiers),
+            "self_check": check,
             "seconds": round(time.time() - start, 1),
             "libraries": {p: version(p.replace("_", "-")) for p in LIBRARIES},
         }
-        mark_checkpoint(tmp, {k: info[k] for k in ("recipe", "recipe_options")})
         (tmp / CARD_JSON).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(info))
+        if not check.get("skipped") and not check["passed"] and not force:
+            raise sc.SelfCheckFailed(sc.failure_message(check, out_dir), check)  # tmp is removed
     return out_dir
