@@ -333,20 +333,31 @@ def inspect(path: str | Path) -> Report:
     from vllm.model_executor.layers.quantization.compressed_tensors.utils import should_ignore_layer
 
     from vllm_ptq_ascend.config import PtqAscendConfig, parse_ct_config, plan_groups
-    from vllm_ptq_ascend.msmodelslim import DESCRIPTION_FILE, META_KEYS, ModelSlimDescription
+    from vllm_ptq_ascend.msmodelslim import (
+        DESCRIPTION_FILE,
+        DESCRIPTION_KEYS,
+        FA3_SUFFIX,
+        ModelSlimDescription,
+    )
 
     report = Report(str(root), kind)
     layers, by_prefix = _layers(ckpt)
 
     if kind == "msModelSlim":
         try:
-            desc = ModelSlimDescription(qcfg)
+            desc = ModelSlimDescription(qcfg, strict=False)
         except CheckpointError as e:
             report.problems.append(str(e))
             return report
+        # what is not served outside linear layers (KV-cache / attention quantization, rotations)
+        report.problems.extend(desc.problems)
         config = PtqAscendConfig(None, {}, qcfg, desc)
         for key, label in qcfg.items():
-            if key not in META_KEYS and key not in ckpt.tensors:
+            # non-tensor keys: the description's own ('version', 'metadata', ...) and FA3's
+            # '<attention block>.quant_type' (already reported as not served)
+            if key in DESCRIPTION_KEYS or key.endswith(FA3_SUFFIX):
+                continue
+            if key not in ckpt.tensors:
                 report.problems.append(
                     f"{DESCRIPTION_FILE}: label {label!r} for tensor '{key}' (layer "
                     f"'{key.rsplit('.', 1)[0]}'), which is in no safetensors file"

@@ -63,8 +63,25 @@ Tensors per label, as msModelSlim writes them (Ascend/msmodelslim
   R = right_trans and each fused shard's own clip ratio.
 - FLOAT: unquantized.
 
-Not served yet (a clear error naming the layer): W8A8_MIX, W4A4_DYNAMIC, static and MX FlatQuant,
-MX and FP8 labels.
+Not served (an error naming the layer and the label, at start-up and in ``inspect``): every other
+label msModelSlim 26.1.0 writes (``KNOWN_UNSERVED``, built from its savers' label rules), KV-cache,
+attention (FA3) and communication quantization, online QuaRot rotations (``metadata.quarot``) and
+the NonFusionSmoothQuant layout (``<layer>.div.mul_scale`` + ``<layer>.linear.weight``).
+
+Non-tensor keys of the description (``DESCRIPTION_KEYS``), as msModelSlim 26.1.0 writes them:
+``AscendV1Saver.post_run`` (``msmodelslim/core/quant_service/modelslim_v1/save/ascendv1.py``) always
+writes ``version`` ("1.0.0"), ``model_quant_type``, ``metadata`` (a dict: ``{}``, or
+``{"quarot": {...}}`` for online rotations), ``group_size`` and ``optional`` (a dict of export-only
+extras: ``{}``, or ``{"quarot": {"rotation_map": {"global_rotation": <file>}}}`` for an OFFLINE
+rotation already folded into the weights); ``on_dynamic_cache`` adds ``kv_cache_type`` /
+``kv_quant_type`` ("C8"), the FA3 savers ``fa_quant_type`` and per attention block
+``<block>.quant_type`` (e.g. "INT8", "FP8_DYNAMIC"). The legacy saver's ``QuantModelJsonDescription``
+(``msmodelslim/pytorch/llm_ptq/llm_ptq_tools/llm_ptq_utils.py``) writes ``model_quant_type``,
+``version`` (ascendV1 only), ``group_size`` (only when > 0), ``kv_cache_type`` / ``kv_quant_type``
+("C8"), ``fa_quant_type`` ("FAQuant") and ``reduce_quant_type`` ("per_channel", simulated-TP
+communication quantization). Model adapters add ``indexer_quant_type`` (DeepSeek-V3.2, GLM-5) and
+``is_rot_used`` (GLM-5). Served: ``model_quant_type`` (informative: the per-tensor labels decide),
+``version``, ``group_size``, an empty ``metadata``, any ``optional``; the others are refused when set.
 """
 
 from __future__ import annotations
@@ -88,25 +105,101 @@ DESCRIPTION_FILE = "quant_model_description.json"
 WHERE = DESCRIPTION_FILE
 FLATQUANT = ("W4A4_FLATQUANT_DYNAMIC", "W8A8_FLATQUANT_DYNAMIC", "W4A8_FLATQUANT_DYNAMIC")
 SERVED = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "W4A8_DYNAMIC", *FLATQUANT)
-NOT_YET = (
+# Linear-layer labels msModelSlim 26.1.0 writes itself: AscendV1Saver.on_* and its
+# QUANT_TYPE_PRIORITY (modelslim_v1/save/ascendv1.py), the legacy QuantType enum
+# (llm_ptq_tools/llm_ptq_utils.py) and the sparse compression tool (weight_compression/compress_tools.py).
+BASE_LABELS = (
+    "FLOAT",
+    "W8A8",
+    "W8A8_DYNAMIC",
     "W8A8_MIX",
+    "W8A16",
+    "W4A16",
+    "W4A8_DYNAMIC",
     "W4A4_DYNAMIC",
-    "W8A8_FLATQUANT",  # static W8A8 under FlatQuant (ascendv1.py on_flat_clip_wrapper: label + "_FLATQUANT")
-    "W4A4_MXFP4_FLATQUANT",
-    "W4A4_MXFP4",
-    "W4A8_MXFP",
-    "W8A8_MXFP8",
-    "W4A16_MXFP4",
     "W16A16S",
-    "WFP8AFP8_DYNAMIC",
-    "W8A8FP8_DYNAMIC",
+    "W16A16SC",
     "W8A8S",
+    "W8A8SC",
     "W8A8_TIMESTEP",
     "NF4",
+    "WFP8AFP8_DYNAMIC",
+    "W8A8_MXFP8",
+    "W4A8_MXFP",
+    "W4A4_MXFP4",
+    "W4A4_MXFP4_DUALSCALE",
+    "UNKNOWN",
 )
+
+
+def flatquant_label(label: str) -> str:
+    """The label of a layer wrapped by FlatQuant (AscendV1Saver.on_flat_clip_wrapper)."""
+    if label.endswith("_DYNAMIC"):
+        return label.replace("_DYNAMIC", "_FLATQUANT_DYNAMIC")
+    return label + "_FLATQUANT"
+
+
+def svd_label(label: str) -> str:
+    """The label of a layer wrapped by the SVD residual (AscendV1Saver.on_svd_wrapper; FLOAT stays)."""
+    if label == "FLOAT":
+        return label
+    return label.replace("_DYNAMIC", "_SVD_DYNAMIC") if label.endswith("_DYNAMIC") else label + "_SVD"
+
+
+def _derived_labels() -> tuple[str, ...]:
+    """Every label the wrappers can make of a base label (either wrapper over the other, too)."""
+    out: dict[str, None] = {}
+    for base in BASE_LABELS:
+        for label in (
+            base,
+            flatquant_label(base),
+            svd_label(base),
+            flatquant_label(svd_label(base)),
+            svd_label(flatquant_label(base)),
+        ):
+            out.setdefault(label, None)
+    return tuple(out)
+
+
+KNOWN_UNSERVED = tuple(label for label in _derived_labels() if label not in SERVED)
+NOT_YET = KNOWN_UNSERVED  # (the name older code and tests use)
 # labels of non-linear tensors (KV cache, attention, norms) that may appear in a description
 OTHER = ("C8", "FAQuant", "FAKQuant", "INT8_DYNAMIC")
-META_KEYS = ("model_quant_type", "version", "group_size", "kv_cache_type", "kv_quant_type", "fa_quant_type")
+# every non-tensor key msModelSlim 26.1.0 writes (module docstring); those in SERVED_KEYS are read,
+# the others must be absent (or null)
+SERVED_KEYS = ("model_quant_type", "version", "group_size", "metadata", "optional")
+UNSERVED_KEYS = {
+    "kv_cache_type": "KV-cache quantization",
+    "kv_quant_type": "KV-cache quantization",
+    "fa_quant_type": "attention (FlashAttention) quantization",
+    "reduce_quant_type": "communication (all-reduce) quantization of simulated tensor parallelism",
+    "indexer_quant_type": "lightning-indexer quantization (DeepSeek-V3.2 / GLM-5)",
+    "is_rot_used": "online rotation (GLM-5)",
+}
+DESCRIPTION_KEYS = (*SERVED_KEYS, *UNSERVED_KEYS)
+META_KEYS = DESCRIPTION_KEYS  # (the name inspect_checkpoint.py used)
+FA3_SUFFIX = ".quant_type"  # <attention block>.quant_type: FA3 activation quantization (update_fa_quant_type)
+
+
+def unserved_reason(label: str) -> str:
+    """Why a known label is not served (for the error message)."""
+    if "SVD" in label:
+        return "an SVD low-rank residual beside the quantized weight (SVDResidualWrapper)"
+    if "MXFP" in label:
+        return "MX floating-point formats"
+    if "FLATQUANT" in label:
+        return "FlatQuant is served for W4A4/W8A8/W4A8 with per-token dynamic activations only"
+    if label in ("W8A8S", "W8A8SC", "W16A16S", "W16A16SC"):
+        return "sparse (and compressed) weights"
+    if label == "WFP8AFP8_DYNAMIC":
+        return "FP8 weights and activations"
+    if label == "W8A8_MIX":
+        return "per-tensor / per-token mixed W8A8 (prefill/decode)"
+    if label == "W4A4_DYNAMIC":
+        return "int4 weights with int4 per-token activations (msModelSlim layout)"
+    return "not implemented"
+
+
 # relative tolerance of deq_scale against input_scale * weight_scale: both are written in
 # float32 from the same float32 scales (ascendv1.py), so they agree to a few ulp; 1e-2 also
 # admits scales stored in bfloat16 by older tools and still catches any real disagreement.
@@ -123,32 +216,105 @@ def is_description(config: dict[str, Any]) -> bool:
 
 
 class ModelSlimDescription:
-    """The parsed description: labels per tensor, checked once at start-up."""
+    """The parsed description: labels per tensor, checked once at start-up.
 
-    def __init__(self, config: dict[str, Any]):
+    Everything in it that ptq_ascend does not serve and that belongs to no linear layer (KV-cache,
+    attention or communication quantization, online rotations) is collected in ``problems``, each
+    message naming the file, the key (layer, tensor) and the value; with ``strict`` (serving) they
+    are raised at once, ``inspect`` reports them one by one. Unserved linear-layer labels are refused
+    per layer by :meth:`label_for`.
+    """
+
+    def __init__(self, config: dict[str, Any], strict: bool = True):
         self.raw = config
-        self.version = str(config.get("version", "0"))
+        self.problems: list[str] = []
+        version = config.get("version")
+        version = "0" if version is None else version  # the legacy saver writes none
+        if not isinstance(version, str):
+            raise CheckpointError(f"{WHERE}: 'version' must be a string such as \"1.0.0\", found {version!r}")
+        self.version = version
         gs = config.get("group_size", 0)
         if not isinstance(gs, int) or isinstance(gs, bool) or gs < 0:
             raise CheckpointError(f"{WHERE}: 'group_size' must be an integer >= 0, found {gs!r}")
         self.group_size = gs
+        mqt = config.get("model_quant_type")
+        if mqt is not None and not isinstance(mqt, str):
+            raise CheckpointError(f"{WHERE}: 'model_quant_type' must be a string, found {mqt!r}")
+        self._check_meta(config)
         self.labels: dict[str, str] = {}
         for key, label in config.items():
             if not isinstance(key, str):
                 raise CheckpointError(f"{WHERE}: keys must be tensor names (strings), found {key!r}")
-            if key in META_KEYS or not key.endswith(".weight"):
+            if key in DESCRIPTION_KEYS:
                 continue
-            if not isinstance(label, str) or label not in (*SERVED, *NOT_YET, *OTHER):
+            if key.endswith(FA3_SUFFIX):  # <attention block>.quant_type (FA3), no tensor of its own
+                self.problems.append(
+                    f"{WHERE}: layer '{key.removesuffix(FA3_SUFFIX)}' has attention (FA3) activation "
+                    f"quantization ('{key}': {label!r}), which ptq_ascend does not serve"
+                )
+                continue
+            if label in OTHER:  # KV-cache (C8) and attention (FAQuant) tensors
+                layer = key.rsplit(".", 1)[0]
+                what = "KV-cache quantization" if label == "C8" else "attention (FlashAttention) quantization"
+                self.problems.append(
+                    f"{WHERE}: tensor '{key}' (layer '{layer}') has label {label!r} ({what}), which "
+                    "ptq_ascend does not serve"
+                )
+                continue
+            if not key.endswith(".weight"):
+                continue
+            if not isinstance(label, str) or label not in (*SERVED, *KNOWN_UNSERVED):
                 raise CheckpointError(
                     f"{WHERE}: tensor '{key}' (layer '{key.removesuffix('.weight')}') has unknown "
-                    f"label {label!r}; known labels: {', '.join((*SERVED, *NOT_YET))}"
+                    f"label {label!r}; served labels: {', '.join(SERVED)}"
                 )
             self.labels[key] = label
+        if strict and self.problems:
+            raise CheckpointError("; ".join(self.problems))
+
+    def _check_meta(self, config: dict[str, Any]) -> None:
+        for key, what in UNSERVED_KEYS.items():
+            value = config.get(key)
+            if value is not None and value is not False:
+                self.problems.append(
+                    f"{WHERE}: '{key}' is {value!r} ({what}), which ptq_ascend does not serve"
+                )
+        for key in ("metadata", "optional"):
+            if key in config and not isinstance(config[key], dict):
+                raise CheckpointError(f"{WHERE}: '{key}' must be a JSON object, found {config[key]!r}")
+        # metadata: {} or {"quarot": {"heads_rotation": {"layers": [...]}, "kronecker_rotation": ...}},
+        # rotations applied ONLINE (AscendV1Saver.post_run, ir/quarot.py get_quarot_save_info)
+        for key, value in (config.get("metadata") or {}).items():
+            if key == "quarot" and isinstance(value, dict):
+                layers = [
+                    name
+                    for part in ("heads_rotation", "kronecker_rotation")
+                    for name in ((value.get(part) or {}).get("layers") or [])
+                    if isinstance(value.get(part), dict)
+                ]
+                where_layers = f" on layers {', '.join(map(str, layers))}" if layers else ""
+                self.problems.append(
+                    f"{WHERE}: 'metadata.quarot' describes online QuaRot rotations{where_layers} "
+                    "(tensors '*.heads_rotation', '*.kronecker_rotation_m/n'), which ptq_ascend does not "
+                    "serve: the rotated weights would run without their online rotation"
+                )
+            else:
+                self.problems.append(
+                    f"{WHERE}: 'metadata.{key}' ({value!r}) is not something ptq_ascend knows how to serve"
+                )
+        # optional: export-only extras (an offline global rotation already folded into the weights)
 
     def label_for(self, prefix: str, shards: list[str]) -> str:
         """The label of a (possibly fused) layer; every shard must have one, the same."""
         per_shard = {}
         for shard in shards:
+            nonfusion = self._nonfusion_layout(shard)
+            if nonfusion:
+                raise CheckpointError(
+                    f"{WHERE}: layer '{prefix}' is in msModelSlim's NonFusionSmoothQuant layout "
+                    f"({nonfusion}), which ptq_ascend does not serve (the smoothing scale would have to "
+                    "divide the input online)"
+                )
             label = self.labels.get(f"{shard}.weight")
             if label is None:
                 raise CheckpointError(
@@ -163,12 +329,21 @@ class ModelSlimDescription:
                 "vLLM runs a fused layer with one scheme"
             )
         label = next(iter(per_shard.values()))
-        if label in NOT_YET or label in OTHER:
+        if label not in SERVED:
             raise CheckpointError(
                 f"{WHERE}: layer '{prefix}' has label {label!r}, which ptq_ascend does not serve yet "
-                f"(served: {', '.join(SERVED)})"
+                f"({unserved_reason(label)}; served: {', '.join(SERVED)})"
             )
         return label
+
+    def _nonfusion_layout(self, shard: str) -> str:
+        """'<x>.div.mul_scale' + '<x>.linear.weight' (AscendV1Saver.on_non_fusion_smooth_quant_wrapper),
+        seen from vLLM's layer '<x>' or from the tensor prefix '<x>.linear'; '' if not."""
+        base = shard.removesuffix(".linear")
+        scale, weight = f"{base}.div.mul_scale", f"{base}.linear.weight"
+        if scale in self.raw and weight in self.raw and (shard == base or shard.endswith(".linear")):
+            return f"'{scale}' and '{weight}' labelled {self.raw[weight]!r}"
+        return ""
 
     def scheme_for(self, prefix: str, shards: list[str], files: dict[str, str]) -> PtqScheme | None:
         label = self.label_for(prefix, shards)
