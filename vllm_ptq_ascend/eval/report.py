@@ -544,7 +544,20 @@ def render_markdown(results: dict, plots: list[str], title: str | None = None) -
 # --------------------------------------------------------------------------- plots
 
 
+def require_matplotlib() -> None:
+    """Plots need matplotlib, which the serving-only install leaves out: say what to install."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ModuleNotFoundError(
+            "plots need matplotlib, which the serving install leaves out: "
+            "pip install 'vllm-ptq-ascend[report]'",
+            name="matplotlib",
+        )
+
+
 def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -679,6 +692,7 @@ def write_report(results_dir, title: str | None = None) -> Path:
     plots, results.json and finally report.md are each replaced atomically. PNGs of this module's plots
     that are no longer produced (e.g. no bench results any more) are removed.
     """
+    require_matplotlib()
     root = Path(results_dir)
     results = build_results(root)
     pngs = render_plots(results)

@@ -108,6 +108,9 @@ def render_markdown(result: dict, top: int = 30) -> str:
 
 
 def render_plot(result: dict) -> bytes:
+    from vllm_ptq_ascend.eval.report import require_matplotlib
+
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
