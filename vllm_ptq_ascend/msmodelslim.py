@@ -129,6 +129,9 @@ BASE_LABELS = (
     "W4A4_MXFP4",
     "W4A4_MXFP4_DUALSCALE",
     "UNKNOWN",
+    # named by other msModelSlim versions (the snapshot msmodelslim_w4a8.py cites), not written by 26.1.0
+    "W4A16_MXFP4",
+    "W8A8FP8_DYNAMIC",
 )
 
 
