@@ -40,3 +40,29 @@ def test_fp32_and_irregular_g_idx_fall_back_to_exact_torch(vllm_dist):
     out = layer(x)[0].double()
     ref = x.double() @ dequant_weight({f"L.{k}": v for k, v in tensors.items()}, "L", {"num_bits": 4}).t()
     assert float((out - ref).norm() / ref.norm()) < 2e-2
+
+
+def test_onednn_int8_only_where_it_accumulates_exactly():
+    from vllm_ptq_ascend.kernels.cpu import onednn_int8_is_exact
+
+    assert not onednn_int8_is_exact({"avx2", "fma"})  # vpmaddubsw saturates pairs in int16
+    assert not onednn_int8_is_exact({"avx512f", "avx512bw"})
+    assert onednn_int8_is_exact({"avx512f", "avx512_vnni"}) and onednn_int8_is_exact({"amx_int8"})
+
+
+def test_full_range_int8_w8a8_is_exact_on_this_cpu(vllm_dist):
+    """Full-range int8 weights against float64, whichever int8 GEMM this CPU gets."""
+    from layer_helpers import W8A8_DYNAMIC, make_w8a8_tensors
+    from reference import quant_per_token
+
+    layer = build_layer("ReplicatedLinear", ct_config(*W8A8_DYNAMIC), 256, 128, torch.float32, bias=False)
+    tensors = make_w8a8_tensors(128, 256)
+    tensors["weight"][:, 0] = 127  # the largest products, where int16 pairs saturate
+    load_tensors(layer, tensors)
+    layer.quant_method.process_weights_after_loading(layer)
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    x[:, 0] = 50.0
+    w = tensors["weight"].double() * tensors["weight_scale"].double()
+    ref = quant_per_token(x.double()) @ w.t()
+    err = float((layer(x)[0].double() - ref).norm() / ref.norm())
+    assert err < 1e-5, err

@@ -10,6 +10,26 @@ from vllm_ptq_ascend.kernels.base import Int8LinearSpec, WeightOnlySpec
 from vllm_ptq_ascend.kernels.torch_generic import TorchBackend, drop_params
 
 _INT8_PARAM_NAMES = ("weight", "weight_scale", "input_scale", "input_zero_point", "azp_adj")
+# CPU flags under which oneDNN's u8·s8 int8 GEMM accumulates in int32 (VNNI's vpdpbusd, AMX). Without
+# them it pairs products in saturating int16 (vpmaddubsw): full-range int8 weights then saturate
+# (measured on an AVX2-only EPYC: 1.5-2.7% relative error per W8A8 layer), so those CPUs get torch's
+# exact int8 path instead.
+EXACT_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def onednn_int8_is_exact(flags: set[str] | None = None) -> bool:
+    return bool(set(EXACT_INT8_FLAGS) & (cpu_flags() if flags is None else flags))
 
 
 def _wna16_kernel_fits(layer: torch.nn.Module, spec: WeightOnlySpec) -> bool:
@@ -28,8 +48,14 @@ class CpuBackend(TorchBackend):
 
     name = "cpu"
 
+    def __init__(self, exact_int8: bool | None = None) -> None:
+        self.onednn_int8 = onednn_int8_is_exact() if exact_int8 is None else exact_int8
+
     # -- W8A8: reuse vLLM's oneDNN kernel for the layout, call its ops directly --
     def prepare_int8(self, layer: torch.nn.Module, spec: Int8LinearSpec) -> None:
+        layer.ptq_dnnl = None
+        if not self.onednn_int8:  # it would saturate on this CPU: torch's exact int8 GEMM
+            return super().prepare_int8(layer, spec)
         from vllm.model_executor.kernels.linear.scaled_mm.cpu import (
             CPUInt8ScaledMMLinearKernel,
         )
@@ -51,11 +77,15 @@ class CpuBackend(TorchBackend):
         layer.ptq_input_symmetric = spec.input_symmetric
 
     def quant_act_int8(self, layer, x):
+        if getattr(layer, "ptq_dnnl", None) is None:
+            return super().quant_act_int8(layer, x)
         return ops.onednn_scaled_int8_quant(
             x, layer.input_scale, layer.input_zero_point, layer.ptq_input_symmetric
         )
 
     def int8_mm(self, layer, x_q, x_scale, x_zp, bias, out_dtype):
+        if getattr(layer, "ptq_dnnl", None) is None:
+            return super().int8_mm(layer, x_q, x_scale, x_zp, bias, out_dtype)
         out = torch.empty((x_q.shape[0], layer.ptq_dnnl.n), dtype=out_dtype)
         ops.onednn_scaled_mm(layer.ptq_dnnl, x_q, out, x_scale, x_zp, layer.azp_adj, bias)
         return out
@@ -67,6 +97,8 @@ class CpuBackend(TorchBackend):
     # (Dynamic4bitLinearKernel) is KleidiAI on Arm; on x86 it is torch's reference fallback,
     # which quantizes activations per row *asymmetrically*, not as the checkpoint says.
     def use_dynamic_per_token_input(self, layer: torch.nn.Module) -> None:
+        if getattr(layer, "ptq_dnnl", None) is None:
+            return super().use_dynamic_per_token_input(layer)
         layer.input_scale = layer.input_zero_point = None
         layer.ptq_input_symmetric = True
 
