@@ -41,7 +41,8 @@ from pydantic import Field, PrivateAttr, field_validator
 from torch.utils._pytree import tree_map
 
 from vllm_ptq_ascend.kronecker import check_factors, fold_into_weight, transform_config
-from vllm_ptq_ascend.recipes.flatquant.structure import LinearGroup, block_groups
+from vllm_ptq_ascend.recipes.families import Family, resolve_family
+from vllm_ptq_ascend.recipes.flatquant.structure import LinearGroup, block_groups, fold_into_norm
 from vllm_ptq_ascend.recipes.flatquant.trainable import FlatQuantLinear, TrainableTransform
 
 TRANSFORM_GROUP = "flatquant"
@@ -63,6 +64,8 @@ class FlatQuantModifier(Modifier):
     :param weight_clip: learn per-output-channel weight clipping
     :param act_clip: learn a per-layer activation clipping ratio
     :param seed: seed of the batch order
+    :param family: the model family (``recipes/families.py``) whose block structure says which norm
+        feeds which group; detected from the model's config if None
     """
 
     weight_bits: int = 4
@@ -77,7 +80,9 @@ class FlatQuantModifier(Modifier):
     weight_clip: bool = True
     act_clip: bool = True
     seed: int = 0
+    family: str | None = None
 
+    _family: Family | None = PrivateAttr(default=None)
     _blocks: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _inputs: dict[str, list] = PrivateAttr(default_factory=dict)
     _calibrated: set[str] = PrivateAttr(default_factory=set)
@@ -94,6 +99,7 @@ class FlatQuantModifier(Modifier):
     # -- lifecycle ---------------------------------------------------------------
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
+        self._family = resolve_family(model, self.family)
         targets = infer_sequential_targets(model, sequential_targets=kwargs.get("sequential_targets"))
         targets = [targets] if isinstance(targets, str) else list(targets)
         self._blocks = {name: m for name, m in model.named_modules() if type(m).__name__ in targets}
@@ -101,7 +107,7 @@ class FlatQuantModifier(Modifier):
             raise ValueError(f"FlatQuant: no decoder blocks of type {targets} in {type(model).__name__}")
         layer_names = []
         for name, block in self._blocks.items():
-            for group in block_groups(block, name):
+            for group in block_groups(block, name, self._family):
                 layer_names += [f"{name}.{n}" for n in group.names]
         apply_transform_config(model, transform_config(layer_names, TRANSFORM_GROUP))
         for _, param in model.named_parameters():
@@ -150,7 +156,7 @@ class FlatQuantModifier(Modifier):
         if not calls:
             raise RuntimeError(f"FlatQuant: no calibration inputs were captured for block '{name}'")
         start = time.perf_counter()
-        groups = block_groups(block, name)
+        groups = block_groups(block, name, self._family)
         dtype = next(block.parameters()).dtype
         with torch.no_grad():
             act_max = {id(g): torch.zeros(g.in_features) for g in groups}
@@ -208,7 +214,8 @@ class FlatQuantModifier(Modifier):
         return (act_max.clamp(min=1e-5) ** a / w_max.clamp(min=1e-5) ** (1 - a)).clamp(min=1e-5)
 
     def _train(self, block, calls, targets, transforms, wrappers) -> dict:
-        transform_params = [p for t in transforms for p in (t.left, t.right, t.log_smooth) if p is not None]
+        transform_params = [*(p for t in transforms for p in t.factor_parameters())]
+        transform_params += [t.log_smooth for t in transforms if t.log_smooth is not None]
         clip_params = [t.clip_logit for t in transforms if t.clip_logit.requires_grad]
         clip_params += [w.clip_logit for ws in wrappers for w in ws if w.clip_logit.requires_grad]
         steps_per_epoch = math.ceil(len(calls) / self.batch_size)
@@ -279,9 +286,8 @@ class FlatQuantModifier(Modifier):
                     online.left.data = left.to(online.left.dtype)
                     online.right.data = right.to(online.right.dtype)
                     online.clip_ratio.data = t.clip_ratio().detach().reshape(1).to(online.clip_ratio.dtype)
-                if smooth is not None:
-                    norm_w = group.norm.weight.detach().double() / smooth
-                    update_offload_parameter(group.norm, "weight", norm_w.to(group.norm.weight.dtype))
+                if smooth is not None:  # w / s, or (1 + w) / s - 1 for Gemma's norms
+                    update_offload_parameter(group.norm, "weight", fold_into_norm(group, smooth))
 
 
 def _output(out):
@@ -293,14 +299,15 @@ def _to_float32(x):
 
 
 def _snapshot(modules) -> list[dict]:
-    return [{k: v.detach().clone() for k, v in m.named_parameters(recurse=False)} for m in modules]
+    # recurse: a factor learned as U·diag·Vᵀ keeps its parameters in submodules
+    return [{k: v.detach().clone() for k, v in m.named_parameters()} for m in modules]
 
 
 def _restore(modules, states) -> None:
     with torch.no_grad():
         for m, state in zip(modules, states):
             for k, v in state.items():
-                getattr(m, k).copy_(v)
+                m.get_parameter(k).copy_(v)
 
 
 def _invertible(transforms) -> bool:

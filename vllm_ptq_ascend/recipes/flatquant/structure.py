@@ -1,9 +1,12 @@
 """Which linear layers of a decoder block share one FlatQuant transform (they read one input).
 
-Llama-style blocks (Llama, Qwen2/2.5/3, Mistral, SmolLM2, openPangu-Embedded, DeepSeek-R1-Distill):
-q/k/v after ``input_layernorm``, ``o_proj``, gate/up after ``post_attention_layernorm``,
-``down_proj``. The per-channel smoothing scale is learned only where a norm precedes the
-group (its inverse is folded into the norm's weight); o_proj and down_proj get the
+The block structure comes from the model's family (``recipes/families.py``): q/k/v after the
+family's attention norm (``input_layernorm``), ``o_proj``, gate/up after the norm that feeds the
+MLP (``post_attention_layernorm`` in Llama-style blocks, ``pre_feedforward_layernorm`` in Gemma2),
+``down_proj``. The per-channel smoothing scale is learned only where a norm precedes the group;
+its inverse is folded into the norm's weight with :func:`fold_into_norm`, right for the norm's
+parametrisation as it stands (x̂·w, or x̂·(1 + w), measured on the module; inside ``oneshot``
+llmcompressor holds Gemma's (1 + w) norms as x̂·w' with w' = 1 + w). o_proj and down_proj get the
 Kronecker transform and clipping alone.
 """
 
@@ -11,15 +14,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-# (linears relative to the block, the norm before them or None)
-GROUPS = (
-    (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
-    (("self_attn.o_proj",), None),
-    (("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
-    (("mlp.down_proj",), None),
+from vllm_ptq_ascend.recipes.families import (
+    DOWN_PROJ,
+    GATE_UP,
+    O_PROJ,
+    QKV,
+    Family,
+    effective_offset,
+    fold_scale_into_norm,
 )
+
+
+def family_groups(family: Family) -> tuple[tuple[tuple[str, ...], str | None], ...]:
+    """(linears relative to the block, the norm before them or None), in the block's order."""
+    return (
+        (QKV, family.attn_norm),
+        ((O_PROJ,), None),
+        (GATE_UP, family.mlp_norm),
+        ((DOWN_PROJ,), None),
+    )
 
 
 @dataclass
@@ -27,23 +43,25 @@ class LinearGroup:
     names: tuple[str, ...]  # relative to the block
     linears: list[nn.Linear]
     norm: nn.Module | None  # has a .weight of the linears' input size
+    norm_name: str | None = None  # the norm's full name
+    norm_offset: float = 0.0  # the norm computes x̂·(norm_offset + w)
 
     @property
     def in_features(self) -> int:
         return self.linears[0].in_features
 
 
-def block_groups(block: nn.Module, block_name: str) -> list[LinearGroup]:
+def block_groups(block: nn.Module, block_name: str, family: Family) -> list[LinearGroup]:
     """The transform groups of one decoder block; raises naming what the block lacks."""
     groups = []
-    for names, norm_name in GROUPS:
+    for names, norm_name in family_groups(family):
         linears = []
         for name in names:
             module = block.get_submodule(name) if _has(block, name) else None
             if not isinstance(module, nn.Linear):
                 raise ValueError(
                     f"FlatQuant: block '{block_name}' ({type(block).__name__}) has no Linear '{name}'; "
-                    "supported are Llama-style blocks (self_attn.q/k/v/o_proj, mlp.gate/up/down_proj)"
+                    "supported are blocks with self_attn.q/k/v/o_proj and mlp.gate/up/down_proj"
                 )
             linears.append(module)
         if len({m.in_features for m in linears}) != 1:
@@ -51,8 +69,17 @@ def block_groups(block: nn.Module, block_name: str) -> list[LinearGroup]:
         norm = block.get_submodule(norm_name) if norm_name and _has(block, norm_name) else None
         if norm is not None and getattr(norm, "weight", None) is None:
             norm = None
-        groups.append(LinearGroup(names, linears, norm))
+        full = f"{block_name}.{norm_name}" if norm is not None else None
+        # inside oneshot llmcompressor holds Gemma's (1 + w) norms as x̂·w' (families.effective_offset)
+        offset = effective_offset(norm, full, family) if norm is not None else 0.0
+        groups.append(LinearGroup(names, linears, norm, full, offset))
     return groups
+
+
+def fold_into_norm(group: LinearGroup, smooth: torch.Tensor) -> torch.Tensor:
+    """The group's norm weight (in its dtype) after dividing its effective scale by ``smooth``:
+    w / s for x̂·w, (1 + w) / s - 1 for x̂·(1 + w)."""
+    return fold_scale_into_norm(group.norm.weight, smooth, group.norm_offset).to(group.norm.weight.dtype)
 
 
 def _has(block: nn.Module, name: str) -> bool:
