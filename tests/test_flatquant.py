@@ -421,10 +421,16 @@ def test_inspect_reports_missing_and_misshapen_transform_tensors(calibrated, tmp
     assert not inspect(calibrated["w4a8-flatquant"]).all_problems()
 
 
-def test_modifier_without_clipping_leaves_the_model_function_unchanged(tiny_model, tmp_path):
+@pytest.mark.parametrize(
+    "init,parametrization,epochs", [("identity", "direct", 3), ("random-orthogonal", "svd-cayley", 1)]
+)
+def test_modifier_without_clipping_leaves_the_model_function_unchanged(
+    tiny_model, tmp_path, init, parametrization, epochs
+):
     """FlatQuantModifier alone (no quantizer), clipping off: the learned transforms, the smoothing
     folded into the norms and the inverse folded into the weights cancel; the float32 model's
-    logits are unchanged to float32 precision although every weight and norm changed."""
+    logits are unchanged to float32 precision although every weight and norm changed. Also with the
+    reference's random-orthogonal start and U·diag·Vᵀ factors."""
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -439,7 +445,15 @@ def test_modifier_without_clipping_leaves_the_model_function_unchanged(tiny_mode
     ids = torch.tensor([ds[0]["input_ids"]])
     with torch.no_grad():
         logits = model(ids).logits
-    modifier = FlatQuantModifier(weight_bits=4, act_bits=4, epochs=3, act_clip=False, weight_clip=False)
+    modifier = FlatQuantModifier(
+        weight_bits=4,
+        act_bits=4,
+        epochs=epochs,
+        act_clip=False,
+        weight_clip=False,
+        init=init,
+        parametrization=parametrization,
+    )
     with cpu_without_pinned_memory(), single_process_calibration():
         oneshot(
             model=model, recipe=[modifier], dataset=ds, num_calibration_samples=len(ds), max_seq_length=64

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +65,11 @@ class FlatQuantModifier(Modifier):
     :param learn_smooth: learn a per-channel smoothing scale where a norm can absorb it
     :param weight_clip: learn per-output-channel weight clipping
     :param act_clip: learn a per-layer activation clipping ratio
-    :param seed: seed of the batch order
+    :param seed: seed of the batch order (and of random-orthogonal initial factors)
+    :param init: initial Kronecker factors: "identity", or "random-orthogonal" as the reference
+        (ruikangliu/FlatQuant ``get_init_weight``) starts them
+    :param parametrization: "direct" (the factor itself), or "svd-cayley": U·diag·Vᵀ with U, V kept
+        orthogonal by a Cayley map, the reference's default (``SVDDecomposeTransMatrix``)
     :param family: the model family (``recipes/families.py``) whose block structure says which norm
         feeds which group; detected from the model's config if None
     """
@@ -81,6 +87,8 @@ class FlatQuantModifier(Modifier):
     act_clip: bool = True
     seed: int = 0
     family: str | None = None
+    init: Literal["identity", "random-orthogonal"] = "identity"
+    parametrization: Literal["direct", "svd-cayley"] = "direct"
 
     _family: Family | None = PrivateAttr(default=None)
     _blocks: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
@@ -170,6 +178,8 @@ class FlatQuantModifier(Modifier):
                 for h in hooks:
                     h.remove()
         calls = [tree_map(_to_float32, c) for c in calls]
+        # one stream per block, fixed by the seed and the block's name (order of calibration irrelevant)
+        init_generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
 
         transforms = [
             TrainableTransform(
@@ -177,6 +187,9 @@ class FlatQuantModifier(Modifier):
                 self.act_bits,
                 self._smooth_init(g, act_max[id(g)]) if (self.learn_smooth and g.norm is not None) else None,
                 self.act_clip,
+                init=self.init,
+                parametrization=self.parametrization,
+                generator=init_generator,
             )
             for g in groups
         ]
