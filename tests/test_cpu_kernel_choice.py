@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from layer_helpers import build_layer, ct_config, load_tensors, make_wna16_tensors, wna16
 
@@ -66,3 +67,16 @@ def test_full_range_int8_w8a8_is_exact_on_this_cpu(vllm_dist):
     ref = quant_per_token(x.double()) @ w.t()
     err = float((layer(x)[0].double() - ref).norm() / ref.norm())
     assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("m,k,n", [(7, 1536, 96), (33, 4096, 64), (5, 1025, 3), (1, 1, 1)])
+def test_int8_gemm_on_float32_is_exact(m, k, n):
+    """The CPU's int8 GEMM without VNNI: float32 chunks of 1024 products, exact at the int8 extremes."""
+    from vllm_ptq_ascend.kernels.torch_ops import int_mm_via_float32
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=g)
+    x[0], w[:, 0] = -128, -128  # the largest products: 2^14 each, 2^24 per full chunk
+    got = int_mm_via_float32(x, w)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), x.long() @ w.long())
