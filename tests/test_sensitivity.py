@@ -271,3 +271,22 @@ def test_a_saved_scan_is_reused_only_for_its_own_model_and_grid(fragile_model, t
     args = ["quantize", str(fragile_model), "--recipe", "w4a16-rtn", "--group-size", "32", "--out", str(out)]
     assert cli_main([*args, "--budget", "kl=1", "--scan", str(path)]) == 2  # a w4a8 scan for a w4a16 preset
     assert "scanned" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_resolved_gptq_config_scans_the_same_grid():
+    """llmcompressor writes actorder and the observer into the args once it resolves a GPTQ config;
+    neither enters the scan, so a saved scan must still match (this failed in the full suite)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    from vllm_ptq_ascend.recipes.sensitivity import QuantArgs
+
+    (fresh,) = build_recipe("w4a8", group_size=32, actorder=None)
+    (resolved,) = build_recipe("w4a8", group_size=32)
+    resolved.resolve_quantization_config()
+    assert next(iter(resolved.config_groups.values())).weights.actorder == "static"  # really resolved
+    dump = [next(iter(m.config_groups.values())).model_dump(exclude_none=True) for m in (fresh, resolved)]
+    assert QuantArgs.from_group(dump[0]) == QuantArgs.from_group(dump[1])
+    grid = QuantizationArgs(num_bits=4, symmetric=True, group_size=32, strategy="group")
+    assert QuantArgs.from_group(dump[1]).weights == grid
+    other = {**dump[1], "weights": {**dump[1]["weights"], "group_size": 64}}
+    assert QuantArgs.from_group(other) != QuantArgs.from_group(dump[1])  # the grid itself still counts

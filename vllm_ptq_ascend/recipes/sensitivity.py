@@ -45,10 +45,15 @@ class QuantArgs:
     def from_group(group: dict) -> "QuantArgs":
         from compressed_tensors.quantization import QuantizationArgs
 
+        # The scan rounds to nearest on min-max scales: GPTQ's column order and the observer do not
+        # enter it. llmcompressor fills both in when it resolves a modifier's config, so whether they
+        # show depends on what ran before; they are left out so that grids compare equal.
+        unused = ("actorder", "observer", "observer_kwargs")
+        weights = {k: v for k, v in group["weights"].items() if k not in unused}
         acts = group.get("input_activations")
         if acts is not None and not (acts.get("dynamic") and acts.get("strategy") == "token"):
             acts = {**acts, "strategy": "token", "dynamic": True}  # static scales need data: use per-token
-        return QuantArgs(QuantizationArgs(**group["weights"]), QuantizationArgs(**acts) if acts else None)
+        return QuantArgs(QuantizationArgs(**weights), QuantizationArgs(**acts) if acts else None)
 
 
 # -------------------------------------------------------------------------- model structure
