@@ -19,6 +19,7 @@ from typing import Any
 
 from vllm_ptq_ascend import QUANT_METHOD, __version__
 from vllm_ptq_ascend.atomic import atomic_directory
+from vllm_ptq_ascend.recipes import compute_dtype
 from vllm_ptq_ascend.recipes import self_check as sc
 from vllm_ptq_ascend.recipes.calibration import CalibrationSpec, build_calibration
 from vllm_ptq_ascend.recipes.presets import build_recipe, get_preset
@@ -132,6 +133,8 @@ def model_card(info: dict[str, Any]) -> str:
             f"- calibration: {calib.get('source')}, {calib.get('num_samples')} samples, "
             f"{calib.get('num_tokens')} tokens, modes {{{modes}}}, seed {calib.get('seed')}"
         )
+    if info.get("calibration_dtype"):
+        lines.append(f"- computed in {info['calibration_dtype']}, written in bfloat16")
     mixed = info.get("mixed_precision")
     if mixed:
         final = mixed["checkpoint"]
@@ -188,6 +191,7 @@ def quantize(
     max_kl: float | None = None,
     max_ppl_ratio: float | None = None,
     force: bool = False,
+    calibration_dtype: str = "auto",
     **recipe_options,
 ) -> Path:
     """Quantize ``model_dir`` with preset ``recipe`` into ``out_dir``; returns ``out_dir``.
@@ -202,7 +206,9 @@ def quantize(
     original on held-out text (``recipes/self_check.py``). A result beyond the preset's limits
     (``max_kl``, ``max_ppl_ratio`` override them) raises ``SelfCheckFailed`` and writes nothing,
     unless ``force``: then it is written and its card records the failure. ``self_check=False``
-    skips the check (recorded on the card).
+    skips the check (recorded on the card). ``calibration_dtype`` (auto, float32, bfloat16): auto is
+    float32 on a CPU without native bf16, where bf16 is emulated and far slower (``compute_dtype.py``);
+    the checkpoint is written in bf16 either way.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
@@ -240,6 +246,7 @@ def quantize(
             "with the self-check; drop them or --no-self-check"
         )
     check_recipe_fits_model(model_dir, modifiers)
+    dtype = compute_dtype.calibration_dtype(calibration_dtype)
 
     import torch
     from llmcompressor import oneshot
@@ -278,10 +285,12 @@ def quantize(
         )
     with atomic_directory(out_dir) as tmp:
         torch.manual_seed(calibration.seed if calibration else 0)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         with cpu_without_pinned_memory(), single_process_calibration():
             oneshot(model=model, recipe=modifiers, **data_kwargs)
         model.save_pretrained(tmp, save_compressed=True)
+        if dtype != compute_dtype.CHECKPOINT_DTYPE:
+            compute_dtype.cast_checkpoint(tmp)
         tokenizer.save_pretrained(tmp)
         make_recipe_file_plain(tmp / "recipe.yaml")
         mark_checkpoint(tmp, {"recipe": recipe, "recipe_options": recipe_options})
@@ -302,6 +311,7 @@ def quantize(
             "recipe_summary": preset.summary,
             "source_model": str(model_dir.resolve()),
             "calibration": calib_summary,
+            "calibration_dtype": str(dtype).removeprefix("torch."),
             "mixed_precision": mixed,
             "flatquant": flatquant_summary(modifiers),
             "self_check": check,
