@@ -59,7 +59,7 @@ from vllm_ptq_ascend.recipes.presets import PRESETS, build_recipe
 
 CI_E2E = [f for f in TINY_FAMILIES if f != "llama"]  # llama: tests/test_presets_e2e.py
 WEIGHT_ONLY = {"w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn"}
-CHAOTIC = {"w4a4-rtn", "w4a4-flatquant"}  # int4 activations: see tests/test_presets_e2e.py
+CHAOTIC = {"w4a4-rtn", "w4a4-flatquant", "w4a4-spinquant"}  # int4 activations: see tests/test_presets_e2e.py
 E2E_CALIBRATION = dict(num_samples=8, max_seq_length=64)
 FOLD_TOL = 1e-5  # max |Δ logits| / max |logits|; the norms compute in float32 even in a float64 model
 
@@ -273,7 +273,9 @@ def run_folds(model, recipe, ds):
     model.apply(disable_quantization)  # AWQ's QuantizationModifier: compare the float function
 
 
-def assert_fold_keeps_function(model_dir, recipe, ds, folded_linears):
+def assert_fold_keeps_function(model_dir, recipe, ds, folded_linears, fused_norms=False):
+    """The recipe changed every norm (or, ``fused_norms``, set it to 1: fused into its readers) and
+    the given linears of every block, and the float64 logits are unchanged."""
     model = load(model_dir)
     fam = family_of(model.config)
     family = fam.name
@@ -292,8 +294,10 @@ def assert_fold_keeps_function(model_dir, recipe, ds, folded_linears):
 
     for i in range(model.config.num_hidden_layers):
         p = f"model.layers.{i}."
-        for n in (fam.attn_norm, fam.mlp_norm, *folded_linears):
+        for n in folded_linears if fused_norms else (fam.attn_norm, fam.mlp_norm, *folded_linears):
             assert rel(p + n + ".weight") > 1e-3, f"{p}{n} was not folded into: nothing was tested"
+        for n in (fam.attn_norm, fam.mlp_norm) if fused_norms else ():
+            assert torch.equal(after[p + n + ".weight"], torch.ones_like(after[p + n + ".weight"])), p + n
         for n in fam.output_norms:  # llmcompressor's (1 + w) stand-in round-trips in float32
             assert rel(p + n + ".weight") < 1e-6, f"{p}{n} changed: a scale was folded into an output norm"
     err = float((logits - before_logits).abs().max() / before_logits.abs().max())
@@ -336,6 +340,22 @@ def test_flatquant_smoothing_fold_keeps_the_float_model(family_model, calib, fam
     (flat, _) = build_recipe("w8a8-flatquant", epochs=0)
     flat.act_clip = flat.weight_clip = False
     assert_fold_keeps_function(family_model(family), [flat], calib, ["self_attn.q_proj", "mlp.gate_proj"])
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_spinquant_rotations_keep_the_float_model_or_are_refused(family_model, calib, family):
+    """R1 + R2 (llmcompressor's, folded into the weights with the norms fused first) leave the float
+    function unchanged on every family whose block fits; Gemma's (1 + w) and sandwich norms are refused."""
+    from vllm_ptq_ascend.recipes.families import FamilyError
+
+    spin = build_recipe("w4a8-spinquant")[:1]  # the preset without its GPTQ
+    assert type(spin[0]).__name__ == "FamilySpinQuantModifier"
+    if family == "gemma2":
+        with pytest.raises(FamilyError, match=r"family gemma2: its norms compute x̂·\(1 \+ w\).*post_attention"):
+            run_folds(load(family_model(family)), spin, calib)
+        return
+    folded = ["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    assert_fold_keeps_function(family_model(family), spin, calib, folded, fused_norms=True)
 
 
 def test_offset_norm_fold_is_exact():
@@ -522,4 +542,7 @@ def test_w8a8_smoothquant_served_for_every_family(family_model, tmp_path):
 @pytest.mark.engine
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_every_preset_served_for_family(family_model, tmp_path, family):
-    serve_and_check(family_model, tmp_path, [(family, n) for n in sorted([*PRESETS, *PRESET_VARIANTS])])
+    names = sorted([*PRESETS, *PRESET_VARIANTS])
+    if family == "gemma2":  # refused by name: test_spinquant_rotations_keep_the_float_model_or_are_refused
+        names = [n for n in names if "spinquant" not in n]
+    serve_and_check(family_model, tmp_path, [(family, n) for n in names])

@@ -30,6 +30,8 @@ EXPECTED_PRESETS = {
     "w4a8",
     "w4a16-rtn",
     "w4a4-rtn",
+    "w4a8-spinquant",
+    "w4a4-spinquant",
     "w4a4-flatquant",
     "w4a8-flatquant",
     "w8a8-flatquant",

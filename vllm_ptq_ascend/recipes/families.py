@@ -64,7 +64,7 @@ import torch
 from compressed_tensors.utils import match_modules_set
 from llmcompressor.modeling.offset_norm import NormCalibrationModule
 from llmcompressor.modifiers.factory import ModifierFactory
-from llmcompressor.modifiers.transform import AWQModifier, SmoothQuantModifier
+from llmcompressor.modifiers.transform import AWQModifier, SmoothQuantModifier, SpinQuantModifier
 from llmcompressor.modifiers.transform.awq.mappings import AWQMapping
 from torch.utils._pytree import tree_leaves
 
@@ -461,6 +461,48 @@ class FamilyAWQModifier(AWQModifier):
         return super().on_initialize(state, **kwargs)
 
 
+def check_rotatable(fam: Family) -> None:
+    """SpinQuant's R1 rotates the residual stream after fusing every norm into the linears that read
+    it (llmcompressor's fixed norm mappings: input_layernorm -> q/k/v, post_attention_layernorm ->
+    gate/up, model.norm -> lm_head). That is exact only for x̂·w norms that only linears read."""
+    problems = []
+    if fam.norm_offset:
+        problems.append(
+            "its norms compute x̂·(1 + w), which fusing the weight into the linears (w -> 1) breaks"
+        )
+    if fam.output_norms:
+        problems.append(
+            f"{', '.join(fam.output_norms)} normalise a branch's output before the residual add, so the "
+            "rotated residual stream would pass through an elementwise weight no linear can absorb"
+        )
+    if (fam.attn_norm, fam.mlp_norm) != ("input_layernorm", "post_attention_layernorm"):
+        problems.append(
+            f"q/k/v read {fam.attn_norm} and gate/up read {fam.mlp_norm}, not llmcompressor's mapping"
+        )
+    if problems:
+        raise FamilyError(
+            f"SpinQuant rotations cannot be folded into family {fam.name}: " + "; ".join(problems)
+        )
+
+
+class FamilySpinQuantModifier(SpinQuantModifier):
+    """llmcompressor's SpinQuantModifier (R1 + R2 folded into the weights, nothing online), on families
+    whose block its fixed norm mappings fit (``check_rotatable``); others are refused by name.
+    ``family``: a name from ``FAMILIES``; detected from the model if None."""
+
+    family: str | None = None
+
+    def on_initialize(self, state, **kwargs) -> bool:
+        check_rotatable(resolve_family(state.model, self.family))
+        return super().on_initialize(state, **kwargs)
+
+    def _center_embeddings(self, model) -> None:
+        """Not done. llmcompressor subtracts each embedding's mean, which QuaRot needs to turn a
+        LayerNorm into an RMSNorm; every family here already normalises by RMS, which the mean
+        enters, so centering changes the model (29% of the logits' range on the tiny random Llama,
+        4e-7 without it: tests/test_model_families.py)."""
+
+
 # YAML recipes name modifiers by class: register ours with llmcompressor's factory on import.
-for _cls in (FamilySmoothQuantModifier, FamilyAWQModifier):
+for _cls in (FamilySmoothQuantModifier, FamilyAWQModifier, FamilySpinQuantModifier):
     ModifierFactory.register(_cls.__name__, _cls)

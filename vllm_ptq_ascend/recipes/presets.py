@@ -186,6 +186,31 @@ def w4a4_rtn(ignore: list[str] | None = None) -> list:
     return [QuantizationModifier(config_groups=groups, ignore=_ignore(ignore))]
 
 
+def _spinquant(act_bits: int, group_size: int | None, ignore, actorder: str | None) -> list:
+    """SpinQuant R1 + R2 Hadamard rotations folded into the weights, then GPTQ int4 weights."""
+    from vllm_ptq_ascend.recipes.families import FamilySpinQuantModifier
+
+    groups = _groups(_weights(4, group_size), _activations("dynamic", bits=act_bits), fmt="pack-quantized")
+    return [
+        FamilySpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard"),
+        _gptq(groups, ignore, actorder),
+    ]
+
+
+@preset("w4a8-spinquant", needs_calibration=True)
+def w4a8_spinquant(
+    ignore: list[str] | None = None, group_size: int | None = 128, actorder: str | None = "static"
+) -> list:
+    """W4A8 SpinQuant + GPTQ: R1/R2 rotations in the weights; int4 weights per group, int8 token acts."""
+    return _spinquant(8, group_size, ignore, actorder)
+
+
+@preset("w4a4-spinquant", needs_calibration=True)
+def w4a4_spinquant(ignore: list[str] | None = None, actorder: str | None = "static") -> list:
+    """W4A4 SpinQuant + GPTQ: R1/R2 rotations in the weights; int4 channel weights, int4 token acts."""
+    return _spinquant(4, None, ignore, actorder)
+
+
 def _flatquant(weight_bits: int, act_bits: int, ignore, epochs: int, lr: float, clip_lr: float) -> list:
     """FlatQuant transforms, then round-to-nearest per-channel weights on the transformed layers."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -267,6 +292,7 @@ OUR_MODIFIERS = {
     "FlatQuantModifier": "vllm_ptq_ascend.recipes.flatquant",
     "FamilySmoothQuantModifier": "vllm_ptq_ascend.recipes.families",
     "FamilyAWQModifier": "vllm_ptq_ascend.recipes.families",
+    "FamilySpinQuantModifier": "vllm_ptq_ascend.recipes.families",
 }
 
 
