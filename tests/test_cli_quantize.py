@@ -131,6 +131,8 @@ def test_interrupted_run_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch
         (["--recipe", "w4a16-gptq", "--calib", "file:/no/such.jsonl"], "/no/such.jsonl"),
         (["--recipe", "w4a16-gptq", "--calib-modes", "slow_think:0.5,no_think:0.5"], "slow_think"),
         (["--recipe", "w4a16-gptq", "--calib-samples", "0"], "num_samples"),
+        (["--recipe", "w4a8", "--init", "random-orthogonal"], "recipe 'w4a8' takes no --init"),
+        (["--recipe", "w4a8-flatquant", "--parametrization", "cayley"], "invalid choice: 'cayley'"),
     ],
 )
 def test_bad_arguments_are_clear_errors(tiny_model, tmp_path, args, message):

@@ -351,7 +351,8 @@ def test_spinquant_rotations_keep_the_float_model_or_are_refused(family_model, c
     spin = build_recipe("w4a8-spinquant")[:1]  # the preset without its GPTQ
     assert type(spin[0]).__name__ == "FamilySpinQuantModifier"
     if family == "gemma2":
-        with pytest.raises(FamilyError, match=r"family gemma2: its norms compute x̂·\(1 \+ w\).*post_attention"):
+        refused = r"family gemma2: its norms compute x̂·\(1 \+ w\).*post_attention"
+        with pytest.raises(FamilyError, match=refused):
             run_folds(load(family_model(family)), spin, calib)
         return
     folded = ["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]

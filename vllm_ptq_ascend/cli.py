@@ -39,6 +39,8 @@ RECIPE_FLAGS = {
     "epochs": "epochs",
     "lr": "lr",
     "clip_lr": "clip_lr",
+    "init": "init",
+    "parametrization": "parametrization",
 }
 CALIB_FLAGS = ("calib", "calib_samples", "calib_seq_len", "calib_modes", "calib_max_new_tokens", "seed")
 
@@ -404,6 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, default=_UNSET, help="FlatQuant: epochs per block (default 15)")
     r.add_argument("--lr", type=float, default=_UNSET, help="FlatQuant: transform lr (default 5e-3)")
     r.add_argument("--clip-lr", type=float, default=_UNSET, help="FlatQuant: clipping lr (default 5e-2)")
+    r.add_argument(
+        "--init",
+        choices=["identity", "random-orthogonal"],
+        default=_UNSET,
+        help="FlatQuant: initial transforms (default identity; the reference starts random-orthogonal)",
+    )
+    r.add_argument(
+        "--parametrization",
+        choices=["direct", "svd-cayley"],
+        default=_UNSET,
+        help="FlatQuant: each factor itself (default), or U·diag·Vᵀ with Cayley-orthogonal U and V "
+        "(the reference's)",
+    )
     c = q.add_argument_group("calibration data (presets that calibrate)")
     c.add_argument(
         "--calib",

@@ -211,7 +211,20 @@ def w4a4_spinquant(ignore: list[str] | None = None, actorder: str | None = "stat
     return _spinquant(4, None, ignore, actorder)
 
 
-def _flatquant(weight_bits: int, act_bits: int, ignore, epochs: int, lr: float, clip_lr: float) -> list:
+FLATQUANT_INITS = ("identity", "random-orthogonal")
+FLATQUANT_PARAMETRIZATIONS = ("direct", "svd-cayley")
+
+
+def _flatquant(
+    weight_bits: int,
+    act_bits: int,
+    ignore,
+    epochs: int,
+    lr: float,
+    clip_lr: float,
+    init: str,
+    parametrization: str,
+) -> list:
     """FlatQuant transforms, then round-to-nearest per-channel weights on the transformed layers."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -220,34 +233,64 @@ def _flatquant(weight_bits: int, act_bits: int, ignore, epochs: int, lr: float, 
     # int8 weights stay unpacked (int-quantized); int4 ones are packed 8 per int32
     fmt = "pack-quantized" if weight_bits == 4 else "int-quantized"
     groups = _groups(_weights(weight_bits, None), _activations("dynamic", bits=act_bits), fmt=fmt)
+    if init not in FLATQUANT_INITS:
+        raise ValueError(f"init must be one of {', '.join(FLATQUANT_INITS)}, got {init!r}")
+    if parametrization not in FLATQUANT_PARAMETRIZATIONS:
+        raise ValueError(
+            f"parametrization must be one of {', '.join(FLATQUANT_PARAMETRIZATIONS)}, got {parametrization!r}"
+        )
+    flat = FlatQuantModifier(
+        weight_bits=weight_bits,
+        act_bits=act_bits,
+        epochs=epochs,
+        lr=lr,
+        clip_lr=clip_lr,
+        init=init,
+        parametrization=parametrization,
+    )
     return [
-        FlatQuantModifier(weight_bits=weight_bits, act_bits=act_bits, epochs=epochs, lr=lr, clip_lr=clip_lr),
+        flat,
         QuantizationModifier(config_groups=groups, ignore=_ignore(ignore)),
     ]
 
 
 @preset("w4a4-flatquant", needs_calibration=True)
 def w4a4_flatquant(
-    ignore: list[str] | None = None, epochs: int = 15, lr: float = 5e-3, clip_lr: float = 5e-2
+    ignore: list[str] | None = None,
+    epochs: int = 15,
+    lr: float = 5e-3,
+    clip_lr: float = 5e-2,
+    init: str = "identity",
+    parametrization: str = "direct",
 ) -> list:
     """W4A4 FlatQuant: learned Kronecker transforms, clipping; int4 channel weights, int4 token acts."""
-    return _flatquant(4, 4, ignore, epochs, lr, clip_lr)
+    return _flatquant(4, 4, ignore, epochs, lr, clip_lr, init, parametrization)
 
 
 @preset("w4a8-flatquant", needs_calibration=True)
 def w4a8_flatquant(
-    ignore: list[str] | None = None, epochs: int = 15, lr: float = 5e-3, clip_lr: float = 5e-2
+    ignore: list[str] | None = None,
+    epochs: int = 15,
+    lr: float = 5e-3,
+    clip_lr: float = 5e-2,
+    init: str = "identity",
+    parametrization: str = "direct",
 ) -> list:
     """W4A8 FlatQuant: learned Kronecker transforms, clipping; int4 channel weights, int8 token acts."""
-    return _flatquant(4, 8, ignore, epochs, lr, clip_lr)
+    return _flatquant(4, 8, ignore, epochs, lr, clip_lr, init, parametrization)
 
 
 @preset("w8a8-flatquant", needs_calibration=True)
 def w8a8_flatquant(
-    ignore: list[str] | None = None, epochs: int = 15, lr: float = 5e-3, clip_lr: float = 5e-2
+    ignore: list[str] | None = None,
+    epochs: int = 15,
+    lr: float = 5e-3,
+    clip_lr: float = 5e-2,
+    init: str = "identity",
+    parametrization: str = "direct",
 ) -> list:
     """W8A8 FlatQuant: learned Kronecker transforms, clipping; int8 channel weights, int8 token acts."""
-    return _flatquant(8, 8, ignore, epochs, lr, clip_lr)
+    return _flatquant(8, 8, ignore, epochs, lr, clip_lr, init, parametrization)
 
 
 # -- lookup -------------------------------------------------------------------------
