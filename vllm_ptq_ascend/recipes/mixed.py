@@ -184,7 +184,8 @@ def load_ranking(path, model_dir, preset: str, options: dict, units) -> list[dic
     want = {"model": str(Path(model_dir).resolve()), "preset": preset, "granularity": "unit"}
     have = {k: data.get(k) for k in want}
     grid = {k: v for k, v in options.items() if k != "ignore"}
-    same_grid = preset_quant_args(preset, **data.get("options", {})) == preset_quant_args(preset, **grid)
+    scanned = preset_quant_args(preset, **data.get("options", {}))
+    same_grid = scanned.grid() == preset_quant_args(preset, **grid).grid()
     if have != want or not same_grid:
         raise ValueError(
             f"{path}: scanned {have} with options {data.get('options')}, not {want} with options {options}"

@@ -41,6 +41,12 @@ class QuantArgs:
     weights: object  # compressed_tensors QuantizationArgs
     activations: object | None  # dynamic per-token args, or None for weight-only
 
+    def grid(self) -> tuple:
+        """The args as plain data, to compare two scans' grids. pydantic's own equality also compares
+        each model's class and private state, and in the full test suite two args with the same
+        fields compared unequal."""
+        return tuple(a if a is None else a.model_dump(mode="json") for a in (self.weights, self.activations))
+
     @staticmethod
     def from_group(group: dict) -> "QuantArgs":
         from compressed_tensors.quantization import QuantizationArgs
