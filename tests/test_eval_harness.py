@@ -210,6 +210,14 @@ def test_bad_arguments_exit_2_with_a_clear_error(tiny_model, tmp_path, capsys, a
     assert not (tmp_path / "R" / "eval").exists()  # nothing started, nothing written
 
 
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_the_serving_dtype_is_checked(tiny_model, tmp_path, capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([command, str(tiny_model), "--results", str(tmp_path / "R"), "--dtype", "fp8"])
+    assert exit_.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+    assert not (tmp_path / "R").exists()
+
+
 # ------------------------------------------------------------------ real engines
 
 

