@@ -68,12 +68,14 @@ def quantize_child(preset: str, options: dict, out: str, samples: int, seq_len: 
 def perplexity_child(models: list[str]) -> list[dict]:
     from vllm import LLM
 
+    from vllm_ptq_ascend.demo import serving_dtype
     from vllm_ptq_ascend.eval.basic import perplexity
     from vllm_ptq_ascend.models.shipped_text import held_out_texts
 
     out = []
+    dtype = serving_dtype()  # float32 on a CPU without native bf16, which vLLM-CPU emulates
     for model in models:
-        llm = LLM(model, dtype="bfloat16", max_model_len=1024, enforce_eager=True, seed=0)
+        llm = LLM(model, dtype=dtype, max_model_len=1024, enforce_eager=True, seed=0)
         try:
             ppl, tokens = perplexity(llm, held_out_texts())
             out.append(
@@ -81,6 +83,7 @@ def perplexity_child(models: list[str]) -> list[dict]:
                     "perplexity": ppl,
                     "tokens": tokens,
                     "served_by": llm.llm_engine.vllm_config.model_config.quantization,
+                    "served_dtype": dtype,
                 }
             )
         finally:
@@ -117,12 +120,17 @@ def main() -> None:
     ap.add_argument("--perplexity-child", nargs="+", metavar="MODEL")
     ap.add_argument("--note", default="", help="a line for the report (e.g. what else ran on the machine)")
     ap.add_argument(
+        "--name",
+        default="recipes_smollm2",
+        help="results file stem in benchmarks/results/ (give a subset its own)",
+    )
+    ap.add_argument(
         "--render", action="store_true", help="rewrite the report from the saved JSON (and --note)"
     )
     args = ap.parse_args()
     if args.render:
-        payload = json.loads((RESULTS / "recipes_smollm2.json").read_text())
-        save(payload | ({"note": args.note} if args.note else {}))
+        payload = json.loads((RESULTS / f"{args.name}.json").read_text())
+        save(payload | ({"note": args.note} if args.note else {}), args.name)
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     apply_cpu_defaults()
@@ -172,15 +180,15 @@ def main() -> None:
         "bf16": bf16,
         "rows": rows,
     }
-    save(payload)
+    save(payload, args.name)
 
 
-def save(payload: dict) -> None:
+def save(payload: dict, name: str) -> None:
     table = render(payload)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "recipes_smollm2.md").write_text(table + "\n")
-    (RESULTS / "recipes_smollm2.json").write_text(json.dumps(payload, indent=2, default=str))
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
 
 
 def render(payload: dict) -> str:
@@ -192,7 +200,7 @@ def render(payload: dict) -> str:
         f"Calibration: {calib['calib']}, {calib['calib_samples']} samples of at most "
         f"{calib['calib_seq_len']} tokens (presets that calibrate). Weight groups gN: N input channels per "
         "scale (the presets' default, 128, does not divide SmolLM2's hidden size 576). Perplexity: "
-        "vLLM-CPU, bf16 activations, "
+        f"vLLM-CPU, {bf16.get('served_dtype', 'bfloat16')} activations, "
         f"{bf16['tokens']} tokens of the {payload['held_out_texts']} held-out GSM8K worked solutions.",
         "",
         "| recipe | served by | quantize s | peak RSS MiB | size MiB | perplexity | change | goal |",

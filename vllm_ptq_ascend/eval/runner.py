@@ -145,6 +145,15 @@ def _check_fingerprint(results_dir: Path, info: ModelInfo, config: EvalConfig) -
 # ------------------------------------------------------------------ the engine
 
 
+def quantization_flag(info: ModelInfo) -> str | None:
+    """msModelSlim checkpoints carry no ``quantization_config``, so vLLM cannot pick a method from
+    config.json: they are served with ``--quantization ptq_ascend``. Others choose for themselves."""
+    from vllm_ptq_ascend import QUANT_METHOD
+    from vllm_ptq_ascend.eval.models import MSMODELSLIM_DESCRIPTION
+
+    return QUANT_METHOD if info.quantized and (Path(info.path) / MSMODELSLIM_DESCRIPTION).is_file() else None
+
+
 class Engine:
     """One vLLM ``LLM`` for one model, with the family's renderer for its CoT modes."""
 
@@ -383,7 +392,7 @@ def evaluate_model(info: ModelInfo, results_dir: Path, config: EvalConfig, basel
                 f"{base_file}: the baseline {baseline!r} has not been evaluated in {results_dir}"
             )
     log(f"[eval] {info.name}: starting vLLM on {info.path}")
-    engine = Engine(info, config)
+    engine = Engine(info, config, quantization_flag(info))
     try:
         own = _text_logprobs(engine, results_dir, info, config)
         if not is_baseline:
