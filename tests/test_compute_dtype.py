@@ -57,3 +57,21 @@ def test_a_float32_run_writes_bf16_with_the_float32_integer_weights(tiny_model, 
     # an unquantized tensor is the source's, cast
     norm = "model.layers.0.input_layernorm.weight"
     assert torch.equal(written[norm], source[norm].to(torch.bfloat16))
+
+
+def test_flatquant_factors_keep_their_float32_in_a_float32_run(tiny_model, tmp_path):
+    """The transforms' own precision is float32 whatever the model's dtype: a float32 run writes them
+    as a bf16 run does, and the rest in bf16."""
+    from vllm_ptq_ascend.recipes.calibration import CalibrationSpec
+
+    written = {}
+    for dtype in ("float32", "bfloat16"):
+        out = quantize(
+            tiny_model, tmp_path / dtype, "w8a8-flatquant", epochs=0, calibration_dtype=dtype,
+            calibration=CalibrationSpec(num_samples=4, max_seq_length=32), self_check=False,
+        )  # fmt: skip
+        written[dtype] = {k: t.dtype for k, t in load_file(out / "model.safetensors").items()}
+    assert written["float32"] == written["bfloat16"]
+    factors = [k for k in written["float32"] if ".flatquant_input." in k]
+    assert factors and {written["float32"][k] for k in factors} == {torch.float32}
+    assert written["float32"]["model.layers.0.input_layernorm.weight"] == torch.bfloat16

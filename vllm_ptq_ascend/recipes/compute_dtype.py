@@ -30,9 +30,25 @@ def calibration_dtype(choice: str = "auto") -> torch.dtype:
     return torch.bfloat16 if torch.accelerator.is_available() or native_bf16() else torch.float32
 
 
-def cast_checkpoint(ckpt_dir: Path, dtype: torch.dtype = CHECKPOINT_DTYPE) -> None:
-    """Cast every floating-point tensor of the checkpoint's safetensors files to ``dtype`` (integer
-    weights, zero points and packed values are left alone) and record ``dtype`` in config.json."""
+def transform_tensor_names(model) -> set[str]:
+    """The parameters of the model's transform modules (FlatQuant's factors and clipping ratio). They
+    are kept in the transform's own precision (float32), as a bf16 run writes them too."""
+    from compressed_tensors.transform import TransformBase
+
+    return {
+        f"{name}.{p}"
+        for name, module in model.named_modules()
+        if isinstance(module, TransformBase)
+        for p, _ in module.named_parameters(recurse=False)
+    }
+
+
+def cast_checkpoint(
+    ckpt_dir: Path, dtype: torch.dtype = CHECKPOINT_DTYPE, keep: set[str] | frozenset[str] = frozenset()
+) -> None:
+    """Cast every floating-point tensor of the checkpoint's safetensors files to ``dtype``, except those
+    named in ``keep`` (integer weights, zero points and packed values are left alone too), and record
+    ``dtype`` in config.json."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -45,8 +61,9 @@ def cast_checkpoint(ckpt_dir: Path, dtype: torch.dtype = CHECKPOINT_DTYPE) -> No
         with safe_open(path, "pt") as f:
             metadata = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
-            tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        cast = {k for k, t in tensors.items() if t.is_floating_point() and t.dtype != dtype and k not in keep}
+        if cast:
+            tensors = {k: t.to(dtype) if k in cast else t for k, t in tensors.items()}
             save_file(tensors, path, metadata=metadata)
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     index = ckpt_dir / "model.safetensors.index.json"

@@ -290,7 +290,7 @@ def quantize(
             oneshot(model=model, recipe=modifiers, **data_kwargs)
         model.save_pretrained(tmp, save_compressed=True)
         if dtype != compute_dtype.CHECKPOINT_DTYPE:
-            compute_dtype.cast_checkpoint(tmp)
+            compute_dtype.cast_checkpoint(tmp, keep=compute_dtype.transform_tensor_names(model))
         tokenizer.save_pretrained(tmp)
         make_recipe_file_plain(tmp / "recipe.yaml")
         mark_checkpoint(tmp, {"recipe": recipe, "recipe_options": recipe_options})
