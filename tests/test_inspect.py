@@ -92,9 +92,10 @@ def _expected_scheme(ckpt_dir) -> str:
 
     qc = json.loads((ckpt_dir / "config.json").read_text())["quantization_config"]
     (plan,) = [p for p in PtqAscendConfig.from_config(qc).plans.values() if p]
-    if qc.get("transform_config"):  # every linear of the FlatQuant presets has an input transform
+    groups = (qc.get("transform_config") or {}).get("config_groups", {}).values()
+    if any(g.get("type") == "flatquant-kronecker" for g in groups):  # every FlatQuant linear has one
         return flatquant_scheme(plan, "flatquant", "x", {}, ["x"]).describe()
-    return plan.build("x", {}, ["x"]).describe()
+    return plan.build("x", {}, ["x"]).describe()  # also SpinQuant's: its rotations are in the weights
 
 
 def test_clean_preset_checkpoints_pass(preset_ckpts, capsys):
