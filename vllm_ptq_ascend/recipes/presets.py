@@ -254,43 +254,44 @@ def _flatquant(
     ]
 
 
-@preset("w4a4-flatquant", needs_calibration=True)
-def w4a4_flatquant(
-    ignore: list[str] | None = None,
-    epochs: int = 15,
-    lr: float = 5e-3,
-    clip_lr: float = 5e-2,
-    init: str = "identity",
-    parametrization: str = "direct",
-) -> list:
-    """W4A4 FlatQuant: learned Kronecker transforms, clipping; int4 channel weights, int4 token acts."""
-    return _flatquant(4, 4, ignore, epochs, lr, clip_lr, init, parametrization)
+def _flatquant_preset(name: str, weight_bits: int, act_bits: int, summary: str) -> None:
+    """Register FlatQuant preset ``name``; the three differ only in their bit widths."""
+
+    def build(
+        ignore: list[str] | None = None,
+        epochs: int = 15,
+        lr: float = 5e-3,
+        clip_lr: float = 5e-2,
+        init: str = "identity",
+        parametrization: str = "direct",
+    ) -> list:
+        return _flatquant(weight_bits, act_bits, ignore, epochs, lr, clip_lr, init, parametrization)
+
+    build.__doc__ = summary
+    preset(name, needs_calibration=True)(build)
 
 
-@preset("w4a8-flatquant", needs_calibration=True)
-def w4a8_flatquant(
-    ignore: list[str] | None = None,
-    epochs: int = 15,
-    lr: float = 5e-3,
-    clip_lr: float = 5e-2,
-    init: str = "identity",
-    parametrization: str = "direct",
-) -> list:
-    """W4A8 FlatQuant: learned Kronecker transforms, clipping; int4 channel weights, int8 token acts."""
-    return _flatquant(4, 8, ignore, epochs, lr, clip_lr, init, parametrization)
-
-
-@preset("w8a8-flatquant", needs_calibration=True)
-def w8a8_flatquant(
-    ignore: list[str] | None = None,
-    epochs: int = 15,
-    lr: float = 5e-3,
-    clip_lr: float = 5e-2,
-    init: str = "identity",
-    parametrization: str = "direct",
-) -> list:
-    """W8A8 FlatQuant: learned Kronecker transforms, clipping; int8 channel weights, int8 token acts."""
-    return _flatquant(8, 8, ignore, epochs, lr, clip_lr, init, parametrization)
+_flatquant_preset(
+    "w4a4-flatquant",
+    4,
+    4,
+    "W4A4 FlatQuant: learned Kronecker transforms, clipping; int4"
+    " channel weights, int4 token acts.",
+)
+_flatquant_preset(
+    "w4a8-flatquant",
+    4,
+    8,
+    "W4A8 FlatQuant: learned Kronecker transforms, clipping; int4"
+    " channel weights, int8 token acts.",
+)
+_flatquant_preset(
+    "w8a8-flatquant",
+    8,
+    8,
+    "W8A8 FlatQuant: learned Kronecker transforms, clipping; int8"
+    " channel weights, int8 token acts.",
+)
 
 
 # -- lookup -------------------------------------------------------------------------
