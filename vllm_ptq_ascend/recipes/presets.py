@@ -189,7 +189,8 @@ def w4a4_rtn(ignore: list[str] | None = None) -> list:
 def _spinquant(act_bits: int, group_size: int | None, ignore, actorder: str | None) -> list:
     """SpinQuant R1 + R2 random-Hadamard rotations folded into the weights, then GPTQ int4 weights.
     Random, not plain, Hadamard: compressed-tensors builds plain ones only for powers of two, and
-    hidden sizes such as SmolLM2's 576 are not (its random ones are seeded, so runs repeat)."""
+    hidden sizes such as SmolLM2's 576 are not. The random ones come from a fresh torch.Generator,
+    whose seed is fixed, so every run draws the same."""
     from vllm_ptq_ascend.recipes.families import FamilySpinQuantModifier
 
     groups = _groups(_weights(4, group_size), _activations("dynamic", bits=act_bits), fmt="pack-quantized")
