@@ -205,7 +205,8 @@ def render(payload: dict) -> str:
         "",
         "| recipe | served by | quantize s | peak RSS MiB | size MiB | perplexity | change | goal |",
         "|---|---|---|---|---|---|---|---|",
-        f"| bf16 | unquantized | - | - | {bf16['size_mib']:.0f} | {bf16['perplexity']:.3f} | - | - |",
+        f"| {bf16.get('served_dtype', 'bfloat16')} | unquantized | - | - | {bf16['size_mib']:.0f} "
+        f"| {bf16['perplexity']:.3f} | - | - |",
     ]
     for label, r in payload["rows"].items():
         verdict = "met" if r["meets_goal"] else "**missed**"
