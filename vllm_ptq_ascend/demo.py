@@ -22,11 +22,9 @@ def step(msg: str) -> None:
 
 
 def serving_dtype() -> str:
-    import torch
+    from vllm_ptq_ascend.recipes.compute_dtype import bf16_is_native
 
-    from vllm_ptq_ascend.cpu_features import native_bf16
-
-    return "bfloat16" if torch.accelerator.is_available() or native_bf16() else "float32"
+    return "bfloat16" if bf16_is_native() else "float32"
 
 
 def measure(model_dir: str, questions: list[str], texts: list[str], dtype: str) -> dict:

@@ -21,13 +21,18 @@ CHOICES = ("auto", "float32", "bfloat16")
 CHECKPOINT_DTYPE = torch.bfloat16
 
 
+def bf16_is_native() -> bool:
+    """bf16 arithmetic runs in hardware here: an accelerator, or a CPU with native bf16."""
+    return torch.accelerator.is_available() or native_bf16()
+
+
 def calibration_dtype(choice: str = "auto") -> torch.dtype:
-    """``auto``: bf16 on an accelerator or a CPU with native bf16, float32 elsewhere."""
+    """``auto``: bf16 where ``bf16_is_native``, float32 elsewhere."""
     if choice not in CHOICES:
         raise ValueError(f"calibration dtype must be one of {', '.join(CHOICES)}, got {choice!r}")
     if choice != "auto":
         return getattr(torch, choice)
-    return torch.bfloat16 if torch.accelerator.is_available() or native_bf16() else torch.float32
+    return torch.bfloat16 if bf16_is_native() else torch.float32
 
 
 def transform_tensor_names(model) -> set[str]:

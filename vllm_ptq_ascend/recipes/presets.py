@@ -214,10 +214,6 @@ def w4a4_spinquant(ignore: list[str] | None = None, actorder: str | None = "stat
     return _spinquant(4, None, ignore, actorder)
 
 
-FLATQUANT_INITS = ("identity", "random-orthogonal")
-FLATQUANT_PARAMETRIZATIONS = ("direct", "svd-cayley")
-
-
 def _flatquant(
     weight_bits: int,
     act_bits: int,
@@ -236,13 +232,7 @@ def _flatquant(
     # int8 weights stay unpacked (int-quantized); int4 ones are packed 8 per int32
     fmt = "pack-quantized" if weight_bits == 4 else "int-quantized"
     groups = _groups(_weights(weight_bits, None), _activations("dynamic", bits=act_bits), fmt=fmt)
-    if init not in FLATQUANT_INITS:
-        raise ValueError(f"init must be one of {', '.join(FLATQUANT_INITS)}, got {init!r}")
-    if parametrization not in FLATQUANT_PARAMETRIZATIONS:
-        raise ValueError(
-            f"parametrization must be one of {', '.join(FLATQUANT_PARAMETRIZATIONS)}, got {parametrization!r}"
-        )
-    flat = FlatQuantModifier(
+    flat = FlatQuantModifier(  # its fields refuse an init or parametrization it does not know
         weight_bits=weight_bits,
         act_bits=act_bits,
         epochs=epochs,
