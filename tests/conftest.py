@@ -79,6 +79,9 @@ PRESET_CALIBRATION = dict(num_samples=16, max_seq_length=64)
 # checkpoint name -> (preset, options): every preset with its defaults, and the non-default
 # activation kind of SmoothQuant
 PRESET_VARIANTS = {"w8a8-smoothquant-static": ("w8a8-smoothquant", {"activations": "static"})}
+# fewer tuning steps where the default takes minutes on the tiny model (the default's recipe is
+# checked by tests/test_recipes.py's YAML test)
+PRESET_TEST_OPTIONS = {"w4a16-autoround": {"iters": 20}}
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +94,8 @@ def preset_ckpts(tiny_model, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("presets")
     calib = CalibrationSpec(**PRESET_CALIBRATION)
     out = {}
-    for name, (preset, options) in ({n: (n, {}) for n in PRESETS} | PRESET_VARIANTS).items():
+    runs = {n: (n, PRESET_TEST_OPTIONS.get(n, {})) for n in PRESETS} | PRESET_VARIANTS
+    for name, (preset, options) in runs.items():
         needs = PRESETS[preset].needs_calibration
         out[name] = quantize(tiny_model, root / name, preset, calibration=calib if needs else None, **options)
     return out

@@ -113,6 +113,8 @@ def build_layer(
     from vllm_ptq_ascend.config import PtqAscendConfig
 
     cfg = PtqAscendConfig.from_config(config_dict)
+    if "packed_modules_mapping" in kw:  # what vLLM sets from the model class
+        cfg.packed_modules_mapping = kw["packed_modules_mapping"]
     cls = getattr(linear, kind)
     with set_default_torch_dtype(dtype):
         if kind == "MergedColumnParallelLinear":

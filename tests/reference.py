@@ -91,6 +91,54 @@ def dequant_weight(sd: dict, name: str, wargs: dict) -> torch.Tensor:
     return w * scale[:, groups]
 
 
+class OnlineRotations:
+    """Online rotations of a checkpoint's transform_config (QuIP): linear name -> (input, output)
+    functions x -> x·H/√n (H transposed where the entry is inverse), block diagonal with head_dim.
+    A matrix is read from any stored tensor of its group, location and size: compressed-tensors
+    stores one per size."""
+
+    def __init__(self, transform_config: dict | None, sd: dict):
+        self.entries = []
+        for group, scheme in ((transform_config or {}).get("config_groups") or {}).items():
+            if scheme["type"] == "flatquant-kronecker":
+                continue
+            for args in scheme["apply"]:
+                if args["location"] in ("input", "output"):
+                    self.entries.append((group, scheme.get("head_dim"), args))
+        self.stored = {}
+        for k, v in sd.items():
+            for group, _, args in self.entries:
+                if k.endswith(f".{group}_{args['location']}.weight"):
+                    self.stored[(group, args["location"], v.shape[0])] = v.double()
+
+    def owns(self, key: str) -> bool:
+        return any(key.endswith(f".{g}_{a['location']}.weight") for g, _, a in self.entries)
+
+    def __call__(self, name: str, module: torch.nn.Linear):
+        from compressed_tensors.utils import is_match
+
+        found = {"input": None, "output": None}
+        for group, head_dim, args in self.entries:
+            if not is_match(name, module, args["targets"], args.get("ignore", [])):
+                continue
+            loc = args["location"]
+            n = head_dim or (module.in_features if loc == "input" else module.out_features)
+            h = self.stored[(group, loc, n)]
+            matrix = (h.T if args.get("inverse") else h) / n**0.5
+            found[loc] = lambda x, m=matrix: (x.unflatten(-1, (-1, m.shape[0])) @ m).flatten(-2)
+        return found["input"], found["output"]
+
+
+def _compose(rotate, quant):
+    """A forward pre-hook: rotate the input, then quantize it (either may be None)."""
+
+    def hook(mod, args):
+        x = args[0] if rotate is None else rotate(args[0])
+        return quant(mod, (x,)) if quant is not None else (x,)
+
+    return hook
+
+
 class FakeQuantModel:
     """The checkpoint's architecture in float64 with dequantized weights and quantized activations."""
 
@@ -108,21 +156,26 @@ class FakeQuantModel:
             sd.update(load_file(f))
         (group,) = qcfg["config_groups"].values()  # tests build single-group checkpoints
         ignore = set(qcfg.get("ignore", []))
+        rotations = OnlineRotations(qcfg.get("transform_config"), sd)
         state = {}
         for mname, module in self.model.named_modules():
             if not isinstance(module, torch.nn.Linear):
                 continue
+            rotate_in, rotate_out = rotations(mname, module)
+            if rotate_out is not None:  # after the bias, as compressed-tensors' output hook
+                module.register_forward_hook(lambda mod, args, out, r=rotate_out: r(out))
             if mname in ignore:
                 state[f"{mname}.weight"] = sd[f"{mname}.weight"].double()
                 continue
             state[f"{mname}.weight"] = dequant_weight(sd, mname, group["weights"])
             acts = group.get("input_activations")
-            if acts:
-                module.register_forward_pre_hook(self._act_hook(sd, mname, acts, asymmetric_tokens))
+            quant = self._act_hook(sd, mname, acts, asymmetric_tokens) if acts else None
+            if rotate_in is not None or quant is not None:
+                module.register_forward_pre_hook(_compose(rotate_in, quant))
         for k, v in sd.items():
             if k not in state and not any(
                 k.endswith(s) for s in ("_scale", "_zero_point", "_packed", "_shape", "_g_idx")
-            ) and ".flatquant_input." not in k:
+            ) and ".flatquant_input." not in k and not rotations.owns(k):
                 state.setdefault(k, v.double())
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         assert not unexpected, unexpected

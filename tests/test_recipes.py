@@ -32,6 +32,10 @@ EXPECTED_PRESETS = {
     "w4a4-rtn",
     "w4a8-spinquant",
     "w4a4-spinquant",
+    "w4a8-quip",
+    "w4a4-quip",
+    "w4a4-mixed",
+    "w4a16-autoround",
     "w4a4-flatquant",
     "w4a8-flatquant",
     "w8a8-flatquant",
@@ -235,3 +239,20 @@ def test_w4a8_checkpoint_is_packed(preset_ckpts):
     packed = sd["model.layers.0.mlp.down_proj.weight_packed"]
     assert packed.dtype == torch.int32 and tuple(packed.shape) == (256, 512 // 8)
     assert not any(k.endswith("proj.weight") for k in sd)
+
+
+@pytest.mark.parametrize("keep", [(), (1, 12)])
+def test_mixed_w4a4_puts_each_linear_in_exactly_one_group(keep):
+    """msModelSlim's layout: attention and down_proj W8A8, gate/up W4A4 except the kept layers'."""
+    from compressed_tensors.utils.match import match_name
+
+    _, gptq = build_recipe("w4a4-mixed", w8a8_mlp_layers=keep)
+    groups = {name: (g.targets, g.input_activations.num_bits) for name, g in gptq.config_groups.items()}
+    for layer in (0, 1, 2, 11, 12, 21):
+        for proj in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            name = f"model.layers.{layer}.{proj}"
+            bits = [b for targets, b in groups.values() if any(match_name(name, t) for t in targets)]
+            w4a4 = proj in ("mlp.gate_proj", "mlp.up_proj") and layer not in keep
+            assert bits == [4 if w4a4 else 8], (name, bits)
+    with pytest.raises(ValueError, match="layer indices"):
+        build_recipe("w4a4-mixed", w8a8_mlp_layers=(-1,))

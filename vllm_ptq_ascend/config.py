@@ -48,7 +48,11 @@ from vllm_ptq_ascend.schemes import (
     W8A8Int8Scheme,
     WNA16Scheme,
 )
-from vllm_ptq_ascend.transforms_config import TransformPlan, parse_transform_config, transform_group_for
+from vllm_ptq_ascend.transforms_config import (
+    CheckpointTransforms,
+    parse_transform_config,
+    transform_group_for,
+)
 from vllm_ptq_ascend.validation import CheckpointError, tensor_file_index
 
 logger = logging.getLogger(__name__)
@@ -280,8 +284,9 @@ class PtqAscendConfig(QuantizationConfig):
                 self.target_group.setdefault(target, name)
         self.ignore = list((ct_config.ignore if ct_config else None) or [])
         self.files: dict[str, str] = {}
-        # FlatQuant's online input transforms (compressed-tensors' model ignores transform_config)
-        self.transforms: list[TransformPlan] = parse_transform_config((raw or {}).get("transform_config"))
+        # online transforms: FlatQuant's, and Hadamard rotations (compressed-tensors' config ignores them)
+        self.transforms: CheckpointTransforms = parse_transform_config((raw or {}).get("transform_config"))
+        self.rotation_cache: dict = {}  # one normalised matrix per shared rotation tensor (online_transforms)
 
     # -- vLLM's QuantizationConfig API ---------------------------------------
     def get_name(self) -> str:
@@ -342,12 +347,18 @@ class PtqAscendConfig(QuantizationConfig):
         if not isinstance(layer, LinearBase):
             return None
         scheme = self.scheme_for(prefix, layer)
-        if scheme is None:
-            return UnquantizedLinearMethod()
         from vllm_ptq_ascend.linear_method import PtqLinearMethod
 
-        layer.scheme = scheme
-        return PtqLinearMethod(self)
+        if scheme is not None:
+            layer.scheme = scheme
+        method = PtqLinearMethod(self) if scheme is not None else UnquantizedLinearMethod()
+        if self.transforms.rotations is None:
+            return method
+        from vllm_ptq_ascend.online_transforms import with_online_rotations
+
+        mapping = getattr(self, "packed_modules_mapping", None) or {}
+        rotations = self.transforms.rotations
+        return with_online_rotations(method, rotations, layer, prefix, mapping, self.rotation_cache)
 
     # -- layer -> scheme ------------------------------------------------------
     def shard_names(self, prefix: str) -> list[str]:
@@ -383,7 +394,8 @@ class PtqAscendConfig(QuantizationConfig):
         group = self.group_for(prefix, layer)
         plan = self.plans.get(group) if group else None
         shards = self.shard_names(prefix)
-        transform = transform_group_for(self.transforms, shards, layer, prefix) if self.transforms else None
+        flatquant = self.transforms.flatquant
+        transform = transform_group_for(flatquant, shards, layer, prefix) if flatquant else None
         if transform is not None:
             return flatquant_scheme(plan, transform, prefix, self.files, shards)
         return plan.build(prefix, self.files, shards) if plan else None

@@ -41,6 +41,7 @@ from vllm_ptq_ascend.validation import (
     CheckpointError,
     TensorSpec,
     dtype_problem,
+    require_nonzero_finite,
     require_positive_finite,
     where,
 )
@@ -218,12 +219,17 @@ def _fake_module(prefix: str) -> torch.nn.Module:
     return type(_module_class(prefix), (torch.nn.Module,), {})()
 
 
-def _layers(ckpt: Checkpoint) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """(vLLM layer -> its checkpoint shards, checkpoint prefix -> tensor suffixes)."""
+def _layers(
+    ckpt: Checkpoint, rotation_modules: set[str] = frozenset()
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(vLLM layer -> its checkpoint shards, checkpoint prefix -> tensor suffixes); an online
+    rotation's tensor (``<layer>.<group>_<location>.weight``) is not a layer."""
     by_prefix: dict[str, list[str]] = {}
     for name in ckpt.tensors:
         if "." in name:
             prefix, suffix = name.rsplit(".", 1)
+            if prefix.rpartition(".")[2] in rotation_modules:
+                continue
             by_prefix.setdefault(prefix, []).append(suffix)
     leaves = []
     for prefix, suffixes in by_prefix.items():
@@ -271,6 +277,62 @@ def _geometry(scheme, shard: str, ckpt: Checkpoint) -> tuple[int, int] | None:
     return None
 
 
+def _rotation_entries(rotations) -> list[tuple[str, str, Any]]:
+    """(group, location, TransformArgs) of each online rotation entry of the config."""
+    if rotations is None:
+        return []
+    return [
+        (group, str(getattr(args.location, "value", args.location)), args)
+        for group, scheme in rotations.config_groups.items()
+        for args in scheme.apply
+        if args.is_online()
+    ]
+
+
+def _rotation_problems(ckpt: Checkpoint, rotations, geometry: dict[str, tuple[int, int]]) -> list[str]:
+    """Each stored rotation a square Hadamard matrix, and one stored for every size a layer needs
+    (compressed-tensors stores a rotation shared by all layers of a size once)."""
+    from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
+        find_matched_target,
+        should_ignore_layer,
+    )
+
+    from vllm_ptq_ascend.online_transforms import MAX_HADAMARD_ERROR, hadamard_error
+
+    entries = _rotation_entries(rotations)
+    problems, stored = [], set()
+    for name, info in ckpt.tensors.items():
+        prefix, _, leaf = name.rpartition(".")
+        shard, _, module = prefix.rpartition(".")
+        for group, location, _args in entries:
+            if module != f"{group}_{location}":
+                continue
+            at = where(ckpt.files, shard, f"{module}.{leaf}")
+            if leaf != "weight" or len(info.shape) != 2 or info.shape[0] != info.shape[1]:
+                problems.append(f"{at}: shape {list(info.shape)}, expected a square rotation 'weight'")
+                continue
+            err = hadamard_error(ckpt.load(name))
+            if err > MAX_HADAMARD_ERROR:
+                problems.append(f"{at}: not a Hadamard matrix (H·Hᵀ/n is off the identity by {err:.3g})")
+                continue
+            stored.add((module, info.shape[0]))
+    for shard, (out_f, in_f) in geometry.items():
+        for group, location, args in entries:
+            module = f"{group}_{location}"
+            if should_ignore_layer(shard, ignore=list(args.ignore)):
+                continue
+            if find_matched_target(shard, _fake_module(shard), list(args.targets)) is None:
+                continue
+            n = rotations.config_groups[group].head_dim or (in_f if location == "input" else out_f)
+            if (module, n) not in stored:
+                problems.append(
+                    f"{where(ckpt.files, shard, f'{module}.weight')}: the {n}x{n} {location} rotation of "
+                    f"transform group {group!r} is stored for no layer of the checkpoint"
+                )
+                stored.add((module, n))  # reported once
+    return problems
+
+
 def _check_shard(
     scheme, layer: str, shard: str, ckpt: Checkpoint, suffixes: list[str], label_note: str
 ) -> list[str]:
@@ -311,7 +373,8 @@ def _check_shard(
             if t.dtype == torch.int64:  # msModelSlim deq_scale: float32 bit patterns
                 t = t.to(torch.int32).view(torch.float32)
             try:
-                require_positive_finite(shard, name, t, files)
+                check = require_nonzero_finite if spec.signed else require_positive_finite
+                check(shard, name, t, files)
             except CheckpointError as e:
                 problems.append(str(e))
     allowed = set(specs) | {"bias"}
@@ -339,9 +402,16 @@ def inspect(path: str | Path) -> Report:
         FA3_SUFFIX,
         ModelSlimDescription,
     )
+    from vllm_ptq_ascend.transforms_config import parse_transform_config
 
     report = Report(str(root), kind)
-    layers, by_prefix = _layers(ckpt)
+    try:
+        rotations = parse_transform_config((qcfg or {}).get("transform_config")).rotations
+    except CheckpointError as e:
+        report.problems.append(str(e))
+        return report
+    layers, by_prefix = _layers(ckpt, {f"{g}_{loc}" for g, loc, _ in _rotation_entries(rotations)})
+    geometries: dict[str, tuple[int, int]] = {}
 
     if kind == "msModelSlim":
         try:
@@ -426,6 +496,8 @@ def inspect(path: str | Path) -> Report:
             geometry = _geometry(scheme, shard, ckpt) if scheme is not None else None
             if geometry is None and f"{shard}.weight" in ckpt.tensors:
                 geometry = ckpt.tensors[f"{shard}.weight"].shape
+            if geometry is not None and len(geometry) == 2:
+                geometries[shard] = tuple(geometry)
             if geometry and len(shards) > 1:
                 in_sizes.setdefault(geometry[-1], shard)
             for p in _check_shard(scheme, layer, shard, ckpt, by_prefix[shard], note):
@@ -439,6 +511,7 @@ def inspect(path: str | Path) -> Report:
                     f"same fused layer '{layer}' has {size0} (they read one input)"
                 )
 
+    report.problems.extend(_rotation_problems(ckpt, rotations, geometries))
     if config.modelslim is None:
         names = [s for shards in layers.values() for s in shards]
         if "lm_head" not in names and model_cfg.get("tie_word_embeddings"):

@@ -27,13 +27,15 @@ class TensorSpec:
 
     The schemes' ``checkpoint_tensors`` return these; ``inspect`` checks headers against
     them without building the layer. ``shapes``: accepted shapes (None: any);
-    ``scale``: values must be finite and > 0 (:func:`require_positive_finite`).
+    ``scale``: values must be finite and > 0 (:func:`require_positive_finite`), or with
+    ``signed`` finite and non-zero (:func:`require_nonzero_finite`).
     """
 
     dtypes: tuple[torch.dtype, ...]
     shapes: tuple[tuple[int, ...], ...] | None = None
     required: bool = True
     scale: bool = False
+    signed: bool = False
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -134,6 +136,20 @@ def require_loaded(
         raise CheckpointError(
             f"{where(files, layer_name, name, shards)}: missing from the checkpoint"
             f" (no '{name}' for {', '.join(missing)})"
+        )
+
+
+def require_nonzero_finite(
+    layer_name: str, name: str, t: torch.Tensor, files: dict[str, str], shards: Iterable[str] = ()
+) -> None:
+    """Weight scales must be finite and non-zero. Their sign folds into the weights: w = q·s holds
+    for either sign, and AutoRound's symmetric grid stores negative scales (max|w| -> -2^(b-1))."""
+    bad = ~torch.isfinite(t.float()) | (t.float() == 0)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise CheckpointError(
+            f"{where(files, layer_name, name, shards)}: {int(bad.sum())} scale(s) are zero, NaN or "
+            f"infinite (first at index {idx}: {t.flatten()[bad.flatten()][0].item()})"
         )
 
 

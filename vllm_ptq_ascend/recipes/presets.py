@@ -214,6 +214,94 @@ def w4a4_spinquant(ignore: list[str] | None = None, actorder: str | None = "stat
     return _spinquant(4, None, ignore, actorder)
 
 
+@preset("w4a4-mixed", needs_calibration=True)
+def w4a4_mixed(
+    ignore: list[str] | None = None, actorder: str | None = "static", w8a8_mlp_layers: tuple = ()
+) -> list:
+    """W4A4 mixed (msModelSlim's Qwen3 layout): SpinQuant R1/R2; gate/up W4A4, attention/down_proj W8A8."""
+    # msModelSlim's production W4A4 recipe (lab_practice/qwen3/qwen3-32b-dense-w4a4.yaml): rotations
+    # folded into the weights, attention and down_proj at W8A8 dynamic (down_proj's input carries the
+    # largest outliers), gate/up at W4A4 except in the layers it found sensitive (w8a8_mlp_layers).
+    from vllm_ptq_ascend.recipes.families import FamilySpinQuantModifier
+
+    keep = sorted({int(i) for i in w8a8_mlp_layers})
+    if any(i < 0 for i in keep):
+        raise ValueError(f"w8a8_mlp_layers must be layer indices (>= 0), got {list(w8a8_mlp_layers)}")
+    kept = "|".join(map(str, keep))
+    w8a8_targets = [r"re:.*self_attn\.(q|k|v|o)_proj$", r"re:.*mlp\.down_proj$"]
+    w4a4_targets = [r"re:.*mlp\.(gate|up)_proj$"]
+    if keep:
+        w8a8_targets.append(rf"re:.*layers\.({kept})\.mlp\.(gate|up)_proj$")
+        w4a4_targets = [rf"re:.*layers\.(?!({kept})\.)\d+\.mlp\.(gate|up)_proj$"]
+    groups = {
+        "w8a8": {
+            "targets": w8a8_targets,
+            "weights": _weights(8, None),
+            "input_activations": _activations("dynamic"),
+            "format": "int-quantized",
+        },
+        "w4a4": {
+            "targets": w4a4_targets,
+            "weights": _weights(4, None),
+            "input_activations": _activations("dynamic", bits=4),
+            "format": "pack-quantized",
+        },
+    }
+    return [
+        FamilySpinQuantModifier(rotations=["R1", "R2"], transform_type="random-hadamard"),
+        _gptq(groups, ignore, actorder),
+    ]
+
+
+@preset("w4a16-autoround", needs_calibration=True)
+def w4a16_autoround(ignore: list[str] | None = None, group_size: int | None = 128, iters: int = 200) -> list:
+    """W4A16 AutoRound: signed-gradient tuned rounding; int4 symmetric weights per group of 128."""
+    from llmcompressor.modifiers.autoround import AutoRoundModifier
+
+    if type(iters) is not int or iters < 1:
+        raise ValueError(f"iters must be a positive integer, got {iters!r}")
+    groups = _groups(_weights(4, group_size), fmt="pack-quantized")
+    # torch.compile off: inductor's CPU backend needs a C++ compiler, which quantize must not require
+    modifier = AutoRoundModifier(
+        config_groups=groups, ignore=_ignore(ignore), iters=iters, enable_torch_compile=False
+    )
+    return [modifier]
+
+
+def _quip(act_bits: int, group_size: int | None, ignore, actorder: str | None, rotations) -> list:
+    """llmcompressor's QuIPModifier: random-Hadamard rotations of every linear's input ("v") and
+    output ("u"), one half fused into the weights, the other applied online when serving
+    (``online_transforms.py``); then GPTQ int4 weights. The rotations are per linear layer, so
+    they keep any family's function: no norm is folded. Random, not plain, Hadamards for the
+    reason of ``_spinquant``."""
+    from llmcompressor.modifiers.transform import QuIPModifier
+
+    groups = _groups(_weights(4, group_size), _activations("dynamic", bits=act_bits), fmt="pack-quantized")
+    return [
+        QuIPModifier(rotations=list(rotations), transform_type="random-hadamard", ignore=_ignore(ignore)),
+        _gptq(groups, ignore, actorder),
+    ]
+
+
+@preset("w4a4-quip", needs_calibration=True)
+def w4a4_quip(
+    ignore: list[str] | None = None, actorder: str | None = "static", rotations: tuple = ("v", "u")
+) -> list:
+    """W4A4 QuIP + GPTQ: online random-Hadamard input/output rotations; int4 channel weights, int4 acts."""
+    return _quip(4, None, ignore, actorder, rotations)
+
+
+@preset("w4a8-quip", needs_calibration=True)
+def w4a8_quip(
+    ignore: list[str] | None = None,
+    group_size: int | None = 128,
+    actorder: str | None = "static",
+    rotations: tuple = ("v", "u"),
+) -> list:
+    """W4A8 QuIP + GPTQ: online random-Hadamard input/output rotations; int4 group weights, int8 acts."""
+    return _quip(8, group_size, ignore, actorder, rotations)
+
+
 def _flatquant(
     weight_bits: int,
     act_bits: int,

@@ -113,23 +113,39 @@ def load_written(ckpt_dir, dtype="float32"):
     model.eval()
     qcfg = json.loads((ckpt_dir / "config.json").read_text()).get("quantization_config") or {}
     if qcfg.get("transform_config"):
-        from compressed_tensors.transform import TransformConfig, apply_transform_config
-        from safetensors import safe_open
-
-        import vllm_ptq_ascend.kronecker  # noqa: F401  (registers the flatquant-kronecker type)
-
-        before = set(model.state_dict())
-        apply_transform_config(model, TransformConfig.model_validate(qcfg["transform_config"]))
-        wanted = set(model.state_dict()) - before
-        found = {}
-        for path in sorted(ckpt_dir.glob("*.safetensors")):
-            with safe_open(str(path), "pt") as f:
-                found.update({k: f.get_tensor(k) for k in f.keys() if k in wanted})
-        if wanted - set(found):
-            missing = sorted(wanted - set(found))
-            raise ValueError(f"{ckpt_dir}: transform tensors missing from the checkpoint: {missing[:3]}")
-        model.load_state_dict(found, strict=False)
+        attach_online_transforms(model, ckpt_dir, qcfg["transform_config"])
     return model
+
+
+def attach_online_transforms(model, ckpt_dir: Path, transform_config: dict) -> None:
+    """compressed-tensors' online transforms on ``model``, their tensors read from the checkpoint.
+
+    Only the online entries are applied: those at ``weight_input`` / ``weight_output`` were fused
+    into the stored weights when the checkpoint was saved. Transforms of one size share a tensor
+    (compressed-tensors builds one per size), which the checkpoint stores once: every shared
+    tensor must be found under at least one of its names.
+    """
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from safetensors import safe_open
+
+    import vllm_ptq_ascend.kronecker  # noqa: F401  (registers the flatquant-kronecker type)
+
+    config = TransformConfig.model_validate(transform_config)
+    for scheme in config.config_groups.values():
+        scheme.apply = [args for args in scheme.apply if args.is_online()]
+    before = set(model.state_dict())
+    apply_transform_config(model, config)
+    state = model.state_dict()
+    wanted = set(state) - before
+    found = {}
+    for path in sorted(Path(ckpt_dir).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            found.update({k: f.get_tensor(k) for k in f.keys() if k in wanted})
+    loaded = {state[k].data_ptr() for k in found}
+    missing = sorted(k for k in wanted if state[k].data_ptr() not in loaded)
+    if missing:
+        raise ValueError(f"{ckpt_dir}: transform tensors missing from the checkpoint: {missing[:3]}")
+    model.load_state_dict(found, strict=False)
 
 
 def reference(source, samples: list[list[int]]) -> list:

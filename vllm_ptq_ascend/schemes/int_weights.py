@@ -23,7 +23,7 @@ from vllm.model_executor.parameter import (
 )
 
 from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, PtqScheme
-from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, require_positive_finite
+from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, require_nonzero_finite
 
 
 def setup_layer(
@@ -91,7 +91,7 @@ def group_scale_spec(
 ) -> dict[str, TensorSpec]:
     """``weight_scale`` [out, groups]; raises (as create_weights does) if the group size does not divide."""
     n_groups, _ = group_layout(scheme, group_size, in_features, in_features, has_g_idx)
-    return {"weight_scale": TensorSpec(SCALE_DTYPES, ((out_features, n_groups),), scale=True)}
+    return {"weight_scale": TensorSpec(SCALE_DTYPES, ((out_features, n_groups),), scale=True, signed=True)}
 
 
 def register_packed_weight(
@@ -172,8 +172,8 @@ def register_group_scales(
 
 
 def validate_scales_and_shape(scheme: PtqScheme, layer: torch.nn.Module) -> None:
-    """Scales finite and > 0; a packed weight's ``weight_shape`` matches the model's layer."""
-    require_positive_finite(
+    """Scales finite and non-zero; a packed weight's ``weight_shape`` matches the model's layer."""
+    require_nonzero_finite(
         scheme.layer_name, "weight_scale", layer.weight_scale.data, scheme.files, scheme.shards
     )
     shape = getattr(layer, "weight_shape", None)

@@ -13,7 +13,7 @@ from vllm.model_executor.parameter import ChannelQuantScaleParameter, PerTensorS
 from vllm_ptq_ascend.kernels import Int8LinearSpec
 from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, PtqScheme
-from vllm_ptq_ascend.validation import TensorSpec, require_positive_finite
+from vllm_ptq_ascend.validation import TensorSpec, require_nonzero_finite, require_positive_finite
 
 
 class W8A8Int8Scheme(PtqScheme):
@@ -50,7 +50,10 @@ class W8A8Int8Scheme(PtqScheme):
         per_tensor = ((1,), ())
         specs = int_weights.int8_weight_spec(out_features, in_features)
         specs["weight_scale"] = TensorSpec(
-            SCALE_DTYPES, ((out_features, 1),) if self.spec.weight_per_channel else per_tensor, scale=True
+            SCALE_DTYPES,
+            ((out_features, 1),) if self.spec.weight_per_channel else per_tensor,
+            scale=True,
+            signed=True,
         )
         if self.spec.static_input:
             specs["input_scale"] = TensorSpec(SCALE_DTYPES, per_tensor, scale=True)
@@ -104,10 +107,11 @@ class W8A8Int8Scheme(PtqScheme):
         layer.register_parameter("azp_adj", None)
 
     def validate_loaded(self, layer):
-        for name in ("weight_scale", "input_scale"):
-            t = getattr(layer, name, None)
-            if t is not None:
-                require_positive_finite(self.layer_name, name, t.data, self.files, self.shards)
+        scale = layer.weight_scale.data
+        require_nonzero_finite(self.layer_name, "weight_scale", scale, self.files, self.shards)
+        t = getattr(layer, "input_scale", None)
+        if t is not None:
+            require_positive_finite(self.layer_name, "input_scale", t.data, self.files, self.shards)
 
     def prepare(self, layer):
         self.kernels.prepare_int8(layer, self.spec)
