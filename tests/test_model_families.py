@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PRESET_VARIANTS
+from conftest import PRESET_TEST_OPTIONS, PRESET_VARIANTS
 
 from vllm_ptq_ascend.models.tiny import TINY_FAMILIES, build_tiny_model, set_architectures
 from vllm_ptq_ascend.recipes.families import (
@@ -58,8 +58,9 @@ from vllm_ptq_ascend.recipes.families import (
 from vllm_ptq_ascend.recipes.presets import PRESETS, build_recipe
 
 CI_E2E = [f for f in TINY_FAMILIES if f != "llama"]  # llama: tests/test_presets_e2e.py
-WEIGHT_ONLY = {"w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn"}
-CHAOTIC = {"w4a4-rtn", "w4a4-flatquant", "w4a4-spinquant"}  # int4 activations: see tests/test_presets_e2e.py
+WEIGHT_ONLY = {"w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn", "w4a16-autoround"}
+# int4 activations: see tests/test_presets_e2e.py
+CHAOTIC = {"w4a4-rtn", "w4a4-flatquant", "w4a4-spinquant", "w4a4-quip", "w4a4-mixed"}
 E2E_CALIBRATION = dict(num_samples=8, max_seq_length=64)
 FOLD_TOL = 1e-5  # max |Δ logits| / max |logits|; the norms compute in float32 even in a float64 model
 
@@ -359,6 +360,26 @@ def test_spinquant_rotations_keep_the_float_model_or_are_refused(family_model, c
     assert_fold_keeps_function(family_model(family), spin, calib, folded, fused_norms=True)
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_quip_rotations_keep_the_float_model(family_model, calib, family):
+    """QuIP's per-linear rotations (one half in the weights, the other online) need no family
+    knowledge: the float64 function is unchanged on every family, biases (Qwen2's q/k/v) and
+    Gemma's norms included."""
+    quip = build_recipe("w4a4-quip")[:1]  # the preset without its GPTQ
+    assert type(quip[0]).__name__ == "QuIPModifier"
+    model = load(family_model(family))
+    ids = torch.tensor([calib[0]["input_ids"]])
+    with torch.no_grad():
+        before = model(ids).logits
+    q_proj = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    run_folds(model, quip, calib)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert (model.model.layers[0].self_attn.q_proj.weight - q_proj).abs().max() > 1e-2  # rotated
+    err = float((after - before).abs().max() / before.abs().max())
+    assert err < FOLD_TOL, f"{family}: QuIP changed the float64 logits by {err:.3g} of their range"
+
+
 def test_offset_norm_fold_is_exact():
     """w' = (1 + w) / s - 1: the (1 + w) norm then computes its old output divided by s."""
     from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
@@ -452,7 +473,7 @@ def quantize_for(model_dir: Path, out: Path, name: str) -> Path:
     from vllm_ptq_ascend.recipes.calibration import CalibrationSpec
     from vllm_ptq_ascend.recipes.quantize import quantize
 
-    preset, options = PRESET_VARIANTS.get(name, (name, {}))
+    preset, options = PRESET_VARIANTS.get(name, (name, PRESET_TEST_OPTIONS.get(name, {})))
     if "flatquant" in preset:
         options = {**options, "epochs": 2}
     # half of test_presets_e2e.py's samples: each checkpoint is compared with its own fake quantization
@@ -475,16 +496,10 @@ def float64_logprobs(model_dir: Path, prompts) -> list[list[float]]:
     model = load(model_dir, **kw)
     tconfig = (qcfg or {}).get("transform_config")
     if tconfig:
-        from compressed_tensors.transform import TransformConfig, apply_transform_config
-        from safetensors.torch import load_file
+        from vllm_ptq_ascend.recipes.self_check import attach_online_transforms
 
-        import vllm_ptq_ascend.kronecker  # noqa: F401  (registers the transform type)
-
-        apply_transform_config(model, TransformConfig.model_validate(tconfig))
-        tensors = load_file(model_dir / "model.safetensors")
-        factors = {k: v.double() for k, v in tensors.items() if "flatquant_input" in k}
+        attach_online_transforms(model, model_dir, tconfig)
         model.double()
-        assert not model.load_state_dict(factors, strict=False).unexpected_keys
     out = []
     for ids in prompts:
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
@@ -539,11 +554,18 @@ def test_w8a8_smoothquant_served_for_every_family(family_model, tmp_path):
     serve_and_check(family_model, tmp_path, [(f, "w8a8-smoothquant") for f in CI_E2E])
 
 
+@pytest.mark.engine
+def test_online_rotations_served_with_qkv_bias(family_model, tmp_path):
+    """Qwen2's q/k/v biases sit between the GEMM and the output rotation: served as
+    compressed-tensors computes them, within both references' bounds."""
+    serve_and_check(family_model, tmp_path, [("qwen2", "w4a8-quip")])
+
+
 @pytest.mark.slow
 @pytest.mark.engine
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_every_preset_served_for_family(family_model, tmp_path, family):
     names = sorted([*PRESETS, *PRESET_VARIANTS])
     if family == "gemma2":  # refused by name: test_spinquant_rotations_keep_the_float_model_or_are_refused
-        names = [n for n in names if "spinquant" not in n]
+        names = [n for n in names if "spinquant" not in n and n != "w4a4-mixed"]
     serve_and_check(family_model, tmp_path, [(family, n) for n in names])
