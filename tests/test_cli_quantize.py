@@ -145,6 +145,9 @@ def test_interrupted_run_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch
         (["--recipe", "w4a16-gptq", "--calib-samples", "0"], "num_samples"),
         (["--recipe", "w4a8", "--init", "random-orthogonal"], "recipe 'w4a8' takes no --init"),
         (["--recipe", "w4a8-flatquant", "--parametrization", "cayley"], "invalid choice: 'cayley'"),
+        (["--recipe", "w4a8", "--weights", "gptq"], "recipe 'w4a8' takes no --weights"),
+        (["--recipe", "w4a16-autoround", "--iters", "0"], "iters must be a positive integer, got 0"),
+        (["--recipe", "w4a4-quip", "--iters", "5"], "recipe 'w4a4-quip' takes no --iters"),
     ],
 )
 def test_bad_arguments_are_clear_errors(tiny_model, tmp_path, capsys, args, message):

@@ -41,6 +41,8 @@ RECIPE_FLAGS = {
     "clip_lr": "clip_lr",
     "init": "init",
     "parametrization": "parametrization",
+    "weights": "weights",
+    "iters": "iters",
 }
 CALIB_FLAGS = ("calib", "calib_samples", "calib_seq_len", "calib_modes", "calib_max_new_tokens", "seed")
 
@@ -432,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="FlatQuant: each factor itself (default), or U·diag·Vᵀ with Cayley-orthogonal U and V "
         "(the reference's)",
     )
+    r.add_argument(
+        "--weights",
+        choices=["rtn", "gptq"],
+        default=_UNSET,
+        help="FlatQuant: weights round-to-nearest (default) or GPTQ on the transformed activations",
+    )
+    r.add_argument("--iters", type=int, default=_UNSET, help="w4a16-autoround: tuning steps per block (200)")
     c = q.add_argument_group("calibration data (presets that calibrate)")
     c.add_argument(
         "--calib",

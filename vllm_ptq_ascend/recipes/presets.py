@@ -311,8 +311,10 @@ def _flatquant(
     clip_lr: float,
     init: str,
     parametrization: str,
+    weights: str = "rtn",
 ) -> list:
-    """FlatQuant transforms, then round-to-nearest per-channel weights on the transformed layers."""
+    """FlatQuant transforms, then per-channel weights on the transformed layers: round-to-nearest
+    (FlatQuant's default) or GPTQ on the transformed, clipped activations (``weights="gptq"``)."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     from vllm_ptq_ascend.recipes.flatquant import FlatQuantModifier
@@ -329,6 +331,10 @@ def _flatquant(
         init=init,
         parametrization=parametrization,
     )
+    if weights == "gptq":
+        return [flat, _gptq(groups, ignore, "static")]
+    if weights != "rtn":
+        raise ValueError(f"weights must be 'rtn' or 'gptq', got {weights!r}")
     return [
         flat,
         QuantizationModifier(config_groups=groups, ignore=_ignore(ignore)),
@@ -345,8 +351,9 @@ def _flatquant_preset(name: str, weight_bits: int, act_bits: int, summary: str) 
         clip_lr: float = 5e-2,
         init: str = "identity",
         parametrization: str = "direct",
+        weights: str = "rtn",
     ) -> list:
-        return _flatquant(weight_bits, act_bits, ignore, epochs, lr, clip_lr, init, parametrization)
+        return _flatquant(weight_bits, act_bits, ignore, epochs, lr, clip_lr, init, parametrization, weights)
 
     build.__doc__ = summary
     preset(name, needs_calibration=True)(build)
