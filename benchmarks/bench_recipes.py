@@ -7,6 +7,9 @@ generator's included); perplexity is measured on the held-out GSM8K worked solut
 Prints a Markdown table and saves JSON + Markdown under benchmarks/results/.
 
     .venv/bin/python benchmarks/bench_recipes.py [--presets w4a8 w4a16-awq] [--calib-samples 64]
+        [--variant "LABEL=PRESET:{options}"] [--goals accuracy] [--reuse] [--name STEM]
+
+Peer methods (llmcompressor's own modifiers, unmodified) are presets too: benchmarks/peers.py.
 """
 
 from __future__ import annotations
@@ -32,6 +35,18 @@ ACCURACY_GOALS = {"w8a8": 1.0, "w4a16": 10.0, "w8a16": 10.0, "w4a8": 8.0, "w4a4"
 
 def goal_for(preset: str, goals: dict = GOALS) -> float | None:
     return goals.get(preset.split("-")[0])
+
+
+def parse_variants(specs: list[str]) -> dict[str, tuple[str, dict]]:
+    """``LABEL=PRESET:OPTIONS_JSON`` -> {label: (preset, options)}."""
+    rows = {}
+    for spec in specs:
+        label, sep, rest = spec.partition("=")
+        preset, sep2, options = rest.partition(":")
+        if not (sep and sep2 and label and preset):
+            raise SystemExit(f"--variant {spec!r}: expected LABEL=PRESET:OPTIONS_JSON")
+        rows[label] = (preset, json.loads(options))
+    return rows
 
 
 def reusable(out: Path, preset: str, options: dict, calib: dict) -> dict | None:
@@ -152,6 +167,13 @@ def main() -> None:
     ap.add_argument(
         "--render", action="store_true", help="rewrite the report from the saved JSON (and --note)"
     )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=PRESET:OPTIONS_JSON",
+        help='a row of its own, e.g. "w4a8-flatquant gptq=w4a8-flatquant:{\"weights\": \"gptq\"}"',
+    )
     ap.add_argument("--reuse", action="store_true", help="score cached checkpoints of the same recipe again")
     ap.add_argument(
         "--goals", choices=("speed-issue", "accuracy"), default="speed-issue",
@@ -189,7 +211,8 @@ def main() -> None:
     ]
     rows: dict[str, dict] = {}
     dirs: dict[str, Path] = {}
-    for label, (preset, options) in variants(args.presets, args.group_sizes).items():
+    runs = variants(args.presets, args.group_sizes) | parse_variants(args.variant)
+    for label, (preset, options) in runs.items():
         print(f"[bench] quantizing SmolLM2-135M: {label} ...", flush=True)
         dirs[label] = root / f"smollm2-{label.replace(' ', '-')}"
         result = reusable(dirs[label], preset, options, vars(args)) if args.reuse else None
