@@ -290,3 +290,25 @@ def test_a_resolved_gptq_config_scans_the_same_grid():
     assert QuantArgs.from_group(dump[1]).grid()[0] == grid.model_dump(mode="json")
     other = {**dump[1], "weights": {**dump[1]["weights"], "group_size": 64}}
     assert QuantArgs.from_group(other).grid() != QuantArgs.from_group(dump[1]).grid()  # the grid still counts
+
+
+def test_budget_with_online_rotations_measures_the_checkpoint_with_them(tiny_model, tmp_path):
+    """w4a8-quip under a budget: the written checkpoint is measured with its online rotations
+    attached (as served), so its KL is the self-check's order, not that of rotated weights run
+    without their online half; the card says the scan ranked layers without the rotations."""
+    from vllm_ptq_ascend.recipes.quantize import quantize
+
+    out = quantize(tiny_model, tmp_path / "quip", "w4a8-quip", calibration=CALIB, budget="kl=5",
+                   scan_calibration=SCAN, progress=False, group_size=32)  # fmt: skip
+    card = json.loads((out / "ptq_ascend_card.json").read_text())
+    mixed = card["mixed_precision"]
+    assert mixed["met"] and mixed["checkpoint"]["kl"] < 0.5, mixed["checkpoint"]
+    assert "without the preset's rotations" in mixed["scan_note"]
+
+
+def test_budget_with_a_mixed_layout_preset_is_refused(tiny_model, tmp_path):
+    from vllm_ptq_ascend.recipes.quantize import quantize
+
+    with pytest.raises(ValueError, match="w4a4-mixed.*already mixes.*2 config groups"):
+        quantize(tiny_model, tmp_path / "o", "w4a4-mixed", calibration=CALIB, budget="kl=1", progress=False)
+    assert not (tmp_path / "o").exists()

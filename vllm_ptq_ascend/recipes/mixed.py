@@ -41,6 +41,8 @@ FALLBACKS = {
     "none": None,
 }
 FALLBACK_GROUP = "fallback"
+# recipe modifiers whose rotations the sensitivity scan does not apply (it quantizes the plain model)
+ROTATION_MODIFIERS = ("QuIPModifier", "SpinQuantModifier", "FamilySpinQuantModifier")
 
 
 class BudgetError(ValueError):
@@ -206,6 +208,12 @@ def plan_mixed_precision(model_dir, preset: str, options: dict, modifiers: list,
     from vllm_ptq_ascend.recipes.scan_run import load_for_scan
     from vllm_ptq_ascend.recipes.sensitivity import quant_units, reference, scan
 
+    groups = max(len(getattr(m, "config_groups", None) or {}) for m in modifiers)
+    if groups > 1:
+        raise ValueError(
+            f"--budget is not supported with {preset!r}: it already mixes precisions ({groups} config "
+            "groups), and the scan measures one grid; use a uniform preset with --budget"
+        )
     s = load_for_scan(model_dir, preset, options, spec, "float32")
     units = quant_units(s.model, s.ignore)
     ref = reference(s.model, s.samples, keep_blocks=scan_file is None)
@@ -218,6 +226,12 @@ def plan_mixed_precision(model_dir, preset: str, options: dict, modifiers: list,
     plan["samples"], plan["tokens"] = len(s.samples), sum(len(x) - 1 for x in s.samples)
     plan["scan_file"] = str(scan_file) if scan_file is not None else None
     plan["ranking"] = [{k: r[k] for k in ("rank", "unit", "kl", "ppl_change_pct", "mse")} for r in ranking]
+    rotations = [type(m).__name__ for m in modifiers if type(m).__name__ in ROTATION_MODIFIERS]
+    if rotations:  # the ranking is an approximation; the written checkpoint is measured with them
+        plan["scan_note"] = (
+            f"the scan ranked layers by round-to-nearest quantization without the preset's rotations "
+            f"({', '.join(rotations)}); the checkpoint's numbers are measured with them"
+        )
     apply_fallback(modifiers, plan["kept_layers"], fallback)
     ref.block_outputs = []  # only the logits are needed from here on
     del s
@@ -226,16 +240,13 @@ def plan_mixed_precision(model_dir, preset: str, options: dict, modifiers: list,
 
 
 def measure_checkpoint(ckpt_dir, ref) -> dict:
-    """The written checkpoint, loaded back fake-quantized by compressed-tensors, against ``ref``."""
+    """The written checkpoint, loaded back fake-quantized by compressed-tensors with its online
+    transforms attached (as the self-check loads it), against ``ref``."""
     import gc
 
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils.quantization_config import CompressedTensorsConfig
+    from vllm_ptq_ascend.recipes.self_check import load_written
 
-    model = AutoModelForCausalLM.from_pretrained(
-        ckpt_dir, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
-    ).eval()
+    model = load_written(ckpt_dir, "float32")
     try:
         return vars(measure(model, ref))
     finally:
