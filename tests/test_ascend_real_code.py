@@ -452,15 +452,19 @@ def test_unservable_groups_are_refused_by_vllm_ascend_before_any_scheme(va):
             build("ColumnParallelLinear", quant_config, 256, 64, torch.bfloat16, "model.layers.0.mlp.up_proj")
 
 
-def test_online_transforms_are_refused_naming_the_layer_and_the_flag(va):
+@pytest.mark.parametrize("online", ["flatquant", "quip"])
+def test_online_transforms_are_refused_naming_the_layer_and_the_flag(va, online):
     """vLLM-Ascend's compressed-tensors config never applies a transform_config: refused, not dropped;
-    with no flag, ptq_ascend claims such a checkpoint (vLLM-Ascend would serve it silently wrong)."""
+    with no flag, ptq_ascend claims such a checkpoint (vLLM-Ascend would serve it silently wrong).
+    Both online kinds: FlatQuant's Kronecker transforms and QuIP's Hadamard rotations."""
     from test_flatquant import transform_config_dict
+    from test_online_rotations import quip_transform_config
 
     from vllm_ptq_ascend.config import PtqAscendConfig
 
     as_main(va)
-    config = ct_config(*w4a8(None)) | {"transform_config": transform_config_dict()}
+    transforms = transform_config_dict() if online == "flatquant" else quip_transform_config()
+    config = ct_config(*w4a8(None)) | {"transform_config": transforms}
     assert PtqAscendConfig.override_quantization_method(config, None) == "ptq_ascend"
     quant_config = ct_quant_config(va, config)
     with pytest.raises(
