@@ -550,15 +550,11 @@ def serve_and_check(family_model, tmp_path, cases: list[tuple[str, str]]) -> Non
 
 @pytest.mark.engine
 def test_w8a8_smoothquant_served_for_every_family(family_model, tmp_path):
-    """Detected with no flag, and within test_presets_e2e.py's bounds of both references."""
-    serve_and_check(family_model, tmp_path, [(f, "w8a8-smoothquant") for f in CI_E2E])
-
-
-@pytest.mark.engine
-def test_online_rotations_served_with_qkv_bias(family_model, tmp_path):
-    """Qwen2's q/k/v biases sit between the GEMM and the output rotation: served as
-    compressed-tensors computes them, within both references' bounds."""
-    serve_and_check(family_model, tmp_path, [("qwen2", "w4a8-quip")])
+    """Detected with no flag, and within test_presets_e2e.py's bounds of both references. In the same
+    engine process: w4a8-quip on Qwen2, whose q/k/v biases sit between the GEMM and the output
+    rotation (served as compressed-tensors computes them)."""
+    cases = [(f, "w8a8-smoothquant") for f in CI_E2E] + [("qwen2", "w4a8-quip")]
+    serve_and_check(family_model, tmp_path, cases)
 
 
 @pytest.mark.slow
