@@ -80,11 +80,12 @@ PRESET_CALIBRATION = dict(num_samples=16, max_seq_length=64)
 # activation kind of SmoothQuant
 PRESET_VARIANTS = {
     "w8a8-smoothquant-static": ("w8a8-smoothquant", {"activations": "static"}),
-    "w4a8-flatquant-gptq": ("w4a8-flatquant", {"weights": "gptq"}),  # GPTQ on the transformed inputs
+    # GPTQ on the transformed inputs; 2 epochs: the wiring is tested here, the training by the presets
+    "w4a8-flatquant-gptq": ("w4a8-flatquant", {"weights": "gptq", "epochs": 2}),
 }
 # fewer tuning steps where the default takes minutes on the tiny model (the default's recipe is
 # checked by tests/test_recipes.py's YAML test)
-PRESET_TEST_OPTIONS = {"w4a16-autoround": {"iters": 20}}
+PRESET_TEST_OPTIONS = {"w4a16-autoround": {"iters": 5}}
 
 
 @pytest.fixture(scope="session")
