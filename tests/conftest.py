@@ -80,8 +80,9 @@ PRESET_CALIBRATION = dict(num_samples=16, max_seq_length=64)
 # activation kind of SmoothQuant
 PRESET_VARIANTS = {
     "w8a8-smoothquant-static": ("w8a8-smoothquant", {"activations": "static"}),
-    # GPTQ on the transformed inputs; 2 epochs: the wiring is tested here, the training by the presets
-    "w4a8-flatquant-gptq": ("w4a8-flatquant", {"weights": "gptq", "epochs": 2}),
+    # round-to-nearest weights (w4a8-flatquant's default is GPTQ on the transformed inputs); 2 epochs:
+    # the wiring is tested here, the training by the presets
+    "w4a8-flatquant-rtn": ("w4a8-flatquant", {"weights": "rtn", "epochs": 2}),
 }
 # fewer tuning steps where the default takes minutes on the tiny model (the default's recipe is
 # checked by tests/test_recipes.py's YAML test)

@@ -45,7 +45,7 @@ from vllm_ptq_ascend.recipes.presets import PRESETS
 pytestmark = pytest.mark.engine
 # w4a16-autoround: its symmetric grid stores negative weight scales (validation.require_nonzero_finite)
 WEIGHT_ONLY = {"w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn", "w4a16-autoround"}
-FLATQUANT = {"w4a8-flatquant", "w8a8-flatquant", "w4a8-flatquant-gptq"}
+FLATQUANT = {"w4a8-flatquant", "w8a8-flatquant", "w4a8-flatquant-rtn"}
 ROTATED_ONLINE = {"w4a8-quip"}  # online Hadamard rotations: served by online_transforms.py
 # int4 activations: see the module docstring
 CHAOTIC = {"w4a4-rtn", "w4a4-flatquant", "w4a4-spinquant", "w4a4-quip", "w4a4-mixed"}
