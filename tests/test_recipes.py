@@ -126,7 +126,7 @@ def test_knobs_reach_the_config_groups():
         ("w4a16-gptq", {"actorder": "group"}, "actorder must be one of"),
         ("w8a8-smoothquant", {"activations": "per-token"}, "activations must be 'dynamic' or 'static'"),
         ("w8a8-smoothquant", {"smoothing_strength": 1.5}, "smoothing_strength must lie in [0, 1]"),
-        ("w9a9", {}, "unknown recipe 'w9a9'; available: w4a16-awq"),
+        ("w9a9", {}, "unknown recipe 'w9a9'; available: w4a16-autoround, w4a16-awq"),
     ],
 )
 def test_bad_options_are_rejected(name, options, message):
