@@ -279,10 +279,12 @@ def _geometry(scheme, shard: str, ckpt: Checkpoint) -> tuple[int, int] | None:
 
 def _rotation_entries(rotations) -> list[tuple[str, str, Any]]:
     """(group, location, TransformArgs) of each online rotation entry of the config."""
+    from vllm_ptq_ascend.transforms_config import location_name
+
     if rotations is None:
         return []
     return [
-        (group, str(getattr(args.location, "value", args.location)), args)
+        (group, location_name(args), args)
         for group, scheme in rotations.config_groups.items()
         for args in scheme.apply
         if args.is_online()

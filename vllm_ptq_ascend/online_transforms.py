@@ -27,6 +27,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.transform.linear
     get_linear_transform_schemes,
 )
 
+from vllm_ptq_ascend.transforms_config import location_name
 from vllm_ptq_ascend.validation import CheckpointError
 
 # a stored ±1 matrix is exact in any float dtype; this only tolerates rounding in H·Hᵀ
@@ -62,15 +63,15 @@ class OnlineRotationLinearMethod(CompressedTensorsLinearTransformMethod):
         self.output_rotation: dict[int, torch.Tensor] = {}
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, *args, **kwargs):
-        for tfms, sizes in ((self.input_tfms, {0: input_size_per_partition}), (self.output_tfms, None)):
-            for part, (group, scheme, _) in tfms.items():
-                size = sizes[0] if sizes else output_partition_sizes[part]
-                if scheme.head_dim and size % scheme.head_dim:
-                    raise CheckpointError(
-                        f"config.json: transform group {group!r} rotates blocks of head_dim="
-                        f"{scheme.head_dim}, which does not divide the {size} features of layer "
-                        f"'{self.prefix}'"
-                    )
+        sized = [(t, input_size_per_partition) for t in self.input_tfms.values()]
+        sized += [(t, output_partition_sizes[part]) for part, t in self.output_tfms.items()]
+        for (group, scheme, _), size in sized:
+            if scheme.head_dim and size % scheme.head_dim:
+                raise CheckpointError(
+                    f"config.json: transform group {group!r} rotates blocks of head_dim="
+                    f"{scheme.head_dim}, which does not divide the {size} features of layer "
+                    f"'{self.prefix}'"
+                )
         super().create_weights(layer, input_size_per_partition, output_partition_sizes, *args, **kwargs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -85,8 +86,7 @@ class OnlineRotationLinearMethod(CompressedTensorsLinearTransformMethod):
             stored = module.weight.partitions[part].data
             key = (stored.untyped_storage().data_ptr(), stored.shape, bool(args.inverse))
             if key not in self.cache:
-                location = getattr(args.location, "value", args.location)
-                what = f"layer '{self.prefix}', tensor '{group}_{location}.weight'"
+                what = f"layer '{self.prefix}', tensor '{group}_{location_name(args)}.weight'"
                 err = hadamard_error(stored)
                 if err > MAX_HADAMARD_ERROR:  # also catches a tensor left unwritten (missing)
                     raise CheckpointError(

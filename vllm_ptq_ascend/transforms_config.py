@@ -54,7 +54,8 @@ class CheckpointTransforms:
         return bool(self.flatquant) or self.rotations is not None
 
 
-def _location(args) -> str:
+def location_name(args) -> str:
+    """A TransformArgs' location as text (compressed-tensors keeps it an enum or a string)."""
     return str(getattr(args.location, "value", args.location))
 
 
@@ -95,7 +96,7 @@ def parse_transform_config(raw: dict[str, Any] | None) -> CheckpointTransforms:
 def _check_rotation(group: str, scheme) -> None:
     """An online compressed-tensors transform online_transforms.py serves, or CheckpointError."""
     where = f"{WHERE}.config_groups[{group!r}]"
-    online = sorted({_location(a) for a in scheme.apply if a.location not in WEIGHT_LOCATIONS})
+    online = sorted({location_name(a) for a in scheme.apply if a.location not in WEIGHT_LOCATIONS})
     served = (
         f"served: transforms fused into the weights, online {'/'.join(ROTATION_TYPES)} rotations of "
         f"linear inputs and outputs, and {TRANSFORM_TYPE!r} input transforms"

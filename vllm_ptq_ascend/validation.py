@@ -144,23 +144,22 @@ def require_nonzero_finite(
 ) -> None:
     """Weight scales must be finite and non-zero. Their sign folds into the weights: w = q·s holds
     for either sign, and AutoRound's symmetric grid stores negative scales (max|w| -> -2^(b-1))."""
-    bad = ~torch.isfinite(t.float()) | (t.float() == 0)
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise CheckpointError(
-            f"{where(files, layer_name, name, shards)}: {int(bad.sum())} scale(s) are zero, NaN or "
-            f"infinite (first at index {idx}: {t.flatten()[bad.flatten()][0].item()})"
-        )
+    _require_scales(layer_name, name, t, files, shards, t.float() == 0, "zero, NaN or infinite")
 
 
 def require_positive_finite(
     layer_name: str, name: str, t: torch.Tensor, files: dict[str, str], shards: Iterable[str] = ()
 ) -> None:
     """Scales must be finite and > 0: a zero or NaN scale silently destroys a layer."""
-    bad = ~torch.isfinite(t.float()) | (t.float() <= 0)
+    _require_scales(layer_name, name, t, files, shards, t.float() <= 0, "zero, negative, NaN or infinite")
+
+
+def _require_scales(layer_name, name, t, files, shards, refused: torch.Tensor, what: str) -> None:
+    """CheckpointError naming the file, layer and tensor if any scale is non-finite or ``refused``."""
+    bad = ~torch.isfinite(t.float()) | refused
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise CheckpointError(
-            f"{where(files, layer_name, name, shards)}: {int(bad.sum())} scale(s) are zero, negative, "
-            f"NaN or infinite (first at index {idx}: {t.flatten()[bad.flatten()][0].item()})"
+            f"{where(files, layer_name, name, shards)}: {int(bad.sum())} scale(s) are {what} "
+            f"(first at index {idx}: {t.flatten()[bad.flatten()][0].item()})"
         )
