@@ -78,6 +78,7 @@ EXPECTED_SCHEME = {
     "w8a16-gptq": "W8A16 (group 128, symmetric)",
     "w4a8": "W4A8 int",
     "w4a4-rtn": "W4A4 int",
+    "w4a16-spinquant": "W4A16 (group 128, symmetric)",
     "w4a8-spinquant": "W4A8 int",
     "w4a4-spinquant": "W4A4 int",
     "w4a8-quip": "W4A8 int",

@@ -58,7 +58,9 @@ from vllm_ptq_ascend.recipes.families import (
 from vllm_ptq_ascend.recipes.presets import PRESETS, build_recipe
 
 CI_E2E = [f for f in TINY_FAMILIES if f != "llama"]  # llama: tests/test_presets_e2e.py
-WEIGHT_ONLY = {"w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn", "w4a16-autoround"}
+WEIGHT_ONLY = {
+    "w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn", "w4a16-autoround", "w4a16-spinquant"
+}
 # int4 activations: see tests/test_presets_e2e.py
 CHAOTIC = {"w4a4-rtn", "w4a4-flatquant", "w4a4-spinquant", "w4a4-quip", "w4a4-mixed"}
 E2E_CALIBRATION = dict(num_samples=8, max_seq_length=64)

@@ -139,6 +139,15 @@ def test_broken_rotation_is_a_load_error_naming_layer_and_tensor(vllm_dist, bad,
         layer.quant_method.process_weights_after_loading(layer)
 
 
+def test_head_dim_not_dividing_a_layer_is_refused_naming_group_and_layer(vllm_dist):
+    """Block-diagonal rotations (transform_block_size) must tile the layer's features exactly."""
+    with pytest.raises(CheckpointError) as e:
+        rotated_gate_up(torch.float32, head_dim=24)  # 24 divides neither 64 nor the 48/32 shards
+    msg = str(e.value)
+    assert "transform group 'v' rotates blocks of head_dim=24" in msg
+    assert "does not divide the 64 features of layer 'model.layers.0.mlp.gate_up_proj'" in msg
+
+
 def test_rotation_configs_served_or_refused_by_name():
     from vllm_ptq_ascend.config import PtqAscendConfig
 

@@ -44,7 +44,9 @@ from vllm_ptq_ascend.recipes.presets import PRESETS
 
 pytestmark = pytest.mark.engine
 # w4a16-autoround: its symmetric grid stores negative weight scales (validation.require_nonzero_finite)
-WEIGHT_ONLY = {"w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn", "w4a16-autoround"}
+WEIGHT_ONLY = {
+    "w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn", "w4a16-autoround", "w4a16-spinquant"
+}
 FLATQUANT = {"w4a8-flatquant", "w8a8-flatquant", "w4a8-flatquant-rtn"}
 ROTATED_ONLINE = {"w4a8-quip"}  # online Hadamard rotations: served by online_transforms.py
 # int4 activations: see the module docstring
@@ -55,6 +57,7 @@ STOCK = {
     "w8a8-dynamic": "float32",
     "w4a16-awq": "bfloat16",
     "w4a16-gptq": "bfloat16",
+    "w4a16-spinquant": "bfloat16",  # rotations folded: a plain W4A16 checkpoint
 }
 
 CHECKPOINTS = sorted([*PRESETS, *PRESET_VARIANTS])

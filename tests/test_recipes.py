@@ -30,6 +30,7 @@ EXPECTED_PRESETS = {
     "w4a8",
     "w4a16-rtn",
     "w4a4-rtn",
+    "w4a16-spinquant",
     "w4a8-spinquant",
     "w4a4-spinquant",
     "w4a8-quip",

@@ -186,18 +186,31 @@ def w4a4_rtn(ignore: list[str] | None = None) -> list:
     return [QuantizationModifier(config_groups=groups, ignore=_ignore(ignore))]
 
 
-def _spinquant(act_bits: int, group_size: int | None, ignore, actorder: str | None) -> list:
-    """SpinQuant R1 + R2 random-Hadamard rotations folded into the weights, then GPTQ int4 weights.
+def _spinquant(act_bits: int | None, group_size: int | None, ignore, actorder: str | None) -> list:
+    """SpinQuant R1 + R2 random-Hadamard rotations folded into the weights, then GPTQ int4 weights
+    (with int per-token activations of ``act_bits``, or float ones if None).
     Random, not plain, Hadamard: compressed-tensors builds plain ones only for powers of two, and
     hidden sizes such as SmolLM2's 576 are not. The random ones come from a fresh torch.Generator,
     whose seed is fixed, so every run draws the same."""
     from vllm_ptq_ascend.recipes.families import FamilySpinQuantModifier
 
-    groups = _groups(_weights(4, group_size), _activations("dynamic", bits=act_bits), fmt="pack-quantized")
+    activations = None if act_bits is None else _activations("dynamic", bits=act_bits)
+    groups = _groups(_weights(4, group_size), activations, fmt="pack-quantized")
     return [
         FamilySpinQuantModifier(rotations=["R1", "R2"], transform_type="random-hadamard"),
         _gptq(groups, ignore, actorder),
     ]
+
+
+@preset("w4a16-spinquant", needs_calibration=True)
+def w4a16_spinquant(
+    ignore: list[str] | None = None, group_size: int | None = 128, actorder: str | None = "static"
+) -> list:
+    """W4A16 SpinQuant + GPTQ: R1/R2 rotations in the weights; int4 symmetric group weights, float acts."""
+    # The rotations spread weight outliers across channels as they do activation outliers, and,
+    # folded into the weights, leave a plain W4A16 checkpoint: every platform's stock W4A16 kernel
+    # serves it with no online transform.
+    return _spinquant(None, group_size, ignore, actorder)
 
 
 @preset("w4a8-spinquant", needs_calibration=True)
