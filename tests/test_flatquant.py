@@ -15,7 +15,7 @@ from layer_helpers import W8A8_DYNAMIC, build_layer, ct_config, load_tensors, ma
 from reference import dequant_weight, kron_rows, quant_per_token
 from test_scheme_numerics import REL_TOL, rel_err, run_layer
 
-from vllm_ptq_ascend.kronecker import (
+from vllm_ptq_ascend.formats.kronecker import (
     TRANSFORM_TYPE,
     check_factors,
     factor_sizes,

@@ -204,7 +204,7 @@ def vllm_ascend_cannot_serve(hf_quant_cfg: dict[str, Any]) -> str | None:
         return None
     if not cls.__module__.startswith("vllm_ascend."):
         return None
-    from vllm_ptq_ascend.transforms_config import parse_transform_config
+    from vllm_ptq_ascend.formats.transforms import parse_transform_config
 
     if parse_transform_config(hf_quant_cfg.get("transform_config")):
         return "vLLM-Ascend's compressed-tensors config ignores its online transform_config"

@@ -39,6 +39,11 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
 )
 
 from vllm_ptq_ascend import QUANT_METHOD
+from vllm_ptq_ascend.formats.transforms import (
+    CheckpointTransforms,
+    parse_transform_config,
+    transform_group_for,
+)
 from vllm_ptq_ascend.msmodelslim import DESCRIPTION_FILE, ModelSlimDescription, is_description
 from vllm_ptq_ascend.schemes import (
     FlatQuantScheme,
@@ -47,11 +52,6 @@ from vllm_ptq_ascend.schemes import (
     W4A8IntScheme,
     W8A8Int8Scheme,
     WNA16Scheme,
-)
-from vllm_ptq_ascend.transforms_config import (
-    CheckpointTransforms,
-    parse_transform_config,
-    transform_group_for,
 )
 from vllm_ptq_ascend.validation import CheckpointError, tensor_file_index
 

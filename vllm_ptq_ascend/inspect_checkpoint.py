@@ -279,7 +279,7 @@ def _geometry(scheme, shard: str, ckpt: Checkpoint) -> tuple[int, int] | None:
 
 def _rotation_entries(rotations) -> list[tuple[str, str, Any]]:
     """(group, location, TransformArgs) of each online rotation entry of the config."""
-    from vllm_ptq_ascend.transforms_config import location_name
+    from vllm_ptq_ascend.formats.transforms import location_name
 
     if rotations is None:
         return []
@@ -398,13 +398,13 @@ def inspect(path: str | Path) -> Report:
     from vllm.model_executor.layers.quantization.compressed_tensors.utils import should_ignore_layer
 
     from vllm_ptq_ascend.config import PtqAscendConfig, parse_ct_config, plan_groups
+    from vllm_ptq_ascend.formats.transforms import parse_transform_config
     from vllm_ptq_ascend.msmodelslim import (
         DESCRIPTION_FILE,
         DESCRIPTION_KEYS,
         FA3_SUFFIX,
         ModelSlimDescription,
     )
-    from vllm_ptq_ascend.transforms_config import parse_transform_config
 
     report = Report(str(root), kind)
     try:

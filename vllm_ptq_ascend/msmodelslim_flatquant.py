@@ -79,7 +79,7 @@ import math
 
 import torch
 
-from vllm_ptq_ascend.kronecker import check_factors, factor_sizes
+from vllm_ptq_ascend.formats.kronecker import check_factors, factor_sizes
 from vllm_ptq_ascend.msmodelslim import ModelSlimW8A8Dynamic, drop, loaded
 from vllm_ptq_ascend.msmodelslim_w4a8 import PACKED_VERSION, ModelSlimW4A8Dynamic
 from vllm_ptq_ascend.schemes import int_weights

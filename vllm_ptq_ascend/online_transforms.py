@@ -27,7 +27,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.transform.linear
     get_linear_transform_schemes,
 )
 
-from vllm_ptq_ascend.transforms_config import location_name
+from vllm_ptq_ascend.formats.transforms import location_name
 from vllm_ptq_ascend.validation import CheckpointError
 
 # a stored ±1 matrix is exact in any float dtype; this only tolerates rounding in H·Hᵀ

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
+from vllm_ptq_ascend.formats.kronecker import kronecker_transform  # noqa: F401 (backends call it here)
+
 INT8_MIN, INT8_MAX = -128, 127
 
 
@@ -63,13 +65,6 @@ def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = amax / INT8_MAX
     x_q = torch.round(x.float() / scale).clamp(INT8_MIN, INT8_MAX).to(torch.int8)
     return x_q, scale
-
-
-def kronecker_transform(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` [M, n1*n2] times L ⊗ R, without forming it: vec(L^T · X · R), X = row as [n1, n2]."""
-    n1, n2 = left.shape[0], right.shape[0]
-    x3 = x.reshape(-1, n1, n2)
-    return (left.t() @ (x3 @ right)).reshape(x.shape)
 
 
 def per_token_quant_clipped(

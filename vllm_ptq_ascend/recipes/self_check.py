@@ -128,7 +128,7 @@ def attach_online_transforms(model, ckpt_dir: Path, transform_config: dict) -> N
     from compressed_tensors.transform import TransformConfig, apply_transform_config
     from safetensors import safe_open
 
-    import vllm_ptq_ascend.kronecker  # noqa: F401  (registers the flatquant-kronecker type)
+    import vllm_ptq_ascend.formats.kronecker  # noqa: F401  (registers the flatquant-kronecker type)
 
     config = TransformConfig.model_validate(transform_config)
     for scheme in config.config_groups.values():

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_ptq_ascend.formats.kronecker import TRANSFORM_TENSORS, check_factors, factor_sizes
 from vllm_ptq_ascend.kernels import IntDynamicSpec
-from vllm_ptq_ascend.kronecker import TRANSFORM_TENSORS, check_factors, factor_sizes
 from vllm_ptq_ascend.schemes.base import SCALE_DTYPES
 from vllm_ptq_ascend.schemes.w4a4_int import W4A4IntScheme
 from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, checked_loader

@@ -42,7 +42,7 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 from torch.utils._pytree import tree_map
 
-from vllm_ptq_ascend.kronecker import check_factors, fold_into_weight, transform_config
+from vllm_ptq_ascend.formats.kronecker import check_factors, fold_into_weight, transform_config
 from vllm_ptq_ascend.recipes.families import Family, resolve_family
 from vllm_ptq_ascend.recipes.flatquant.structure import LinearGroup, block_groups, fold_into_norm
 from vllm_ptq_ascend.recipes.flatquant.trainable import FlatQuantLinear, TrainableTransform

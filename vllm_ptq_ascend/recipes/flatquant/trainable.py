@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_ptq_ascend.kernels.torch_ops import kronecker_transform
-from vllm_ptq_ascend.kronecker import factor_sizes
+from vllm_ptq_ascend.formats.kronecker import factor_sizes, kronecker_transform
 
 CLIP_INIT_LOGIT = 4.0  # sigmoid(4) = 0.982, FlatQuant's initial clipping ratio
 INITS = ("identity", "random-orthogonal")

@@ -23,7 +23,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
     should_ignore_layer,
 )
 
-from vllm_ptq_ascend.kronecker import TRANSFORM_TYPE
+from vllm_ptq_ascend.formats.kronecker import TRANSFORM_TYPE
 from vllm_ptq_ascend.validation import CheckpointError
 
 WHERE = "config.json: quantization_config.transform_config"

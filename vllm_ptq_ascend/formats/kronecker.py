@@ -22,12 +22,17 @@ from compressed_tensors.transform import TransformArgs, TransformLocation
 from compressed_tensors.transform.factory.base import TransformBase, TransformFactory
 from torch import nn
 
-from vllm_ptq_ascend.kernels.torch_ops import kronecker_transform
-
 TRANSFORM_TYPE = "flatquant-kronecker"
 TRANSFORM_TENSORS = ("left", "right", "clip_ratio")
 # inverting a factor worse conditioned than this loses the float32 activations' precision
 MAX_CONDITION = 1e6
+
+
+def kronecker_transform(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` [M, n1*n2] times L ⊗ R, without forming it: vec(L^T · X · R), X = row as [n1, n2]."""
+    n1, n2 = left.shape[0], right.shape[0]
+    x3 = x.reshape(-1, n1, n2)
+    return (left.t() @ (x3 @ right)).reshape(x.shape)
 
 
 def factor_sizes(n: int) -> tuple[int, int]:
