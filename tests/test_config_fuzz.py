@@ -177,7 +177,7 @@ def test_compressed_tensors_configs_parse_or_fail_clearly(config):
     if c is not None:
         assert c.modelslim is None
         for name, plan in c.plans.items():
-            assert plan is None or plan.group == name
+            assert plan is None or plan.source == name
 
 
 @CI
@@ -212,7 +212,9 @@ def test_single_group_parses_or_names_the_group(weights, acts, fmt):
         return
     plan = c.plans["grp_q"]
     if plan is not None:  # a plan always builds its scheme for a layer
-        plan.build("model.layers.0.mlp.down_proj", {}, ["model.layers.0.mlp.down_proj"])
+        from vllm_ptq_ascend.schemes.registry import build_scheme
+
+        build_scheme(plan, "model.layers.0.mlp.down_proj", {}, ["model.layers.0.mlp.down_proj"])
 
 
 @pytest.mark.parametrize(

@@ -92,14 +92,16 @@ EXPECTED_SCHEME = {
 
 def _expected_scheme(ckpt_dir) -> str:
     """The plugin's own describe() for the checkpoint's single group (from_config planning)."""
-    from vllm_ptq_ascend.config import PtqAscendConfig, flatquant_scheme
+    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.formats.compressed_tensors import flatquant_plan
+    from vllm_ptq_ascend.schemes.registry import build_scheme
 
     qc = json.loads((ckpt_dir / "config.json").read_text())["quantization_config"]
     (plan,) = [p for p in PtqAscendConfig.from_config(qc).plans.values() if p]
     groups = (qc.get("transform_config") or {}).get("config_groups", {}).values()
     if any(g.get("type") == "flatquant-kronecker" for g in groups):  # every FlatQuant linear has one
-        return flatquant_scheme(plan, "flatquant", "x", {}, ["x"]).describe()
-    return plan.build("x", {}, ["x"]).describe()  # also SpinQuant's: its rotations are in the weights
+        plan = flatquant_plan(plan, "flatquant", "x")
+    return build_scheme(plan, "x", {}, ["x"]).describe()  # also SpinQuant's: its rotations are in the weights
 
 
 def test_clean_preset_checkpoints_pass(preset_ckpts, capsys):

@@ -192,9 +192,11 @@ def test_act_order_group_checkpoints_are_accepted():
 def test_w4a8_groups_map_to_the_w4a8_scheme(fmt, group_size):
     from vllm_ptq_ascend.config import PtqAscendConfig
     from vllm_ptq_ascend.schemes import W4A8IntScheme
+    from vllm_ptq_ascend.schemes.registry import build_scheme
 
     plan = PtqAscendConfig.from_config(ct_config(*w4a8(group_size), fmt=fmt)).plans["group_0"]
-    assert plan.scheme is W4A8IntScheme
-    assert dict(plan.options) == {"group_size": group_size, "packed": fmt == "pack-quantized"}
-    scheme = plan.build("model.layers.0.mlp.down_proj", {}, ["model.layers.0.mlp.down_proj"])
+    assert (plan.format, plan.scheme) == ("compressed-tensors", "W4A8")
+    assert plan.settings == {"group_size": group_size, "packed": fmt == "pack-quantized"}
+    scheme = build_scheme(plan, "model.layers.0.mlp.down_proj", {}, ["model.layers.0.mlp.down_proj"])
+    assert type(scheme) is W4A8IntScheme
     assert scheme.describe().startswith("W4A8 int")

@@ -4,7 +4,7 @@ Reads the compressed-tensors ``quantization_config`` of ``config.json`` (or msMo
 ``quant_model_description.json``) and the safetensors headers, and loads a tensor only
 where its values are checked (scales). Everything the plugin decides is decided by the
 plugin's own code: :class:`~vllm_ptq_ascend.config.PtqAscendConfig` plans the config
-groups (:func:`~vllm_ptq_ascend.config.plan_groups`) and maps layers to schemes
+groups (:func:`~vllm_ptq_ascend.formats.compressed_tensors.plan_groups`) and maps layers to schemes
 (``scheme_for``: vLLM's target/ignore matching, fused-shard agreement, msModelSlim
 labels); each scheme's ``checkpoint_tensors`` says which tensors, dtypes and shapes a
 layer needs (the same constants and ``group_layout`` its ``create_weights`` uses); scale
@@ -397,7 +397,8 @@ def inspect(path: str | Path) -> Report:
 
     from vllm.model_executor.layers.quantization.compressed_tensors.utils import should_ignore_layer
 
-    from vllm_ptq_ascend.config import PtqAscendConfig, parse_ct_config, plan_groups
+    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.formats.compressed_tensors import parse_ct_config, plan_groups
     from vllm_ptq_ascend.formats.transforms import parse_transform_config
     from vllm_ptq_ascend.msmodelslim import (
         DESCRIPTION_FILE,

@@ -98,6 +98,7 @@ from vllm.model_executor.parameter import (
     PerTensorScaleParameter,
 )
 
+from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT, LayerPlan
 from vllm_ptq_ascend.schemes import PtqScheme, W8A8Int8Scheme, WNA16Scheme, int_weights
 from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec, require_loaded
 
@@ -348,37 +349,28 @@ class ModelSlimDescription:
             return f"'{scale}' and '{weight}' labelled {self.raw[weight]!r}"
         return ""
 
-    def scheme_for(self, prefix: str, shards: list[str], files: dict[str, str]) -> PtqScheme | None:
+    def plan_for(self, prefix: str, shards: list[str]) -> LayerPlan | None:
+        """The layer's plan: its label and what the description says of its layout (None: FLOAT)."""
         label = self.label_for(prefix, shards)
         if label == "FLOAT":
             return None
-        if label == "W8A8":
-            return ModelSlimW8A8(prefix, files=files, shards=shards)
-        if label == "W8A8_DYNAMIC":
-            return ModelSlimW8A8Dynamic(prefix, files=files, shards=shards)
-        if label in FLATQUANT:
-            from vllm_ptq_ascend.msmodelslim_flatquant import flatquant_scheme
+        options: dict[str, Any] = {}
+        if label in ("W4A4_FLATQUANT_DYNAMIC", "W8A8_FLATQUANT_DYNAMIC"):
+            options = {"label": label}
+        elif label == "W4A8_FLATQUANT_DYNAMIC":
+            options = {"version": self.version}
+        elif label == "W4A8_DYNAMIC":
+            from vllm_ptq_ascend.msmodelslim_w4a8 import w4a8_group_size
 
-            return flatquant_scheme(prefix, label, version=self.version, files=files, shards=shards)
-        if label == "W4A8_DYNAMIC":
-            from vllm_ptq_ascend.msmodelslim_w4a8 import ModelSlimW4A8Dynamic, w4a8_group_size
-
-            return ModelSlimW4A8Dynamic(
-                prefix,
-                group_size=w4a8_group_size(self.raw, self.version),
-                version=self.version,
-                files=files,
-                shards=shards,
-            )
-        bits = 8 if label == "W8A16" else 4
-        return ModelSlimWeightOnly(
-            prefix,
-            num_bits=bits,
-            group_size=self.group_size,
-            packed=bits == 4 and self.version == "1.0.0",
-            files=files,
-            shards=shards,
-        )
+            options = {"group_size": w4a8_group_size(self.raw, self.version), "version": self.version}
+        elif label in ("W8A16", "W4A16"):
+            bits = 8 if label == "W8A16" else 4
+            options = {
+                "num_bits": bits,
+                "group_size": self.group_size,
+                "packed": bits == 4 and self.version == "1.0.0",
+            }
+        return LayerPlan(MODELSLIM_FORMAT, label, tuple(options.items()), source=label)
 
 
 def set_param(layer: torch.nn.Module, name: str, tensor: torch.Tensor | None) -> None:
@@ -462,6 +454,8 @@ class _ModelSlimScheme(PtqScheme):
 
 
 class ModelSlimW8A8Dynamic(_ModelSlimScheme):
+    serves = ((MODELSLIM_FORMAT, "W8A8_DYNAMIC"),)
+
     label = "W8A8_DYNAMIC"
     tensor_names = ("weight", "weight_scale")
 
@@ -501,6 +495,8 @@ class ModelSlimW8A8Dynamic(_ModelSlimScheme):
 
 
 class ModelSlimW8A8(_ModelSlimScheme):
+    serves = ((MODELSLIM_FORMAT, "W8A8"),)
+
     label = "W8A8"
     tensor_names = ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias")
 
@@ -613,6 +609,8 @@ class ModelSlimW8A8(_ModelSlimScheme):
 
 class ModelSlimWeightOnly(_ModelSlimScheme):
     """W8A16 / W4A16 -> WNA16Scheme."""
+
+    serves = ((MODELSLIM_FORMAT, "W8A16"), (MODELSLIM_FORMAT, "W4A16"))
 
     tensor_names = ("weight", "weight_scale")
 

@@ -80,6 +80,7 @@ import math
 import torch
 
 from vllm_ptq_ascend.formats.kronecker import check_factors, factor_sizes
+from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT
 from vllm_ptq_ascend.msmodelslim import ModelSlimW8A8Dynamic, drop, loaded
 from vllm_ptq_ascend.msmodelslim_w4a8 import PACKED_VERSION, ModelSlimW4A8Dynamic
 from vllm_ptq_ascend.schemes import int_weights
@@ -271,6 +272,11 @@ class ModelSlimFlatQuant(_FlatQuant, ModelSlimW8A8Dynamic):
     """W4A4_FLATQUANT_DYNAMIC / W8A8_FLATQUANT_DYNAMIC: W8A8_DYNAMIC's tensors (int4 values in int8
     for W4A4) plus the transform."""
 
+    serves = (
+        (MODELSLIM_FORMAT, "W4A4_FLATQUANT_DYNAMIC"),
+        (MODELSLIM_FORMAT, "W8A8_FLATQUANT_DYNAMIC"),
+    )
+
     def __init__(self, layer_name: str, *, label: str, files=None, shards=None):
         super().__init__(layer_name, files, shards)
         self._setup(label)
@@ -278,6 +284,8 @@ class ModelSlimFlatQuant(_FlatQuant, ModelSlimW8A8Dynamic):
 
 class ModelSlimFlatQuantW4A8(_FlatQuant, ModelSlimW4A8Dynamic):
     """W4A8_FLATQUANT_DYNAMIC: W4A8_DYNAMIC's per-channel "1.0.0" tensors plus the transform."""
+
+    serves = ((MODELSLIM_FORMAT, "W4A8_FLATQUANT_DYNAMIC"),)
 
     def __init__(self, layer_name: str, *, version: str, files=None, shards=None, row_parallel=None):
         if version != PACKED_VERSION:
@@ -347,9 +355,3 @@ class _ClipBlocks(PtqScheme):
             for sub, scheme, start, end in layer.ptq_flatquant_blocks
         ]
         return torch.cat(outs, dim=-1)
-
-
-def flatquant_scheme(layer_name: str, label: str, *, version: str, files=None, shards=None) -> PtqScheme:
-    if label == "W4A8_FLATQUANT_DYNAMIC":
-        return ModelSlimFlatQuantW4A8(layer_name, version=version, files=files, shards=shards)
-    return ModelSlimFlatQuant(layer_name, label=label, files=files, shards=shards)

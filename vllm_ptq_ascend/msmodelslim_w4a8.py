@@ -75,6 +75,7 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
+from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT
 from vllm_ptq_ascend.msmodelslim import _ModelSlimScheme, drop, set_param
 from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.w4a8_int import W4A8IntScheme
@@ -110,6 +111,8 @@ def unpack_int4_rows(w: torch.Tensor) -> torch.Tensor:
 
 class ModelSlimW4A8Dynamic(_ModelSlimScheme):
     """msModelSlim W4A8_DYNAMIC -> W4A8IntScheme (int4 symmetric weights, int8 per-token activations)."""
+
+    serves = ((MODELSLIM_FORMAT, "W4A8_DYNAMIC"),)
 
     label = LABEL
 

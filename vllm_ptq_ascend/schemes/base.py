@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from vllm_ptq_ascend.formats.plan import LayerPlan
 from vllm_ptq_ascend.kernels import KernelBackend, get_backend
 from vllm_ptq_ascend.validation import FLOAT_DTYPES, TensorSpec, checked_loader, require_loaded, where
 
@@ -19,6 +20,13 @@ class PtqScheme(ABC):
 
     #: checkpoint tensors this scheme expects, in the order of error messages
     tensor_names: tuple[str, ...] = ()
+    #: the plans this scheme serves, as (format, scheme) pairs; each class names its own
+    serves: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def matches(cls, plan: LayerPlan) -> bool:
+        """True if this scheme serves ``plan`` (a subclass does not inherit its parent's plans)."""
+        return (plan.format, plan.scheme) in cls.__dict__.get("serves", ())
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from vllm_ptq_ascend.formats.kronecker import TRANSFORM_TENSORS, check_factors, factor_sizes
+from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import IntDynamicSpec
 from vllm_ptq_ascend.schemes.base import SCALE_DTYPES
 from vllm_ptq_ascend.schemes.w4a4_int import W4A4IntScheme
@@ -30,6 +31,8 @@ def require_whole_input(where: str, input_size: int, input_size_per_partition: i
 
 
 class FlatQuantScheme(W4A4IntScheme):
+    serves = ((CT_FORMAT, "FlatQuant"),)
+
     def __init__(
         self,
         layer_name: str,

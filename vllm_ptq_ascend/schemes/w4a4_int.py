@@ -9,11 +9,14 @@ within half a step of the int4 grid.
 
 from __future__ import annotations
 
+from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import IntDynamicSpec
 from vllm_ptq_ascend.schemes.w4a8_int import W4A8IntScheme
 
 
 class W4A4IntScheme(W4A8IntScheme):
+    serves = ((CT_FORMAT, "W4A4"),)
+
     act_bits = 4
 
     def __init__(self, layer_name: str, *, packed: bool, files=None, shards=None):

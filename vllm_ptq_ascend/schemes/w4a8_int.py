@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import torch
 
+from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import W4A8Spec
 from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.base import PtqScheme
 
 
 class W4A8IntScheme(PtqScheme):
+    serves = ((CT_FORMAT, "W4A8"),)
+
     weight_bits = 4
 
     def __init__(

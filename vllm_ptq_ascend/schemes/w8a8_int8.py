@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from vllm.model_executor.parameter import ChannelQuantScaleParameter, PerTensorScaleParameter
 
+from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import Int8LinearSpec
 from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, PtqScheme
@@ -17,6 +18,8 @@ from vllm_ptq_ascend.validation import TensorSpec, require_nonzero_finite, requi
 
 
 class W8A8Int8Scheme(PtqScheme):
+    serves = ((CT_FORMAT, "W8A8"),)
+
     def __init__(
         self,
         layer_name: str,

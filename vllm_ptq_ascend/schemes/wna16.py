@@ -19,6 +19,7 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
+from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import WeightOnlySpec
 from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.base import PtqScheme
@@ -28,6 +29,8 @@ SUPPORTED_BITS = (4, 8)
 
 
 class WNA16Scheme(PtqScheme):
+    serves = ((CT_FORMAT, "WNA16"),)
+
     def __init__(
         self,
         layer_name: str,
