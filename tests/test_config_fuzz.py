@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vllm_ptq_ascend.msmodelslim import DESCRIPTION_FILE, NOT_YET, OTHER, SERVED
+from vllm_ptq_ascend.formats.msmodelslim import DESCRIPTION_FILE, NOT_YET, OTHER, SERVED
 from vllm_ptq_ascend.validation import CheckpointError
 
 settings.register_profile(

@@ -82,7 +82,7 @@ def w4a8_scale_bias(name: str, q, s1, s2):
     return 8 * deq.reshape(q.shape[0], cols, -1).sum(-1)
 
 
-# -- FlatQuant (msmodelslim_flatquant.py) ------------------------------------------------------
+# -- FlatQuant (schemes/msmodelslim_flatquant.py) ------------------------------------------------------
 FQ_BITS = {
     "W4A4_FLATQUANT_DYNAMIC": (4, 4),
     "W8A8_FLATQUANT_DYNAMIC": (8, 8),
@@ -895,7 +895,7 @@ def test_bad_flatquant_tensors_are_rejected_naming_the_tensor(label, change, mat
 
 
 def test_flatquant_dispatch_versions_and_tensor_parallel_refusal():
-    from vllm_ptq_ascend.msmodelslim_flatquant import ModelSlimFlatQuant, modelslim_factor_sizes
+    from vllm_ptq_ascend.schemes.msmodelslim_flatquant import ModelSlimFlatQuant, modelslim_factor_sizes
     from vllm_ptq_ascend.validation import CheckpointError
 
     c = _config(

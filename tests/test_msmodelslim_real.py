@@ -354,7 +354,7 @@ def test_known_labels_cover_every_label_msmodelslim_writes():
     """Read msModelSlim's savers: every label they can write is either served or known (refused by name)."""
     from msmodelslim.pytorch.llm_ptq.llm_ptq_tools.llm_ptq_utils import QuantType
 
-    from vllm_ptq_ascend import msmodelslim as ms
+    from vllm_ptq_ascend.formats import msmodelslim as ms
 
     src = (_msmodelslim_root() / "core/quant_service/modelslim_v1/save/ascendv1.py").read_text()
     written = set(re.findall(r'write_tensor\([^,]+,\s*"([A-Za-z0-9_]+)"', src))
@@ -382,7 +382,7 @@ def test_known_labels_cover_every_label_msmodelslim_writes():
 def test_description_keys_cover_every_non_tensor_key_msmodelslim_writes():
     from msmodelslim.pytorch.llm_ptq.llm_ptq_tools.llm_ptq_utils import QuantModelJsonDescription
 
-    from vllm_ptq_ascend import msmodelslim as ms
+    from vllm_ptq_ascend.formats import msmodelslim as ms
 
     legacy = {
         v for k, v in vars(QuantModelJsonDescription).items() if k.endswith("_name") and isinstance(v, str)
@@ -400,7 +400,9 @@ def test_description_keys_cover_every_non_tensor_key_msmodelslim_writes():
     )
 
 
-@pytest.mark.parametrize("label", __import__("vllm_ptq_ascend.msmodelslim", fromlist=["x"]).KNOWN_UNSERVED)
+@pytest.mark.parametrize(
+    "label", __import__("vllm_ptq_ascend.formats.msmodelslim", fromlist=["x"]).KNOWN_UNSERVED
+)
 def test_every_unserved_label_is_refused_naming_the_layer_and_the_label(label):
     from vllm_ptq_ascend.validation import CheckpointError
 

@@ -30,7 +30,7 @@ At that commit the registry has ("W4A16", "moe") but no ("W4A16", "linear") (iss
 free (a key vLLM-Ascend or anyone else holds is left alone). They are adapters
 (``_MsModelSlimLinearAdapter``): msModelSlim's tensors are created by the scheme ``ptq_ascend``
 serves those checkpoints with (``msmodelslim.ModelSlimWeightOnly``,
-``msmodelslim_w4a8.ModelSlimW4A8Dynamic``) on a scratch module, handed to vLLM-Ascend by name,
+``schemes.msmodelslim_w4a8.ModelSlimW4A8Dynamic``) on a scratch module, handed to vLLM-Ascend by name,
 then translated and run on our kernel backend (``kernels/npu.py``: ``prepare_weight_only`` /
 ``weight_only_mm``; ``prepare_w4a8`` / ``w4a8_mm``).
 
@@ -58,7 +58,7 @@ compressed-tensors schemes instead (``ascend_ct.py``).
 
 W8A8_FLATQUANT_DYNAMIC and W4A8_FLATQUANT_DYNAMIC have no linear scheme there either (it has
 ("W4A4_FLATQUANT_DYNAMIC", "linear"), ``methods/w4a4_flatquant.py``, which we leave alone); we add
-both keys, each only when free. Their tensors (msmodelslim_flatquant.py) are handed over as that
+both keys, each only when free. Their tensors (schemes/msmodelslim_flatquant.py) are handed over as that
 file's W4A4 scheme does: ``left_trans`` [n1, n1], ``right_trans`` [n2, n2] (``get_decompose_dim``
 sizes) and ``clip_ratio`` [1] from ``get_pertensor_param``, ``weight_scale`` / ``weight_offset``
 per channel, and for W4A8 the packed weight and ``scale_bias`` as W4A8_DYNAMIC above. vLLM-Ascend
@@ -258,8 +258,8 @@ class _MsModelSlimLinearAdapter:
         return self._hand_over(tensors)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        from vllm_ptq_ascend.msmodelslim import set_param
         from vllm_ptq_ascend.schemes import int_weights
+        from vllm_ptq_ascend.schemes.msmodelslim_common import set_param
         from vllm_ptq_ascend.validation import CheckpointError
 
         s = self.scratch
@@ -313,7 +313,7 @@ class MsModelSlimW4A16Linear(_MsModelSlimLinearAdapter):
     quant_type = "W4A16"
 
     def _make_scheme(self, desc):
-        from vllm_ptq_ascend.msmodelslim import ModelSlimWeightOnly
+        from vllm_ptq_ascend.schemes.msmodelslim_weight_only import ModelSlimWeightOnly
 
         return ModelSlimWeightOnly(
             "", num_bits=4, group_size=_description_group_size(desc), packed=self.version == "1.0.0"
@@ -331,7 +331,7 @@ class MsModelSlimW4A16Linear(_MsModelSlimLinearAdapter):
 
 
 class MsModelSlimW4A8DynamicLinear(_MsModelSlimLinearAdapter):
-    """vLLM-Ascend linear scheme for msModelSlim W4A8_DYNAMIC (msmodelslim_w4a8.py): first-level
+    """vLLM-Ascend linear scheme for msModelSlim W4A8_DYNAMIC (schemes/msmodelslim_w4a8.py): first-level
     ``weight_scale`` / ``weight_offset`` per channel; ``weight_scale_second`` /
     ``weight_offset_second`` per group and ``scale_bias`` ([out, 1], or [out, 16] for
     ``layer_type == "row"`` as vLLM-Ascend's removed linear created it) from get_pergroup_param."""
@@ -339,7 +339,8 @@ class MsModelSlimW4A8DynamicLinear(_MsModelSlimLinearAdapter):
     quant_type = "W4A8_DYNAMIC"
 
     def _make_scheme(self, desc):
-        from vllm_ptq_ascend.msmodelslim_w4a8 import ModelSlimW4A8Dynamic, w4a8_group_size
+        from vllm_ptq_ascend.formats.msmodelslim import w4a8_group_size
+        from vllm_ptq_ascend.schemes.msmodelslim_w4a8 import ModelSlimW4A8Dynamic
 
         _description_group_size(desc)  # type check
         return ModelSlimW4A8Dynamic(
@@ -353,7 +354,7 @@ class MsModelSlimW4A8DynamicLinear(_MsModelSlimLinearAdapter):
         return ("weight_scale_second", "weight_offset_second") if self.scheme.per_group else ()
 
     def _row_tensors(self, layer_type):
-        from vllm_ptq_ascend.msmodelslim_w4a8 import ROW_SCALE_BIAS_COLS
+        from vllm_ptq_ascend.schemes.msmodelslim_w4a8 import ROW_SCALE_BIAS_COLS
         from vllm_ptq_ascend.validation import CheckpointError
 
         tensors = super()._row_tensors(layer_type)
@@ -411,13 +412,13 @@ _FUSED_CLIP_NOTED = False
 
 
 class MsModelSlimW8A8FlatQuantLinear(_FlatQuantAdapter, _MsModelSlimLinearAdapter):
-    """vLLM-Ascend linear scheme for msModelSlim W8A8_FLATQUANT_DYNAMIC (msmodelslim_flatquant.py):
+    """vLLM-Ascend linear scheme for msModelSlim W8A8_FLATQUANT_DYNAMIC (schemes/msmodelslim_flatquant.py):
     ``weight`` int8 [out, in], ``weight_scale`` / ``weight_offset`` [out, 1], the transform tensors."""
 
     quant_type = "W8A8_FLATQUANT_DYNAMIC"
 
     def _make_scheme(self, desc):
-        from vllm_ptq_ascend.msmodelslim_flatquant import ModelSlimFlatQuant
+        from vllm_ptq_ascend.schemes.msmodelslim_flatquant import ModelSlimFlatQuant
 
         return ModelSlimFlatQuant("", label=self.quant_type)
 
@@ -435,7 +436,7 @@ class MsModelSlimW4A8FlatQuantLinear(_FlatQuantAdapter, MsModelSlimW4A8DynamicLi
     quant_type = "W4A8_FLATQUANT_DYNAMIC"
 
     def _make_scheme(self, desc):
-        from vllm_ptq_ascend.msmodelslim_flatquant import ModelSlimFlatQuantW4A8
+        from vllm_ptq_ascend.schemes.msmodelslim_flatquant import ModelSlimFlatQuantW4A8
 
         return ModelSlimFlatQuantW4A8("", version=self.version, row_parallel=False)
 

@@ -167,7 +167,7 @@ class CompressedTensorsLinear:
         return dict(self.hooks["get_pergroup_param"])
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        from vllm_ptq_ascend.msmodelslim import set_param
+        from vllm_ptq_ascend.schemes.msmodelslim_common import set_param
 
         rank = getattr(layer, "tp_rank", 0)
         for name, size in self.row_whole.items():

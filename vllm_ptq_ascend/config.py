@@ -38,13 +38,13 @@ from vllm_ptq_ascend.formats.compressed_tensors import (
     plan_groups,
     servable_by_us,
 )
+from vllm_ptq_ascend.formats.msmodelslim import DESCRIPTION_FILE, ModelSlimDescription, is_description
 from vllm_ptq_ascend.formats.plan import LayerPlan
 from vllm_ptq_ascend.formats.transforms import (
     CheckpointTransforms,
     parse_transform_config,
     transform_group_for,
 )
-from vllm_ptq_ascend.msmodelslim import DESCRIPTION_FILE, ModelSlimDescription, is_description
 from vllm_ptq_ascend.schemes import PtqScheme
 from vllm_ptq_ascend.schemes.registry import build_scheme
 from vllm_ptq_ascend.validation import CheckpointError, tensor_file_index

@@ -173,7 +173,7 @@ class Checkpoint:
 
 def _read_config(root: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(kind, quantization dict, config.json) or raise InspectUsageError."""
-    from vllm_ptq_ascend.msmodelslim import DESCRIPTION_FILE
+    from vllm_ptq_ascend.formats.msmodelslim import DESCRIPTION_FILE
 
     if not root.is_dir():
         raise InspectUsageError(f"{root}: not a directory")
@@ -399,13 +399,13 @@ def inspect(path: str | Path) -> Report:
 
     from vllm_ptq_ascend.config import PtqAscendConfig
     from vllm_ptq_ascend.formats.compressed_tensors import parse_ct_config, plan_groups
-    from vllm_ptq_ascend.formats.transforms import parse_transform_config
-    from vllm_ptq_ascend.msmodelslim import (
+    from vllm_ptq_ascend.formats.msmodelslim import (
         DESCRIPTION_FILE,
         DESCRIPTION_KEYS,
         FA3_SUFFIX,
         ModelSlimDescription,
     )
+    from vllm_ptq_ascend.formats.transforms import parse_transform_config
 
     report = Report(str(root), kind)
     try:

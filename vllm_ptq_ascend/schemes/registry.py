@@ -6,11 +6,12 @@ A new scheme is one file in this folder and one line here.
 from __future__ import annotations
 
 from vllm_ptq_ascend.formats.plan import LayerPlan
-from vllm_ptq_ascend.msmodelslim import ModelSlimW8A8, ModelSlimW8A8Dynamic, ModelSlimWeightOnly
-from vllm_ptq_ascend.msmodelslim_flatquant import ModelSlimFlatQuant, ModelSlimFlatQuantW4A8
-from vllm_ptq_ascend.msmodelslim_w4a8 import ModelSlimW4A8Dynamic
 from vllm_ptq_ascend.schemes.base import PtqScheme
 from vllm_ptq_ascend.schemes.flatquant import FlatQuantScheme
+from vllm_ptq_ascend.schemes.msmodelslim_flatquant import ModelSlimFlatQuant, ModelSlimFlatQuantW4A8
+from vllm_ptq_ascend.schemes.msmodelslim_w4a8 import ModelSlimW4A8Dynamic
+from vllm_ptq_ascend.schemes.msmodelslim_w8a8 import ModelSlimW8A8, ModelSlimW8A8Dynamic
+from vllm_ptq_ascend.schemes.msmodelslim_weight_only import ModelSlimWeightOnly
 from vllm_ptq_ascend.schemes.w4a4_int import W4A4IntScheme
 from vllm_ptq_ascend.schemes.w4a8_int import W4A8IntScheme
 from vllm_ptq_ascend.schemes.w8a8_int8 import W8A8Int8Scheme

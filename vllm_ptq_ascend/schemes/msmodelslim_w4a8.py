@@ -75,17 +75,16 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
+from vllm_ptq_ascend.formats.msmodelslim import LEGACY_VERSIONS
 from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT
-from vllm_ptq_ascend.msmodelslim import _ModelSlimScheme, drop, set_param
 from vllm_ptq_ascend.schemes import int_weights
+from vllm_ptq_ascend.schemes.msmodelslim_common import _ModelSlimScheme, drop, set_param
 from vllm_ptq_ascend.schemes.w4a8_int import W4A8IntScheme
 from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec, require_positive_finite
 
 LABEL = "W4A8_DYNAMIC"
-LEGACY_VERSIONS = ("0",)  # "0": vLLM-Ascend's default when the description has no version
 PACKED_VERSION = "1.0.0"
 VERSIONS = (*LEGACY_VERSIONS, PACKED_VERSION)
-LEGACY_DEFAULT_GROUP = 256  # vLLM-Ascend's default without "group_size" (the legacy saver writes none)
 ROW_SCALE_BIAS_COLS = 16  # process_scale(name, bias, 16)
 OFFSET_DTYPES = (*FLOAT_DTYPES, torch.int64, torch.int32, torch.int8)
 # scale_bias against 8 * sum(q * s2 * s1): the legacy saver rounds s1, s2 to bfloat16 (relative
@@ -333,10 +332,3 @@ class ModelSlimW4A8Dynamic(_ModelSlimScheme):
             files=self.files,
             shards=self.shards,
         )
-
-
-def w4a8_group_size(description: dict, version: str) -> int:
-    """The description's ``group_size``; without one, vLLM-Ascend's 256 for the legacy layout."""
-    if "group_size" not in description and version in LEGACY_VERSIONS:
-        return LEGACY_DEFAULT_GROUP
-    return int(description.get("group_size", 0))

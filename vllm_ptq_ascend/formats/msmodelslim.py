@@ -1,4 +1,4 @@
-"""msModelSlim checkpoints (``quant_model_description.json``) served by ``ptq_ascend``.
+"""msModelSlim checkpoints: ``quant_model_description.json`` -> a plan per linear layer.
 
 msModelSlim (github Ascend/msmodelslim) writes, next to ``config.json`` (whose
 ``quantization_config`` it removes), a description ``{"model_quant_type": "W8A8",
@@ -86,21 +86,10 @@ communication quantization). Model adapters add ``indexer_quant_type`` (DeepSeek
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-import torch
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-from vllm.model_executor.parameter import (
-    ChannelQuantScaleParameter,
-    GroupQuantScaleParameter,
-    ModelWeightParameter,
-    PackedvLLMParameter,
-    PerTensorScaleParameter,
-)
+from typing import Any
 
 from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT, LayerPlan
-from vllm_ptq_ascend.schemes import PtqScheme, W8A8Int8Scheme, WNA16Scheme, int_weights
-from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec, require_loaded
+from vllm_ptq_ascend.validation import CheckpointError
 
 DESCRIPTION_FILE = "quant_model_description.json"
 WHERE = DESCRIPTION_FILE
@@ -202,12 +191,6 @@ def unserved_reason(label: str) -> str:
     if label == "W4A4_DYNAMIC":
         return "int4 weights with int4 per-token activations (msModelSlim layout)"
     return "not implemented"
-
-
-# relative tolerance of deq_scale against input_scale * weight_scale: both are written in
-# float32 from the same float32 scales (ascendv1.py), so they agree to a few ulp; 1e-2 also
-# admits scales stored in bfloat16 by older tools and still catches any real disagreement.
-DEQ_SCALE_RTOL = 1e-2
 
 
 def is_description(config: dict[str, Any]) -> bool:
@@ -360,8 +343,6 @@ class ModelSlimDescription:
         elif label == "W4A8_FLATQUANT_DYNAMIC":
             options = {"version": self.version}
         elif label == "W4A8_DYNAMIC":
-            from vllm_ptq_ascend.msmodelslim_w4a8 import w4a8_group_size
-
             options = {"group_size": w4a8_group_size(self.raw, self.version), "version": self.version}
         elif label in ("W8A16", "W4A16"):
             bits = 8 if label == "W8A16" else 4
@@ -373,368 +354,16 @@ class ModelSlimDescription:
         return LayerPlan(MODELSLIM_FORMAT, label, tuple(options.items()), source=label)
 
 
-def set_param(layer: torch.nn.Module, name: str, tensor: torch.Tensor | None) -> None:
-    """(Re)register ``name`` on ``layer`` as a frozen parameter (or None)."""
-    if name in layer._parameters:
-        del layer._parameters[name]
-    elif hasattr(layer, name):
-        delattr(layer, name)
-    layer.register_parameter(
-        name, None if tensor is None else torch.nn.Parameter(tensor, requires_grad=False)
-    )
+# W4A8_DYNAMIC layouts: "0" is vLLM-Ascend's default when the description has no version
+LEGACY_VERSIONS = ("0",)
+LEGACY_DEFAULT_GROUP = 256  # vLLM-Ascend's default without "group_size" (the legacy saver writes none)
 
 
-def drop(layer: torch.nn.Module, *names: str) -> None:
-    for name in names:
-        if name in layer._parameters:
-            del layer._parameters[name]
-
-
-def loaded(layer: torch.nn.Module, name: str) -> bool:
-    p = getattr(layer, name, None)
-    return p is not None and bool(getattr(p, "ptq_loaded_shards", None))
-
-
-def int64_bits_as_float32(inner: Callable) -> Callable:
-    """deq_scale of float16 models is stored as its float32 bit pattern in int64
-    (msmodelslim ``format/common/deqscale.py`` ``deqscale2int64``): reinterpret it."""
-
-    def load(param, loaded_weight, *args, **kwargs):
-        if loaded_weight.dtype == torch.int64:
-            loaded_weight = loaded_weight.to(torch.int32).view(torch.float32)
-        return inner(param, loaded_weight, *args, **kwargs)
-
-    return load
-
-
-class _ModelSlimScheme(PtqScheme):
-    """Registers msModelSlim tensors, translates them after loading, then runs ``self.inner``."""
-
-    label = ""
-    inner: PtqScheme | None = None
-
-    def describe(self) -> str:
-        inner = f" -> {self.inner.describe()}" if self.inner is not None else ""
-        return f"msModelSlim {self.label}{inner}"
-
-    def process_weights_after_loading(self, layer):
-        require_loaded(layer, self.layer_name, self.tensor_names, self.files, self.shards)
-        self.inner = self.translate(layer)
-        self.inner.validate_loaded(layer)
-        self.inner.prepare(layer)
-
-    def translate(self, layer) -> PtqScheme:
-        raise NotImplementedError
-
-    def prepare(self, layer):  # done by the inner scheme
-        raise NotImplementedError
-
-    def apply_weights(self, layer, x, bias=None):
-        return self.inner.apply_weights(layer, x, bias)
-
-    def _channel_param(self, layer, name, out_features, dtypes, weight_loader, dtype=torch.float32, cols=1):
-        shape = (out_features, cols) if cols else (out_features,)
-        layer.register_parameter(
-            name,
-            ChannelQuantScaleParameter(
-                data=torch.zeros(shape, dtype=dtype),
-                output_dim=0,
-                weight_loader=self.loader(weight_loader, name, dtypes),
-            ),
-        )
-
-    def _require_zero(self, layer, name):
-        if loaded(layer, name):
-            t = getattr(layer, name).data
-            if bool((t != 0).any()):
-                raise CheckpointError(
-                    f"{self.where(name)}: {self.label} weights must be symmetric (all offsets 0), "
-                    f"found {int((t != 0).sum())} non-zero (vllm-ascend ignores them too)"
-                )
-
-
-class ModelSlimW8A8Dynamic(_ModelSlimScheme):
-    serves = ((MODELSLIM_FORMAT, "W8A8_DYNAMIC"),)
-
-    label = "W8A8_DYNAMIC"
-    tensor_names = ("weight", "weight_scale")
-
-    def checkpoint_tensors(self, out_features, in_features):
-        channel = ((out_features, 1),)
-        return int_weights.int8_weight_spec(out_features, in_features) | {
-            "weight_scale": TensorSpec(FLOAT_DTYPES, channel, scale=True),
-            "weight_offset": TensorSpec(FLOAT_DTYPES, channel, required=False),
-        }
-
-    def create_weights(
-        self,
-        layer,
-        input_size,
-        input_size_per_partition,
-        output_partition_sizes,
-        output_size,
-        params_dtype,
-        weight_loader,
-    ):
-        out = int_weights.setup_layer(
-            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
-        )
-        int_weights.register_int8_weight(layer, self, out, input_size_per_partition, weight_loader)
-        self._channel_param(layer, "weight_scale", out, FLOAT_DTYPES, weight_loader)
-        self._channel_param(layer, "weight_offset", out, FLOAT_DTYPES, weight_loader)
-
-    def translate(self, layer):
-        self._require_zero(layer, "weight_offset")
-        drop(layer, "weight_offset")
-        set_param(layer, "input_scale", None)
-        set_param(layer, "input_zero_point", None)
-        set_param(layer, "azp_adj", None)
-        return W8A8Int8Scheme(
-            self.layer_name, weight_per_channel=True, static_input=False, files=self.files, shards=self.shards
-        )
-
-
-class ModelSlimW8A8(_ModelSlimScheme):
-    serves = ((MODELSLIM_FORMAT, "W8A8"),)
-
-    label = "W8A8"
-    tensor_names = ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias")
-
-    def checkpoint_tensors(self, out_features, in_features):
-        channel, per_tensor = ((out_features, 1),), ((1,), ())
-        return int_weights.int8_weight_spec(out_features, in_features) | {
-            "input_scale": TensorSpec(FLOAT_DTYPES, per_tensor, scale=True),
-            "input_offset": TensorSpec((*FLOAT_DTYPES, torch.int8, torch.int32), per_tensor),
-            # int64: float32 bit patterns (int64_bits_as_float32)
-            "deq_scale": TensorSpec((*FLOAT_DTYPES, torch.int64), ((out_features,),), scale=True),
-            "quant_bias": TensorSpec((torch.int32,), ((out_features,),)),
-            "weight_scale": TensorSpec(FLOAT_DTYPES, channel, required=False, scale=True),
-            "weight_offset": TensorSpec(FLOAT_DTYPES, channel, required=False),
-        }
-
-    def create_weights(
-        self,
-        layer,
-        input_size,
-        input_size_per_partition,
-        output_partition_sizes,
-        output_size,
-        params_dtype,
-        weight_loader,
-    ):
-        out = int_weights.setup_layer(
-            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
-        )
-        n_shards = len(output_partition_sizes)
-        int_weights.register_int8_weight(layer, self, out, input_size_per_partition, weight_loader)
-        # optional: the ascendV1 saver writes no weight_scale/weight_offset for W8A8
-        self._channel_param(layer, "weight_scale", out, FLOAT_DTYPES, weight_loader)
-        self._channel_param(layer, "weight_offset", out, FLOAT_DTYPES, weight_loader)
-        self._channel_param(layer, "quant_bias", out, (torch.int32,), weight_loader, torch.int64, cols=0)
-        layer.register_parameter(
-            "deq_scale",
-            ChannelQuantScaleParameter(
-                data=torch.zeros(out, dtype=torch.float32),
-                output_dim=0,
-                weight_loader=self.loader(
-                    int64_bits_as_float32(weight_loader), "deq_scale", (*FLOAT_DTYPES, torch.int64)
-                ),
-            ),
-        )
-        for name, dtypes in (
-            ("input_scale", FLOAT_DTYPES),
-            ("input_offset", (*FLOAT_DTYPES, torch.int8, torch.int32)),
-        ):
-            layer.register_parameter(
-                name,
-                PerTensorScaleParameter(
-                    data=torch.zeros(n_shards, dtype=torch.float32),
-                    weight_loader=self.loader(weight_loader, name, dtypes),
-                ),
-            )
-
-    def translate(self, layer):
-        offset = layer.input_offset.data.double()
-        if bool((offset != offset.round()).any() or (offset < -128).any() or (offset > 127).any()):
-            raise CheckpointError(
-                f"{self.where('input_offset')}: must hold integers in [-128, 127], found {offset.tolist()}"
-            )
-        self._require_zero(layer, "weight_offset")
-        widths = torch.tensor(layer.logical_widths)
-        in_scale = torch.repeat_interleave(layer.input_scale.data.double(), widths)  # per output row
-        in_zp = torch.repeat_interleave(offset, widths)
-        deq = layer.deq_scale.data.double()
-        if loaded(layer, "weight_scale"):
-            w_scale = layer.weight_scale.data.double().reshape(-1)
-            expected = in_scale * w_scale
-            bad = (deq - expected).abs() > DEQ_SCALE_RTOL * expected.abs()
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0])
-                raise CheckpointError(
-                    f"{self.where('deq_scale')}: disagrees with input_scale * weight_scale in "
-                    f"{int(bad.sum())} channel(s) (first: channel {i}, deq_scale {deq[i].item():.6g}, "
-                    f"input_scale * weight_scale {expected[i].item():.6g})"
-                )
-        else:  # derived: the NPU runs on deq_scale alone
-            w_scale = deq / in_scale
-        # quant_bias = round(bias / deq_scale - rowsum(weight) * input_offset) (ascendv1.py
-        # on_w8a8_static). Row-parallel ranks hold part of each row: checked without TP split only.
-        if layer.input_size_per_partition == layer.full_weight_shape[1]:
-            bias = getattr(layer, "bias", None)
-            fp_bias = bias.data.double() if bias is not None else torch.zeros_like(deq)
-            rowsum = layer.weight.data.double().sum(1)
-            expected = torch.round(fp_bias / deq - rowsum * in_zp)
-            bad = (layer.quant_bias.data.double() - expected).abs() > 1 + 1e-6 * expected.abs()
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0])
-                raise CheckpointError(
-                    f"{self.where('quant_bias')}: disagrees with round(bias / deq_scale - "
-                    f"rowsum(weight) * input_offset) in {int(bad.sum())} channel(s) (first: channel {i}, "
-                    f"{int(layer.quant_bias.data[i])} vs {int(expected[i])})"
-                )
-        symmetric = bool((offset == 0).all())
-        set_param(layer, "weight_scale", w_scale.float().reshape(-1, 1))
-        set_param(layer, "input_zero_point", None if symmetric else offset.to(torch.int8))
-        set_param(layer, "azp_adj", None)
-        drop(layer, "weight_offset", "input_offset", "deq_scale", "quant_bias")
-        return W8A8Int8Scheme(
-            self.layer_name,
-            weight_per_channel=True,
-            static_input=True,
-            input_symmetric=symmetric,
-            files=self.files,
-            shards=self.shards,
-        )
-
-
-class ModelSlimWeightOnly(_ModelSlimScheme):
-    """W8A16 / W4A16 -> WNA16Scheme."""
-
-    serves = ((MODELSLIM_FORMAT, "W8A16"), (MODELSLIM_FORMAT, "W4A16"))
-
-    tensor_names = ("weight", "weight_scale")
-
-    def __init__(self, layer_name, *, num_bits, group_size, packed, files=None, shards=None):
-        super().__init__(layer_name, files, shards)
-        self.num_bits = num_bits
-        self.group_size = group_size or -1
-        self.packed = packed
-        self.label = f"W{num_bits}A16"
-
-    def packed_dim(self) -> int | None:
-        """Dim holding two int4 per int8 (None: one value per int8)."""
-        return (0 if self.group_size != -1 else 1) if self.packed else None
-
-    def checkpoint_tensors(self, out_features, in_features):
-        shape = [out_features, in_features]
-        if self.packed_dim() is not None:
-            shape[self.packed_dim()] //= 2
-        n_groups, _ = int_weights.group_layout(self, self.group_size, in_features, in_features)
-        groups = ((out_features, n_groups),)
-        return {
-            "weight": TensorSpec((torch.int8,), (tuple(shape),)),
-            "weight_scale": TensorSpec(FLOAT_DTYPES, groups, scale=True),
-            "weight_offset": TensorSpec(FLOAT_DTYPES, groups, required=False),
-        }
-
-    def create_weights(
-        self,
-        layer,
-        input_size,
-        input_size_per_partition,
-        output_partition_sizes,
-        output_size,
-        params_dtype,
-        weight_loader,
-    ):
-        out = int_weights.setup_layer(
-            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
-        )
-        n_groups, partition_groups = int_weights.group_layout(
-            self, self.group_size, input_size, input_size_per_partition
-        )
-        w_loader = self.loader(weight_loader, "weight", (torch.int8,))
-        if not self.packed:
-            layer.register_parameter(
-                "weight",
-                ModelWeightParameter(
-                    data=torch.empty(out, input_size_per_partition, dtype=torch.int8),
-                    input_dim=1,
-                    output_dim=0,
-                    weight_loader=w_loader,
-                ),
-            )
-        else:  # two int4 per int8: along the output dim per group, the input dim per channel
-            dim = 0 if self.group_size != -1 else 1
-            shape = [out, input_size_per_partition]
-            if shape[dim] % 2:
-                raise CheckpointError(f"{self.where('weight')}: packed int4 needs an even size, got {shape}")
-            shape[dim] //= 2
-            layer.register_parameter(
-                "weight",
-                PackedvLLMParameter(
-                    data=torch.empty(*shape, dtype=torch.int8),
-                    input_dim=1,
-                    output_dim=0,
-                    packed_dim=dim,
-                    packed_factor=2,
-                    weight_loader=w_loader,
-                ),
-            )
-        for name in ("weight_scale", "weight_offset"):
-            args = dict(
-                data=torch.zeros(out, n_groups, dtype=torch.float32),
-                weight_loader=self.loader(weight_loader, name, FLOAT_DTYPES),
-            )
-            layer.register_parameter(
-                name,
-                GroupQuantScaleParameter(output_dim=0, input_dim=1, **args)
-                if partition_groups
-                else ChannelQuantScaleParameter(output_dim=0, **args),
-            )
-
-    def _int_weight(self, layer) -> torch.Tensor:
-        w = layer.weight.data
-        if self.packed:  # Ascend/msmodelslim format/common/pack.py _pack_int4: low nibble first
-            lo = (w.to(torch.int16) << 12 >> 12).to(torch.int8)  # sign-extend the low nibble
-            hi = (w >> 4).to(torch.int8)  # arithmetic shift keeps the sign of the high nibble
-            dim = 0 if self.group_size != -1 else 1
-            w = torch.stack((lo, hi), dim=dim + 1).flatten(dim, dim + 1)
-        lo, hi = -(1 << (self.num_bits - 1)), (1 << (self.num_bits - 1)) - 1
-        if int(w.min()) < lo or int(w.max()) > hi:
-            raise CheckpointError(
-                f"{self.where('weight')}: values must lie in [{lo}, {hi}] for {self.label}, "
-                f"found [{int(w.min())}, {int(w.max())}]"
-            )
-        return w
-
-    def translate(self, layer):
-        w = self._int_weight(layer)
-        offset = layer.weight_offset.data.double() if loaded(layer, "weight_offset") else None
-        symmetric = offset is None or bool((offset == 0).all())
-        zp = None
-        if not symmetric:
-            lo, hi = -(1 << (self.num_bits - 1)), (1 << (self.num_bits - 1)) - 1
-            if bool((offset != offset.round()).any() or (offset < lo).any() or (offset > hi).any()):
-                raise CheckpointError(
-                    f"{self.where('weight_offset')}: must hold integers in [{lo}, {hi}] for {self.label}"
-                )
-            # compressed-tensors layout: int32 words packed along the output dim
-            zp = pack_to_int32(offset.to(torch.int8), self.num_bits, packed_dim=0)
-        set_param(layer, "weight_packed", pack_to_int32(w, self.num_bits, packed_dim=1))
-        set_param(layer, "weight_zero_point", zp)
-        set_param(layer, "weight_g_idx", None)
-        set_param(layer, "weight_shape", torch.tensor(layer.full_weight_shape, dtype=torch.int64))
-        set_param(layer, "weight_scale", layer.weight_scale.data.to(layer.params_dtype))
-        drop(layer, "weight", "weight_offset")
-        return WNA16Scheme(
-            self.layer_name,
-            num_bits=self.num_bits,
-            group_size=None if self.group_size == -1 else self.group_size,
-            symmetric=symmetric,
-            files=self.files,
-            shards=self.shards,
-        )
+def w4a8_group_size(description: dict, version: str) -> int:
+    """The description's ``group_size``; without one, vLLM-Ascend's 256 for the legacy layout."""
+    if "group_size" not in description and version in LEGACY_VERSIONS:
+        return LEGACY_DEFAULT_GROUP
+    return int(description.get("group_size", 0))
 
 
 __all__ = ["DESCRIPTION_FILE", "ModelSlimDescription", "is_description"]
