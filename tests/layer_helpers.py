@@ -110,7 +110,7 @@ def build_layer(
     from vllm.model_executor.layers import linear
     from vllm.utils.torch_utils import set_default_torch_dtype
 
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     cfg = PtqAscendConfig.from_config(config_dict)
     if "packed_modules_mapping" in kw:  # what vLLM sets from the model class

@@ -174,12 +174,12 @@ def test_keys_we_add_to_the_real_registry(va):
 
 
 def test_a_broken_vllm_ascend_import_is_one_loud_error(va, monkeypatch, caplog):
-    from vllm_ptq_ascend.ascend import register_ascend_schemes
+    from vllm_ptq_ascend.integrations.vllm_ascend import register_ascend_schemes
 
     methods = sys.modules.pop("vllm_ascend.quantization.methods")
     sys.modules["vllm_ascend.quantization.methods"] = None  # its import raises ImportError
     try:
-        with caplog.at_level(logging.ERROR, logger="vllm_ptq_ascend.ascend"):
+        with caplog.at_level(logging.ERROR, logger="vllm_ptq_ascend.integrations.vllm_ascend"):
             assert register_ascend_schemes() == []
     finally:
         sys.modules["vllm_ascend.quantization.methods"] = methods
@@ -243,7 +243,7 @@ def test_modelslim_w4a8_dynamic_through_vllm_ascend(va, as_rank, kind, prefix, g
 
 def test_modelslim_w4a8_row_scales_follow_vllm_ascends_input_dim(va, as_rank):
     """The tensors our adapter hands over at this rank's width are exactly those vLLM-Ascend narrows."""
-    from vllm_ptq_ascend.ascend import narrowed_names
+    from vllm_ptq_ascend.integrations.vllm_ascend_layers import narrowed_names
 
     as_main(va)
     names = ("weight_scale_second", "weight_offset_second", "scale_bias", "weight_scale")
@@ -460,7 +460,7 @@ def test_online_transforms_are_refused_naming_the_layer_and_the_flag(va, online)
     from test_flatquant import transform_config_dict
     from test_online_rotations import quip_transform_config
 
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     as_main(va)
     transforms = transform_config_dict() if online == "flatquant" else quip_transform_config()
@@ -496,7 +496,7 @@ def test_a_broken_group_is_refused_naming_the_layer(va):
 
 
 def test_flatquant_keys_refuse_compressed_tensors_descriptions(va, monkeypatch):
-    from vllm_ptq_ascend.ascend import registered_class
+    from vllm_ptq_ascend.integrations.vllm_ascend import registered_class
 
     cls = registered_class(("W8A8_FLATQUANT_DYNAMIC", "linear"))
     with ascend_config(SimpleNamespace(quant_description=ct_config(wna16(4, 32, True)))):
@@ -505,7 +505,7 @@ def test_flatquant_keys_refuse_compressed_tensors_descriptions(va, monkeypatch):
 
 
 def test_checkpoints_vllm_ascend_cannot_serve_go_to_ptq_ascend_with_no_flag(va):
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     claim = PtqAscendConfig.override_quantization_method
     asym_static = ct_config(
@@ -559,25 +559,25 @@ def test_registering_again_changes_nothing(va):
 
 
 def test_a_key_taken_between_check_and_add_is_left_alone(va, monkeypatch, caplog):
-    from vllm_ptq_ascend.ascend import ADAPTERS
+    from vllm_ptq_ascend.integrations.vllm_ascend import ADAPTERS
 
     registry = va.methods.registry._SCHEME_REGISTRY
     for key in ADAPTERS:
         registry[key] = object  # someone else's, appearing after our get_scheme_class check
     monkeypatch.setattr(va.methods, "get_scheme_class", lambda *k: None)
-    with caplog.at_level(logging.INFO, logger="vllm_ptq_ascend.ascend"):
+    with caplog.at_level(logging.INFO, logger="vllm_ptq_ascend.integrations.vllm_ascend"):
         plugin.register()
     assert all(registry[k] is object for k in ADAPTERS)
     assert "Scheme already registered" in caplog.text  # vLLM-Ascend's own ValueError, caught
 
 
 def test_another_registry_api_warns_and_registers_nothing(va, monkeypatch, caplog):
-    from vllm_ptq_ascend.ascend import ADAPTERS
+    from vllm_ptq_ascend.integrations.vllm_ascend import ADAPTERS
 
     for key in ADAPTERS:
         va.methods.registry._SCHEME_REGISTRY.pop(key, None)
     monkeypatch.delattr(va.methods, "register_scheme")
-    with caplog.at_level(logging.WARNING, logger="vllm_ptq_ascend.ascend"):
+    with caplog.at_level(logging.WARNING, logger="vllm_ptq_ascend.integrations.vllm_ascend"):
         plugin.register()
     assert not set(ADAPTERS) & set(va.methods.registry._SCHEME_REGISTRY)
     assert "has no register_scheme" in caplog.text
@@ -660,9 +660,9 @@ def test_modelslim_flatquant_fused_layer_keeps_the_last_shards_clip_ratio(va, ca
     """vLLM-Ascend's v1 loader copies each shard's clip_ratio into one [1] tensor: the last stays."""
     from test_msmodelslim import flatquant_act
 
-    from vllm_ptq_ascend import ascend
+    from vllm_ptq_ascend.integrations import vllm_ascend
 
-    monkeypatch.setattr(ascend, "_FUSED_CLIP_NOTED", False)
+    monkeypatch.setattr(vllm_ascend, "_FUSED_CLIP_NOTED", False)
     prefix = "model.layers.0.mlp.gate_up_proj"
     desc, tensors, left, right, deq = _flatquant(
         "W8A8_FLATQUANT_DYNAMIC", prefix, clip=0.95, out_f=24, shards=(0, 1)
@@ -673,7 +673,8 @@ def test_modelslim_flatquant_fused_layer_keeps_the_last_shards_clip_ratio(va, ca
     layer = build("MergedColumnParallelLinear", quant_config, 128, [24, 24], torch.float16, prefix)
     for shard, t in tensors.items():
         load(layer, t, shard)
-    with ascend_config(quant_config), caplog.at_level(logging.WARNING, logger="vllm_ptq_ascend.ascend"):
+    logger = "vllm_ptq_ascend.integrations.vllm_ascend"
+    with ascend_config(quant_config), caplog.at_level(logging.WARNING, logger=logger):
         layer.quant_method.process_weights_after_loading(layer)
     assert "keeps one clip_ratio, the last shard's" in caplog.text and prefix in caplog.text
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2)).to(torch.float16)

@@ -13,9 +13,9 @@ from vllm_ptq_ascend import plugin
 
 def test_vllm_ascend_absent_is_quiet(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "vllm_ascend", None)  # not installed
-    from vllm_ptq_ascend.ascend import register_ascend_schemes
+    from vllm_ptq_ascend.integrations.vllm_ascend import register_ascend_schemes
 
-    with caplog.at_level(logging.DEBUG, logger="vllm_ptq_ascend.ascend"):
+    with caplog.at_level(logging.DEBUG, logger="vllm_ptq_ascend.integrations.vllm_ascend"):
         plugin.register()
         assert register_ascend_schemes() == []
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("vllm_ptq")]
@@ -25,7 +25,7 @@ def test_vllm_ascend_absent_is_quiet(monkeypatch, caplog):
 def test_compressed_tensors_checkpoints_stay_with_vllm_without_vllm_ascend():
     from layer_helpers import ct_config, wna16
 
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     plugin.register()
     assert PtqAscendConfig.override_quantization_method(ct_config(wna16(8, 64, True)), None) is None

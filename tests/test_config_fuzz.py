@@ -160,7 +160,7 @@ any_config = st.one_of(
 
 
 def parse(config):
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     try:
         return PtqAscendConfig.from_config(config)
@@ -202,7 +202,7 @@ def test_single_group_parses_or_names_the_group(weights, acts, fmt):
     if acts is not None:
         group["input_activations"] = acts
     config = {"quant_method": "compressed-tensors", "format": fmt, "config_groups": {"grp_q": group}}
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     try:
         c = PtqAscendConfig.from_config(config)
@@ -231,7 +231,7 @@ def test_single_group_parses_or_names_the_group(weights, acts, fmt):
     ],
 )
 def test_known_malformed_configs_are_checkpoint_errors(config):
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     with pytest.raises(CheckpointError, match=rf"config\.json|{DESCRIPTION_FILE}"):
         PtqAscendConfig.from_config(config)
@@ -239,7 +239,7 @@ def test_known_malformed_configs_are_checkpoint_errors(config):
 
 def test_a_field_of_the_wrong_type_names_its_group():
     """compressed-tensors' validators compare group_size before pydantic checks its type."""
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     weights = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": "64"}
     config = {

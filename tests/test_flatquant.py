@@ -275,7 +275,7 @@ def test_bad_transform_tensors_are_rejected(vllm_dist, change, msg):
 def test_unsupported_transform_types_are_refused_not_dropped():
     """FlatQuant's own type applies to inputs only; weight-fused transforms need nothing online.
     Online Hadamard rotations and what is refused of them: tests/test_online_rotations.py."""
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     config = ct_config(*W4A4, fmt="int-quantized") | {
         "transform_config": transform_config_dict(kind="random-matrix")

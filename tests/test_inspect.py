@@ -92,9 +92,9 @@ EXPECTED_SCHEME = {
 
 def _expected_scheme(ckpt_dir) -> str:
     """The plugin's own describe() for the checkpoint's single group (from_config planning)."""
-    from vllm_ptq_ascend.config import PtqAscendConfig
     from vllm_ptq_ascend.formats.compressed_tensors import flatquant_plan
     from vllm_ptq_ascend.schemes.registry import build_scheme
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     qc = json.loads((ckpt_dir / "config.json").read_text())["quantization_config"]
     (plan,) = [p for p in PtqAscendConfig.from_config(qc).plans.values() if p]

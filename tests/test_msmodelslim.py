@@ -431,7 +431,7 @@ def test_disagreeing_scale_bias_is_rejected_naming_file_layer_tensor(ckpts, prom
 
 # -- config-level checks (no engine) ----------------------------------------------------------
 def _config(desc):
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     c = PtqAscendConfig.from_config(
         {"model_quant_type": "W8A8_DYNAMIC", "version": "1.0.0", "group_size": 0, **desc}
@@ -447,7 +447,7 @@ ATTN = "model.layers.0.self_attn"
 
 
 def test_description_is_requested_from_vllm_and_dispatched():
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     assert PtqAscendConfig.get_config_filenames() == ["quant_model_description.json"]
     c = _config(
@@ -612,7 +612,7 @@ def test_unknown_w4a8_dynamic_version_is_rejected(version, group, match):
 
 
 def _desc_config(desc):
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     return PtqAscendConfig.from_config({"model_quant_type": "W4A8_DYNAMIC", **desc})
 
@@ -625,7 +625,7 @@ def test_legacy_w4a8_dynamic_without_group_size_uses_256():
 def test_compressed_tensors_configs_still_parse_as_before():
     from layer_helpers import ct_config, wna16
 
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     c = PtqAscendConfig.from_config(ct_config(wna16(4, 32, True)))
     assert c.modelslim is None and "group_0" in c.plans

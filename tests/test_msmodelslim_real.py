@@ -337,7 +337,7 @@ BASE_DESC = {
 
 
 def _config(desc):
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     c = PtqAscendConfig.from_config({**BASE_DESC, **desc})
     c.packed_modules_mapping = PACKED
@@ -448,7 +448,7 @@ def test_description_keys_msmodelslim_writes_are_accepted():
             .startswith("msModelSlim W8A8_DYNAMIC")
         )
     legacy = {k: v for k, v in BASE_DESC.items() if k in ("model_quant_type",)}  # legacy saver: no version
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     assert PtqAscendConfig.from_config(legacy | desc).modelslim.version == "0"
 

@@ -149,7 +149,7 @@ def test_head_dim_not_dividing_a_layer_is_refused_naming_group_and_layer(vllm_di
 
 
 def test_rotation_configs_served_or_refused_by_name():
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     base = ct_config(*W8A8_DYNAMIC)
     served = PtqAscendConfig.from_config(base | {"transform_config": quip_transform_config()})

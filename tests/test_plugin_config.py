@@ -24,8 +24,8 @@ def test_plugin_is_an_entry_point_and_cheap_to_import():
 def test_register_is_idempotent():
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
 
-    from vllm_ptq_ascend.config import PtqAscendConfig
     from vllm_ptq_ascend.plugin import register
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     register()
     register()
@@ -49,7 +49,7 @@ def test_register_is_idempotent():
     ],
 )
 def test_override_quantization_method(qcfg, user, expected):
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     assert PtqAscendConfig.override_quantization_method(qcfg, user) == expected
 
@@ -62,7 +62,7 @@ FakeQKV.__name__ = "QKVParallelLinear"
 
 
 def make_config(groups: dict, ignore=()):
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     cfg = {
         "quant_method": "compressed-tensors",
@@ -156,7 +156,7 @@ def test_fused_layer_partly_ignored_is_rejected():
     ],
 )
 def test_unsupported_groups_fail_at_startup_naming_the_group(group, fmt, match):
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
     from vllm_ptq_ascend.validation import CheckpointError
 
     cfg = {"quant_method": "compressed-tensors", "format": fmt, "config_groups": {"grp_x": group}}
@@ -165,7 +165,7 @@ def test_unsupported_groups_fail_at_startup_naming_the_group(group, fmt, match):
 
 
 def test_invalid_config_is_a_clear_error():
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
     from vllm_ptq_ascend.validation import CheckpointError
 
     with pytest.raises(CheckpointError, match="config.json: quantization_config is not valid"):
@@ -179,7 +179,7 @@ def test_invalid_config_is_a_clear_error():
 
 def test_act_order_group_checkpoints_are_accepted():
     """compressed-tensors 0.19 rejects actorder='group'; we read such checkpoints via g_idx."""
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     c = PtqAscendConfig.from_config(ct_config(wna16(4, 128, True, "group")))
     assert dict(c.plans["group_0"].options)["act_order"] is True
@@ -190,9 +190,9 @@ def test_act_order_group_checkpoints_are_accepted():
 @pytest.mark.parametrize("fmt", ["int-quantized", "pack-quantized"])
 @pytest.mark.parametrize("group_size", [64, None])
 def test_w4a8_groups_map_to_the_w4a8_scheme(fmt, group_size):
-    from vllm_ptq_ascend.config import PtqAscendConfig
     from vllm_ptq_ascend.schemes import W4A8IntScheme
     from vllm_ptq_ascend.schemes.registry import build_scheme
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     plan = PtqAscendConfig.from_config(ct_config(*w4a8(group_size), fmt=fmt)).plans["group_0"]
     assert (plan.format, plan.scheme) == ("compressed-tensors", "W4A8")

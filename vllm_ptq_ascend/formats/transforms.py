@@ -6,7 +6,7 @@ compressed-tensors' QuantizationConfig ignores ``transform_config``, so it is re
 - FlatQuant's Kronecker input transforms (:data:`TRANSFORM_TYPE`) -> :class:`TransformPlan` per group.
 - Online Hadamard rotations of linear inputs or outputs (llmcompressor's QuIP) are kept as
   compressed-tensors' own ``TransformConfig``, which vLLM's ``get_linear_transform_schemes`` reads
-  per layer (``online_transforms.py`` serves them).
+  per layer (``serving/online_transforms.py`` serves them).
 Anything else online (rotations inside attention: SpinQuant R3/R4; permuted or non-Hadamard
 matrices) is refused by name rather than dropped, since serving rotated weights without their
 online half gives wrong outputs.
@@ -30,7 +30,7 @@ WHERE = "config.json: quantization_config.transform_config"
 # where a transform is applied to the weight when the checkpoint is written (compressed-tensors
 # fuses it: TransformFactory._apply_to_module) rather than to activations at run time
 WEIGHT_LOCATIONS = ("weight_input", "weight_output")
-# online rotations served by online_transforms.py: their matrices hold ±1 entries, exact in any
+# online rotations served by serving/online_transforms.py: their matrices hold ±1 entries, exact in any
 # dtype vLLM loads them in ("random-matrix" ones are not, and need their float64 inverse)
 ROTATION_TYPES = ("hadamard", "random-hadamard")
 ROTATION_LOCATIONS = ("input", "output")
@@ -94,7 +94,7 @@ def parse_transform_config(raw: dict[str, Any] | None) -> CheckpointTransforms:
 
 
 def _check_rotation(group: str, scheme) -> None:
-    """An online compressed-tensors transform online_transforms.py serves, or CheckpointError."""
+    """An online compressed-tensors transform serving/online_transforms.py serves, or CheckpointError."""
     where = f"{WHERE}.config_groups[{group!r}]"
     online = sorted({location_name(a) for a in scheme.apply if a.location not in WEIGHT_LOCATIONS})
     served = (

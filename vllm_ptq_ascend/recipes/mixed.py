@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from vllm_ptq_ascend.recipes.sensitivity import Damage, QuantArgs, fake_quantized, measure
+from vllm_ptq_ascend.recipes.sensitivity import Damage, QuantArgs, fake_quantized, layer_args, measure
 
 FALLBACKS = {
     "w8a8": {
@@ -93,15 +93,6 @@ def fallback_args(fallback: str) -> QuantArgs | None:
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
     return QuantArgs.from_group(FALLBACKS[fallback]) if FALLBACKS[fallback] else None
-
-
-def layer_args(units, kept: set[str], args: QuantArgs, fallback: QuantArgs | None) -> dict[str, QuantArgs]:
-    out = {}
-    for u in units:
-        chosen = fallback if u.name in kept else args
-        if chosen is not None:
-            out.update({name: chosen for name in u.layers})
-    return out
 
 
 def select(model, ref, units, ranking: list[dict], args: QuantArgs, fallback: str, budget: Budget,

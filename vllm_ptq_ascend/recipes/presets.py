@@ -284,7 +284,7 @@ def w4a16_autoround(ignore: list[str] | None = None, group_size: int | None = 12
 def _quip(act_bits: int, group_size: int | None, ignore, actorder: str | None, rotations) -> list:
     """llmcompressor's QuIPModifier: random-Hadamard rotations of every linear's input ("v") and
     output ("u"), one half fused into the weights, the other applied online when serving
-    (``online_transforms.py``); then GPTQ int4 weights. The rotations are per linear layer, so
+    (``serving/online_transforms.py``); then GPTQ int4 weights. The rotations are per linear layer, so
     they keep any family's function: no norm is folded. Random, not plain, Hadamards for the
     reason of ``_spinquant``."""
     from llmcompressor.modifiers.transform import QuIPModifier

@@ -64,8 +64,7 @@ def run_scan(model_dir, preset: str, options: dict | None = None, *, spec: Calib
     units = quant_units(s.model, s.ignore, granularity)
     ref = reference(s.model, s.samples)
     rows = scan(s.model, ref, units, s.args, progress)
-    from vllm_ptq_ascend.recipes.mixed import layer_args
-    from vllm_ptq_ascend.recipes.sensitivity import fake_quantized, measure
+    from vllm_ptq_ascend.recipes.sensitivity import fake_quantized, layer_args, measure
 
     with fake_quantized(s.model, layer_args(units, set(), s.args, None)):
         uniform = measure(s.model, ref)

@@ -124,6 +124,17 @@ def _fake_quant(x: torch.Tensor, args) -> torch.Tensor:
     return fake_quantize(x2, scale, zp, args).to(x.dtype).reshape(x.shape)
 
 
+def layer_args(units, kept: set[str], args: QuantArgs, fallback: QuantArgs | None) -> dict[str, QuantArgs]:
+    """Each layer of ``units`` -> its grid: ``fallback`` for the units in ``kept`` (None: left
+    unquantized), ``args`` for the others."""
+    out = {}
+    for u in units:
+        chosen = fallback if u.name in kept else args
+        if chosen is not None:
+            out.update({name: chosen for name in u.layers})
+    return out
+
+
 @contextmanager
 def fake_quantized(model, layer_args: dict[str, QuantArgs]) -> Iterator[None]:
     """Within the block, the named linear layers run fake-quantized; weights restored after."""

@@ -118,7 +118,7 @@ class PtqAscendConfig(QuantizationConfig):
         if user_quant is None and method == CT_METHOD and servable_by_us(hf_quant_cfg):
             # On Ascend, a checkpoint vLLM-Ascend's compressed-tensors config refuses (W8A16,
             # asymmetric static W8A8, ...) is served by ptq_ascend with no flag.
-            from vllm_ptq_ascend.ascend_ct import vllm_ascend_cannot_serve
+            from vllm_ptq_ascend.integrations.vllm_ascend_probe import vllm_ascend_cannot_serve
 
             why = vllm_ascend_cannot_serve(hf_quant_cfg)
             if why:
@@ -138,14 +138,14 @@ class PtqAscendConfig(QuantizationConfig):
         if not isinstance(layer, LinearBase):
             return None
         scheme = self.scheme_for(prefix, layer)
-        from vllm_ptq_ascend.linear_method import PtqLinearMethod
+        from vllm_ptq_ascend.serving.linear_method import PtqLinearMethod
 
         if scheme is not None:
             layer.scheme = scheme
         method = PtqLinearMethod(self) if scheme is not None else UnquantizedLinearMethod()
         if self.transforms.rotations is None:
             return method
-        from vllm_ptq_ascend.online_transforms import with_online_rotations
+        from vllm_ptq_ascend.serving.online_transforms import with_online_rotations
 
         mapping = getattr(self, "packed_modules_mapping", None) or {}
         rotations = self.transforms.rotations

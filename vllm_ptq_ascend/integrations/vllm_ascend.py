@@ -72,87 +72,25 @@ split across tensor-parallel ranks are refused (the transform mixes every input 
 
 from __future__ import annotations
 
-import functools
-import importlib
 import logging
-import sys
 from typing import Any
 
 import torch
 
+from vllm_ptq_ascend.integrations.vllm_ascend_layers import (
+    layer_under_construction,
+    narrowed_names,
+    noop_loader,
+    quant_description,
+)
+
 logger = logging.getLogger(__name__)
 
 METHODS_MODULE = "vllm_ascend.quantization.methods"
-ADAPTERS_MODULE = "vllm_ascend.quantization.method_adapters"
 LAYER_TYPE = "linear"
 REGISTRY_API = ("register_scheme", "get_scheme_class")
 
 _PTQ_ADAPTER = "_ptq_ascend_adapter"  # marks our classes, so repeated registration is a no-op
-
-
-def _quant_description() -> dict[str, Any]:
-    """What vLLM-Ascend's schemes read: the current vLLM config's ``quant_config.quant_description``."""
-    from vllm.config import get_current_vllm_config
-
-    quant_config = getattr(get_current_vllm_config(), "quant_config", None)
-    desc = getattr(quant_config, "quant_description", None)
-    return desc if isinstance(desc, dict) else {}
-
-
-def _noop_loader(param, loaded_weight, *args, **kwargs):  # never called: vLLM-Ascend loads
-    raise AssertionError("parameters of the vLLM-Ascend adapter are loaded by vLLM-Ascend")
-
-
-def layer_under_construction() -> tuple[torch.nn.Module | None, str]:
-    """The layer (and prefix) whose quant method is being resolved.
-
-    vLLM-Ascend builds a scheme with no arguments (``scheme_cls()``) from inside its config's
-    ``get_quant_method(layer, prefix)``, which vLLM calls from the layer's ``__init__``; the only
-    way to know the layer then is that caller's frame. Returns (None, "") outside such a call."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "get_quant_method":
-            layer, prefix = frame.f_locals.get("layer"), frame.f_locals.get("prefix")
-            if isinstance(layer, torch.nn.Module) and isinstance(prefix, str):
-                return layer, prefix
-        frame = frame.f_back
-    return None, ""
-
-
-HOOKS = ("get_weight", "get_pertensor_param", "get_perchannel_param", "get_pergroup_param")
-
-
-@functools.lru_cache(maxsize=None)
-def narrowed_names(hook: str, names: tuple[str, ...]) -> frozenset[str]:
-    """Which of ``names``, handed over from ``hook`` by a row-parallel layer's scheme, vLLM-Ascend's
-    own ``AscendLinearMethod.create_weights`` marks with ``input_dim`` (so vLLM's row loader narrows
-    them to the rank's columns). Decided by running that code on a probe scheme and layer."""
-    from vllm.model_executor.layers.linear import RowParallelLinear
-
-    adapters = importlib.import_module(ADAPTERS_MODULE)
-
-    class Probe:
-        def _tensors(self, which):
-            return {n: torch.empty(2, 2) for n in names} if which == hook else {}
-
-        def get_weight(self, *args, **kwargs):
-            return self._tensors("get_weight")
-
-        def get_pertensor_param(self, *args, **kwargs):
-            return self._tensors("get_pertensor_param")
-
-        def get_perchannel_param(self, *args, **kwargs):
-            return self._tensors("get_perchannel_param")
-
-        def get_pergroup_param(self, *args, **kwargs):
-            return self._tensors("get_pergroup_param")
-
-    layer = object.__new__(RowParallelLinear)  # only its type matters to create_weights
-    torch.nn.Module.__init__(layer)
-    adapters.AscendLinearMethod(Probe()).create_weights(
-        layer, 2, [2], 2, 2, torch.float32, weight_loader=_noop_loader
-    )
-    return frozenset(n for n in names if getattr(getattr(layer, n), "input_dim", None) is not None)
 
 
 def refuse_embedding(layer: torch.nn.Module | None, prefix: str, quant_type: str) -> None:
@@ -189,7 +127,7 @@ class _MsModelSlimLinearAdapter:
     _ptq_ascend_adapter = True
 
     def __init__(self) -> None:
-        desc = _quant_description()
+        desc = quant_description()
         layer, self.prefix = layer_under_construction()
         refuse_embedding(layer, self.prefix, self.quant_type)
         self._layer = layer
@@ -229,7 +167,7 @@ class _MsModelSlimLinearAdapter:
 
     def get_weight(self, input_size: int, output_size: int, params_dtype: torch.dtype) -> dict[str, Any]:
         self.scheme.create_weights(
-            self.scratch, input_size, input_size, [output_size], output_size, params_dtype, _noop_loader
+            self.scratch, input_size, input_size, [output_size], output_size, params_dtype, noop_loader
         )
         w = self.scratch.weight
         out = {"weight": w.data}
@@ -451,11 +389,11 @@ class RegisteredScheme:
     serves_compressed_tensors = False
 
     def __init__(self) -> None:
-        from vllm_ptq_ascend.ascend_ct import CompressedTensorsLinear, is_compressed_tensors
+        from vllm_ptq_ascend.integrations.vllm_ascend_ct import CompressedTensorsLinear, is_compressed_tensors
         from vllm_ptq_ascend.validation import CheckpointError
 
         quant_type = self.modelslim.quant_type
-        if not is_compressed_tensors(_quant_description()):
+        if not is_compressed_tensors(quant_description()):
             self.impl = self.modelslim()
         elif self.serves_compressed_tensors:
             self.impl = CompressedTensorsLinear(quant_type)

@@ -28,15 +28,15 @@ from typing import Any
 
 import torch
 
-from vllm_ptq_ascend.ascend import (
-    _noop_loader,
-    _quant_description,
+from vllm_ptq_ascend.formats.compressed_tensors import CT_METHOD
+from vllm_ptq_ascend.integrations.vllm_ascend_layers import (
     layer_under_construction,
     narrowed_names,
+    noop_loader,
+    quant_description,
 )
 from vllm_ptq_ascend.validation import CheckpointError
 
-CT_METHOD = "compressed-tensors"
 # keys vLLM-Ascend's _is_dynamic_token_w4a8 writes into the description it shares with its schemes
 ASCEND_ADDED_KEYS = ("group_size", "version", "ascend_quant_method", "weight_strategy")
 
@@ -47,7 +47,7 @@ def is_compressed_tensors(desc: dict[str, Any]) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _config(desc_json: str, mapping_json: str):
-    from vllm_ptq_ascend.config import PtqAscendConfig
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     config = PtqAscendConfig.from_config(json.loads(desc_json))
     config.packed_modules_mapping = json.loads(mapping_json)
@@ -80,7 +80,7 @@ class CompressedTensorsLinear:
 
     def __init__(self, quant_type: str) -> None:
         self.quant_type = quant_type
-        desc = _quant_description()
+        desc = quant_description()
         layer, prefix = layer_under_construction()
         if layer is None:
             raise CheckpointError(
@@ -126,7 +126,7 @@ class CompressedTensorsLinear:
             output_partition_sizes=list(layer.output_partition_sizes),
             output_size=layer.output_size,
             params_dtype=params_dtype,
-            weight_loader=_noop_loader,
+            weight_loader=noop_loader,
         )
         hooks: dict[str, dict[str, Any]] = {
             h: {} for h in ("get_weight", "get_pertensor_param", "get_perchannel_param", "get_pergroup_param")
@@ -187,48 +187,3 @@ class CompressedTensorsLinear:
         self, layer: torch.nn.Module, x: torch.Tensor, bias=None, tp_rank: int | None = 0
     ) -> torch.Tensor:
         return self.scheme.apply_weights(layer, x, bias)
-
-
-def vllm_ascend_cannot_serve(hf_quant_cfg: dict[str, Any]) -> str | None:
-    """Why vLLM-Ascend's compressed-tensors config cannot serve this checkpoint (decided by its own
-    code: its parser, ``_detect_quant_type`` and registry), or None (it can, or it is not the
-    ``compressed-tensors`` method here: no vLLM-Ascend, or another platform)."""
-    import copy
-    import importlib
-
-    from vllm.model_executor.layers.quantization import get_quantization_config
-
-    try:
-        cls = get_quantization_config(CT_METHOD)
-    except ValueError:
-        return None
-    if not cls.__module__.startswith("vllm_ascend."):
-        return None
-    from vllm_ptq_ascend.formats.transforms import parse_transform_config
-
-    if parse_transform_config(hf_quant_cfg.get("transform_config")):
-        return "vLLM-Ascend's compressed-tensors config ignores its online transform_config"
-    try:
-        config = cls.from_config(copy.deepcopy(hf_quant_cfg))
-    except Exception as e:  # its parser (compressed-tensors) refuses the config
-        return f"vLLM-Ascend cannot parse it ({e})"
-    registry = importlib.import_module("vllm_ascend.quantization.methods")
-    for target, scheme in config.target_scheme_map.items():
-        try:
-            quant_type = config._detect_quant_type(
-                scheme["weights"], scheme["input_activations"], scheme["format"]
-            )
-        except NotImplementedError:
-            return f"vLLM-Ascend has no quant type for target {target!r}"
-        scheme_cls = registry.get_scheme_class(quant_type, "linear")
-        if scheme_cls is None:
-            return f"vLLM-Ascend has no linear scheme for {quant_type} (target {target!r})"
-        if quant_type in MODELSLIM_ONLY and not getattr(scheme_cls, "_ptq_ascend_adapter", False):
-            return f"vLLM-Ascend's own {quant_type} linear reads msModelSlim checkpoints only ({target!r})"
-    return None
-
-
-# vLLM-Ascend linears that serve msModelSlim's layout only, though its compressed-tensors detector maps
-# llmcompressor groups to them: W4A8_DYNAMIC ("This method supports only weights quantized by
-# msModelSlim", methods/w4a8.py in 0.23.0.post1 and 0.26.0rc1)
-MODELSLIM_ONLY = ("W4A8_DYNAMIC",)
