@@ -80,7 +80,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--skip-bench", action="store_true")
     a = p.parse_args()
-    from vllm_ptq_ascend.models.embedded import embedded_model_dir
+    from vllm_ptq_ascend.assets.embedded import embedded_model_dir
 
     base = embedded_model_dir()
     calib = ["--calib-samples", str(a.calib_samples), "--calib-seq-len", str(a.calib_seq_len)]

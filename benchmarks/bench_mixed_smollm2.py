@@ -53,7 +53,7 @@ def main() -> int:
     p.add_argument("--scan-seq-len", default=SCAN[3])
     p.add_argument("--skip-bench", action="store_true")
     a = p.parse_args()
-    from vllm_ptq_ascend.models.embedded import embedded_model_dir
+    from vllm_ptq_ascend.assets.embedded import embedded_model_dir
 
     folder, options, tag0 = SETUPS[a.preset]
     OUT = REPO / "benchmarks" / "results" / folder

@@ -109,7 +109,7 @@ def main() -> None:
     args = ap.parse_args()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    from vllm_ptq_ascend.models.embedded import embedded_model_dir
+    from vllm_ptq_ascend.assets.embedded import embedded_model_dir
 
     CACHE.mkdir(parents=True, exist_ok=True)
     base = embedded_model_dir()

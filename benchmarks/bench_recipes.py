@@ -87,7 +87,7 @@ def variants(presets: list[str], group_sizes: list[int]) -> dict[str, tuple[str,
 
 
 def quantize_child(preset: str, options: dict, out: str, samples: int, seq_len: int, source: str) -> dict:
-    from vllm_ptq_ascend.models.embedded import embedded_model_dir
+    from vllm_ptq_ascend.assets.embedded import embedded_model_dir
     from vllm_ptq_ascend.recipes.calibration import CalibrationSpec
     from vllm_ptq_ascend.recipes.presets import get_preset
     from vllm_ptq_ascend.recipes.quantize import quantize
@@ -108,9 +108,9 @@ def quantize_child(preset: str, options: dict, out: str, samples: int, seq_len: 
 def perplexity_child(models: list[str]) -> list[dict]:
     from vllm import LLM
 
+    from vllm_ptq_ascend.assets.shipped_text import held_out_texts
     from vllm_ptq_ascend.demo import serving_dtype
     from vllm_ptq_ascend.eval.basic import perplexity
-    from vllm_ptq_ascend.models.shipped_text import held_out_texts
 
     out = []
     dtype = serving_dtype()  # float32 on a CPU without native bf16, which vLLM-CPU emulates
@@ -144,8 +144,8 @@ def size_mib(model_dir: Path) -> float:
 
 
 def main() -> None:
+    from vllm_ptq_ascend.assets.shipped_text import HELD_OUT_GSM8K
     from vllm_ptq_ascend.env import apply_cpu_defaults, repo_cache_root
-    from vllm_ptq_ascend.models.shipped_text import HELD_OUT_GSM8K
     from vllm_ptq_ascend.recipes.presets import PRESETS
 
     ap = argparse.ArgumentParser()
@@ -197,7 +197,7 @@ def main() -> None:
         print(json.dumps(perplexity_child(args.perplexity_child)))
         return
 
-    from vllm_ptq_ascend.models.embedded import embedded_model_dir
+    from vllm_ptq_ascend.assets.embedded import embedded_model_dir
 
     base = embedded_model_dir()
     root = repo_cache_root() / "bench-recipes"

@@ -27,8 +27,8 @@ CONFIGS = {  # name -> (model key, quantization flag)
 
 
 def models() -> dict[str, str]:
+    from vllm_ptq_ascend.assets.embedded import embedded_model_dir
     from vllm_ptq_ascend.env import repo_cache_root
-    from vllm_ptq_ascend.models.embedded import embedded_model_dir
     from vllm_ptq_ascend.recipes.quantize import quantize
 
     base = embedded_model_dir()

@@ -11,7 +11,7 @@ PY=.venv/bin/python
 CLI=.venv/bin/vllm-ptq-ascend
 OUT=${1:-benchmarks/results/eval_smollm2}
 CK=.cache/bench-recipes
-BASE=$($PY -c "from vllm_ptq_ascend.models.embedded import embedded_model_dir; print(embedded_model_dir())")
+BASE=$($PY -c "from vllm_ptq_ascend.assets.embedded import embedded_model_dir; print(embedded_model_dir())")
 # name  recipe  extra quantize flags   (group 64: SmolLM2's 576-wide layers take no group of 128)
 PRESETS=(
   "w8a16-gptq-g64|w8a16-gptq|--group-size 64"

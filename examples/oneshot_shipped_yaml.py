@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from llmcompressor import oneshot  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from vllm_ptq_ascend.models.embedded import embedded_model_dir  # noqa: E402
+from vllm_ptq_ascend.assets.embedded import embedded_model_dir  # noqa: E402
 from vllm_ptq_ascend.recipes.calibration import CalibrationSpec, build_calibration  # noqa: E402
 from vllm_ptq_ascend.recipes.presets import yaml_path  # noqa: E402
 

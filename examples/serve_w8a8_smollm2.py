@@ -12,7 +12,7 @@ apply_cpu_defaults()
 
 from vllm import LLM, SamplingParams  # noqa: E402
 
-from vllm_ptq_ascend.models.embedded import embedded_model_dir  # noqa: E402
+from vllm_ptq_ascend.assets.embedded import embedded_model_dir  # noqa: E402
 from vllm_ptq_ascend.recipes.quantize import quantize  # noqa: E402
 
 out = repo_cache_root() / "examples" / "smollm2-w8a8"

@@ -4,7 +4,7 @@
 # .cache/calibration). On a model with chain-of-thought modes, mix them, e.g.
 #   --calib-modes slow_think:0.5,no_think:0.5     (Qwen3, openPangu-Embedded; see recipes/cot_modes.yaml)
 set -euo pipefail
-model=${1:-$(.venv/bin/python -c "from vllm_ptq_ascend.models.embedded import embedded_model_dir as d; print(d())")}
+model=${1:-$(.venv/bin/python -c "from vllm_ptq_ascend.assets.embedded import embedded_model_dir as d; print(d())")}
 out=.cache/examples/$(basename "$model")-w4a8-traces
 .venv/bin/vllm-ptq-ascend quantize "$model" --recipe w4a8 --group-size 64 --calib traces \
   --calib-samples 32 --calib-max-new-tokens 256 --out "$out" --overwrite

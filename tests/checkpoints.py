@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 def _calibration(tokenizer, n=8, length=64):
     from datasets import Dataset
 
-    from vllm_ptq_ascend.models.shipped_text import reasoning_texts
+    from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
 
     ids = [tokenizer(t, truncation=True, max_length=length)["input_ids"] for t in reasoning_texts()[:n]]
     return Dataset.from_dict({"input_ids": ids})

@@ -43,7 +43,7 @@ def vllm_dist():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from vllm_ptq_ascend.models.tiny import build_tiny_llama
+    from vllm_ptq_ascend.assets.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 

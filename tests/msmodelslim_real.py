@@ -160,7 +160,7 @@ def tree_hash(path: Path) -> str:
 
 def build_tiny_fp32(out: Path) -> Path:
     """The tiny random Llama in float32 (msModelSlim's CPU path quantizes float32 models)."""
-    from vllm_ptq_ascend.models.tiny import build_tiny_llama
+    from vllm_ptq_ascend.assets.tiny import build_tiny_llama
 
     return build_tiny_llama(out, dtype="float32")
 
@@ -174,7 +174,7 @@ def calibration_texts(model_dir: Path, n: int = CALIB_SAMPLES, tokens: int = CAL
     """
     from transformers import AutoTokenizer
 
-    from vllm_ptq_ascend.models.shipped_text import reasoning_texts
+    from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     out = []
@@ -194,7 +194,7 @@ def prompt_ids(model_dir: Path, n: int = 3, tokens: int = 48) -> list[list[int]]
     """The prompts the engines and references score (as tests/test_msmodelslim.py)."""
     from transformers import AutoTokenizer
 
-    from vllm_ptq_ascend.models.shipped_text import reasoning_texts
+    from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     return [tok(text)["input_ids"][:tokens] for text in reasoning_texts()[:n]]

@@ -357,7 +357,7 @@ def test_perplexity_texts_are_held_out_of_calibration(tiny_model):
     """The evaluation scores held_out_texts(); no calibration sample may contain them."""
     from transformers import AutoTokenizer
 
-    from vllm_ptq_ascend.models.shipped_text import HELD_OUT_GSM8K, gsm8k_items
+    from vllm_ptq_ascend.assets.shipped_text import HELD_OUT_GSM8K, gsm8k_items
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     data, summary = build_calibration(tiny_model, tok, CalibrationSpec(num_samples=344, max_seq_length=2048))

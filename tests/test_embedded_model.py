@@ -23,8 +23,8 @@ def test_embedded_model_converts_and_is_sane(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_ptq_ascend.models.embedded import embedded_model_dir
-    from vllm_ptq_ascend.models.shipped_text import reasoning_texts
+    from vllm_ptq_ascend.assets.embedded import embedded_model_dir
+    from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
 
     d = embedded_model_dir(tmp_path)
     assert embedded_model_dir(tmp_path) == d  # second call reuses the cache

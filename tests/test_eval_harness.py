@@ -90,7 +90,7 @@ def test_gsm8k_prompt_and_budgets():
 def test_hellaswag_sequences_join_context_and_endings():
     from transformers import AutoTokenizer
 
-    from vllm_ptq_ascend.models.embedded import embedded_model_dir
+    from vllm_ptq_ascend.assets.embedded import embedded_model_dir
 
     tok = AutoTokenizer.from_pretrained(embedded_model_dir())
     item = load_items("hellaswag", 1)[0]
@@ -340,9 +340,9 @@ def test_eval_numbers_match_transformers_on_smollm2(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from vllm_ptq_ascend.assets.embedded import embedded_model_dir
+    from vllm_ptq_ascend.assets.shipped_text import held_out_texts
     from vllm_ptq_ascend.cpu_features import native_bf16
-    from vllm_ptq_ascend.models.embedded import embedded_model_dir
-    from vllm_ptq_ascend.models.shipped_text import held_out_texts
 
     base = embedded_model_dir()
     results = tmp_path / "r"

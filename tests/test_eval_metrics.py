@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from vllm_ptq_ascend.assets.shipped_text import gsm8k_items
 from vllm_ptq_ascend.eval.metrics import (
     accuracy_summary,
     answers_match,
@@ -24,7 +25,6 @@ from vllm_ptq_ascend.eval.metrics import (
     retention,
     strip_thinking,
 )
-from vllm_ptq_ascend.models.shipped_text import gsm8k_items
 
 # --------------------------------------------------------------------------------------------------
 # strip_thinking / extract_answer / normalize_number / answers_match

@@ -367,7 +367,7 @@ def test_served_checkpoints_match_fake_quant_references(calibrated, tiny_model):
     from test_presets_e2e import diffs, float64_logprobs
     from transformers import AutoTokenizer
 
-    from vllm_ptq_ascend.models.shipped_text import reasoning_texts
+    from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     prompts = [tok(t)["input_ids"][:48] for t in reasoning_texts()[-3:]]

@@ -1,5 +1,5 @@
 """Model families (vllm_ptq_ascend/recipes/families.py) on a tiny random model of each
-(models/tiny.py: Llama, Qwen2, Qwen3, Mistral, openPangu-Embedded, Gemma2).
+(assets/tiny.py: Llama, Qwen2, Qwen3, Mistral, openPangu-Embedded, Gemma2).
 
 - The family table against transformers itself: which norm's output each linear reads, biases,
   q/k norms, the norms' parametrisation, embedding scale, tied embeddings, soft-caps.
@@ -25,7 +25,7 @@ Two facts of the environment these tests account for:
 - The tiny openPangu-Embedded is served by vLLM's own PanguEmbeddedForCausalLM but loaded by
   transformers as Llama (transformers has no openPangu; the checkpoint's remote code is Llama with
   biases): `quantize()` saves it as LlamaForCausalLM, and the test restores `architectures` as the
-  real model's remote class would keep them (models/tiny.py, set_architectures).
+  real model's remote class would keep them (assets/tiny.py, set_architectures).
 
 On a CPU without AVX-512 (the 2-core AMD EPYC these tests were written on, 2026-12-01, has AVX2
 only), vLLM-CPU's oneDNN int8 GEMM, which the CPU backend uses for W8A8, is off: one layer's output
@@ -44,7 +44,7 @@ import pytest
 import torch
 from conftest import PRESET_TEST_OPTIONS, PRESET_VARIANTS
 
-from vllm_ptq_ascend.models.tiny import TINY_FAMILIES, build_tiny_model, set_architectures
+from vllm_ptq_ascend.assets.tiny import TINY_FAMILIES, build_tiny_model, set_architectures
 from vllm_ptq_ascend.recipes.families import (
     FAMILIES,
     FamilyError,
@@ -465,7 +465,7 @@ def test_norm_that_is_not_a_scale_is_refused():
 def prompts_for(model_dir) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from vllm_ptq_ascend.models.shipped_text import reasoning_texts
+    from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     return [tok(t)["input_ids"][:48] for t in reasoning_texts()[-3:]]

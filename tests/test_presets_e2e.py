@@ -70,7 +70,7 @@ JOBS += [(name, "compressed-tensors", dtype) for name, dtype in STOCK.items()]
 def prompts(tiny_model):
     from transformers import AutoTokenizer
 
-    from vllm_ptq_ascend.models.shipped_text import reasoning_texts
+    from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     return [tok(t)["input_ids"][:48] for t in reasoning_texts()[-3:]]

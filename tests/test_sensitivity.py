@@ -210,7 +210,7 @@ def test_mixed_checkpoints_served_by_plugin_match_fake_quant(mixed_none, mixed_w
     from test_presets_e2e import diffs, llmcompressor_fake_quant_logprobs
     from transformers import AutoTokenizer
 
-    from vllm_ptq_ascend.models.shipped_text import reasoning_texts
+    from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
 
     tok = AutoTokenizer.from_pretrained(fragile_model)
     prompts = [tok(t)["input_ids"][:48] for t in reasoning_texts()[-3:]]

@@ -56,8 +56,8 @@ def main() -> int:
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the demo's own lines readable
     apply_cpu_defaults()
-    from vllm_ptq_ascend.models.embedded import embedded_model_dir
-    from vllm_ptq_ascend.models.shipped_text import gsm8k_items, held_out_texts
+    from vllm_ptq_ascend.assets.embedded import embedded_model_dir
+    from vllm_ptq_ascend.assets.shipped_text import gsm8k_items, held_out_texts
     from vllm_ptq_ascend.recipes.quantize import quantize
 
     out_root = repo_cache_root() / "demo"

@@ -221,7 +221,7 @@ class Engine:
 
 def _text_logprobs(engine: Engine, results_dir: Path, info: ModelInfo, config: EvalConfig) -> list[dict]:
     """Top-k prompt logprobs of each held-out text, cached per model (the baseline's feed KL)."""
-    from vllm_ptq_ascend.models.shipped_text import held_out_texts
+    from vllm_ptq_ascend.assets.shipped_text import held_out_texts
 
     path = items_path(results_dir, info.name, TEXT_MODE, "logprobs")
     done = read_records(path)

@@ -41,7 +41,7 @@ def task_specs() -> dict:
 
 def load_items(task: str, limit: int | None = None) -> list[EvalItem]:
     """The shipped items of ``task`` in file order (the first ``limit`` of them)."""
-    from vllm_ptq_ascend.models.shipped_text import gsm8k_items
+    from vllm_ptq_ascend.assets.shipped_text import gsm8k_items
     from vllm_ptq_ascend.recipes.calibration.shipped import SHIPPED, _read_jsonl_resource
 
     if task == "gsm8k":

