@@ -1,87 +1,6 @@
 """msModelSlim checkpoints: ``quant_model_description.json`` -> a plan per linear layer.
 
-msModelSlim (github Ascend/msmodelslim) writes, next to ``config.json`` (whose
-``quantization_config`` it removes), a description ``{"model_quant_type": "W8A8",
-"version": "1.0.0", "group_size": 0, "<tensor name>": "<LABEL>", ...}`` and
-``quant_model_weights*.safetensors``. A linear layer's label is the one of
-``<prefix>.weight``; the fused shards of a vLLM layer (q/k/v, gate/up) must agree,
-as vllm-ascend requires (vllm-project/vllm-ascend
-``vllm_ascend/quantization/modelslim_config.py``: ``get_linear_quant_type``,
-``is_layer_skipped_ascend``).
-
-Each label is mapped onto an EXISTING scheme (schemes/): the layer registers the
-msModelSlim tensors under their checkpoint names (vLLM looks parameters up by those
-names) through the checked loaders, and once loaded they are translated into what
-the scheme holds for a compressed-tensors checkpoint, then the scheme validates and
-prepares them for the kernel backend as usual.
-
-Tensors per label, as msModelSlim writes them (Ascend/msmodelslim
-``msmodelslim/core/quant_service/modelslim_v1/save/ascendv1.py`` ``on_*`` and
-``msmodelslim/pytorch/llm_ptq/llm_ptq_tools/save/complex_quantifier.py``
-``generate_weight_of_linear_module``) and as vllm-ascend creates them
-(``vllm_ascend/quantization/methods/w8a8_static.py``, ``w8a8_dynamic.py``,
-``w8a16.py``):
-
-- W8A8 (static): ``weight`` int8 [out, in]; ``input_scale`` [1] and ``input_offset``
-  [1] (float32); ``deq_scale`` [out] (float32, or for float16 models its float32 bit
-  pattern stored in int64, ``deqscale2int64``); ``quant_bias`` int32 [out] =
-  round(bias / deq_scale - rowsum(weight) * input_offset); optionally (older saver)
-  ``weight_scale`` / ``weight_offset`` [out, 1]. -> W8A8Int8Scheme, per-channel weights,
-  static per-tensor activations, zero point = ``input_offset`` (msModelSlim quantizes
-  q = round(x / s + offset), dequantizes (q - offset) * s:
-  ``msmodelslim/ir/api/impl/int_quantization.py``). ``deq_scale`` and ``quant_bias`` are
-  what the NPU GEMM consumes (``npu_quant_matmul``); we recompute both from the
-  primary tensors and refuse a checkpoint where they disagree. Without
-  ``weight_scale``, it is ``deq_scale / input_scale``.
-- W8A8_DYNAMIC: ``weight`` int8 [out, in], ``weight_scale`` [out, 1], ``weight_offset``
-  [out, 1] (zeros: msModelSlim writes zeros, vllm-ascend ignores it) ->
-  W8A8Int8Scheme, per-channel weights, per-token dynamic activations.
-- W8A16 / W4A16: ``weight`` int8, ``weight_scale`` and ``weight_offset`` [out, groups]
-  (float32; groups from the description's ``group_size``, 0 = per channel);
-  dequantized as (q - weight_offset) * weight_scale
-  (``.../fake_quantize/w8a16_w4a16_fakequantizer.py``), so zero point =
-  ``weight_offset``. -> WNA16Scheme (packed into compressed-tensors' int32 layout).
-  W4A16 ``weight`` is one int4 value per int8 [out, in], except for version "1.0.0"
-  (ascendV1 saver, ``_w4a16_pack_int4``): two int4 per int8, low nibble = even
-  index, packed along the output dim ([out/2, in]) with per-group scales and along the
-  input dim ([out, in/2]) per channel.
-  Note: vllm-ascend passes ``weight_offset`` unchanged as ``antiquant_offset`` of
-  ``npu_weight_quant_batchmatmul``, documented as scale * (q + offset); the two agree
-  only for symmetric (zero-offset) weights. We follow the producer's definition.
-- W4A8_DYNAMIC (msmodelslim_w4a8.py, which records the sources read): int4 weights, two-level
-  symmetric scales ``weight_scale`` [out, 1] x ``weight_scale_second`` [out, in / group]
-  (per channel for the ascendV1 saver's group_size 0), int8 per-token dynamic activations;
-  version "1.0.0" packs int4 pairs along the output dim and adds ``scale_bias`` (an NPU-kernel
-  correction, 8 * sum of the dequantized weight per input slice: verified, not used); no
-  version = the legacy unpacked layout (group 256 without ``group_size``). -> W4A8IntScheme
-  with per-group scales ``weight_scale * weight_scale_second``; non-zero offsets and other
-  versions are refused.
-- W4A4_FLATQUANT_DYNAMIC, W8A8_FLATQUANT_DYNAMIC, W4A8_FLATQUANT_DYNAMIC
-  (msmodelslim_flatquant.py, which records the sources read): the tensors of W8A8_DYNAMIC (int4
-  values in int8 for W4A4) or of W4A8_DYNAMIC "1.0.0" per channel, plus ``left_trans``,
-  ``right_trans`` (absent for o_proj) and ``clip_ratio`` -> FlatQuantScheme with L = left_trans,
-  R = right_trans and each fused shard's own clip ratio.
-- FLOAT: unquantized.
-
-Not served (an error naming the layer and the label, at start-up and in ``inspect``): every other
-label msModelSlim 26.1.0 writes (``KNOWN_UNSERVED``, built from its savers' label rules), KV-cache,
-attention (FA3) and communication quantization, online QuaRot rotations (``metadata.quarot``) and
-the NonFusionSmoothQuant layout (``<layer>.div.mul_scale`` + ``<layer>.linear.weight``).
-
-Non-tensor keys of the description (``DESCRIPTION_KEYS``), as msModelSlim 26.1.0 writes them:
-``AscendV1Saver.post_run`` (``msmodelslim/core/quant_service/modelslim_v1/save/ascendv1.py``) always
-writes ``version`` ("1.0.0"), ``model_quant_type``, ``metadata`` (a dict: ``{}``, or
-``{"quarot": {...}}`` for online rotations), ``group_size`` and ``optional`` (a dict of export-only
-extras: ``{}``, or ``{"quarot": {"rotation_map": {"global_rotation": <file>}}}`` for an OFFLINE
-rotation already folded into the weights); ``on_dynamic_cache`` adds ``kv_cache_type`` /
-``kv_quant_type`` ("C8"), the FA3 savers ``fa_quant_type`` and per attention block
-``<block>.quant_type`` (e.g. "INT8", "FP8_DYNAMIC"). The legacy saver's ``QuantModelJsonDescription``
-(``msmodelslim/pytorch/llm_ptq/llm_ptq_tools/llm_ptq_utils.py``) writes ``model_quant_type``,
-``version`` (ascendV1 only), ``group_size`` (only when > 0), ``kv_cache_type`` / ``kv_quant_type``
-("C8"), ``fa_quant_type`` ("FAQuant") and ``reduce_quant_type`` ("per_channel", simulated-TP
-communication quantization). Model adapters add ``indexer_quant_type`` (DeepSeek-V3.2, GLM-5) and
-``is_rot_used`` (GLM-5). Served: ``model_quant_type`` (informative: the per-tensor labels decide),
-``version``, ``group_size``, an empty ``metadata``, any ``optional``; the others are refused when set.
+The upstream sources it follows and the layouts in detail: ``docs/sources.md``.
 """
 
 from __future__ import annotations
@@ -158,7 +77,7 @@ KNOWN_UNSERVED = tuple(label for label in _derived_labels() if label not in SERV
 NOT_YET = KNOWN_UNSERVED  # (the name older code and tests use)
 # labels of non-linear tensors (KV cache, attention, norms) that may appear in a description
 OTHER = ("C8", "FAQuant", "FAKQuant", "INT8_DYNAMIC")
-# every non-tensor key msModelSlim 26.1.0 writes (module docstring); those in SERVED_KEYS are read,
+# every non-tensor key msModelSlim 26.1.0 writes (docs/sources.md); those in SERVED_KEYS are read,
 # the others must be absent (or null)
 SERVED_KEYS = ("model_quant_type", "version", "group_size", "metadata", "optional")
 UNSERVED_KEYS = {

@@ -1,55 +1,6 @@
 """Model families: the norm -> linears structure of a decoder block, and the folds it allows.
 
-SmoothQuant, AWQ and FlatQuant divide an activation by a per-channel scale s where it is produced
-(a norm's weight, or the output rows of a linear) and multiply every linear that reads it by s.
-That leaves the model's function unchanged only if
-
-1. the balanced linears are *all* the readers of that activation: the norm that feeds gate/up
-   must be the one before the MLP. In Gemma-style blocks (Gemma2; openPangu-Embedded with
-   ``sandwich_norm``) ``post_attention_layernorm`` normalises the attention *output* before the
-   residual add and the MLP reads ``pre_feedforward_layernorm`` (``pre_mlp_layernorm``);
-2. the fold scales the norm's *effective* weight. A norm y = x̂·w takes w/s; Gemma's
-   y = x̂·(1 + w) takes (1 + w)/s - 1.
-
-llmcompressor 0.14 does not check (1): without ``mappings``, SmoothQuantModifier takes them from a
-table keyed by the model's class name, whose Gemma2/Gemma3 entry is the Llama one (gate/up against
-``post_attention_layernorm``; ``modifiers/transform/smoothquant/utils.py``). For (2) its ``oneshot``
-swaps every norm of a class it lists as (1 + w) (Gemma's, Qwen3-Next's; ``modeling/offset_norm.py``)
-for a stand-in computing x̂·w' with w' = 1 + w, and writes w' - 1 back when calibration ends, so its
-w'/s is right for those; a (1 + w) norm it does not list would get w/s.
-
-Here each family states its block structure (``FAMILIES``), detected from config.json's
-``architectures`` / ``model_type``, and the blocks of the loaded model are checked against it.
-``FamilySmoothQuantModifier`` and ``FamilyAWQModifier`` are llmcompressor's modifiers with an
-``on_initialize`` that gives them the family's explicit mappings (never llmcompressor's defaults)
-and refuses by name any mapping that breaks (1), any norm that computes neither x̂·w nor x̂·(1 + w),
-and any (1 + w) norm llmcompressor has not swapped. FlatQuant (``recipes/flatquant``) reads the
-same structure and folds with :func:`fold_scale_into_norm`, right for either parametrisation.
-
-Families (transformers 5.17 / vLLM 0.32 names; linears are ``self_attn.{q,k,v,o}_proj`` and
-``mlp.{gate,up,down}_proj`` in all of them):
-
-- llama: Llama, SmolLM2, DeepSeek-R1-Distill-Llama. Norms x̂·w.
-- qwen2: Qwen2/2.5, DeepSeek-R1-Distill-Qwen, QwQ. q/k/v have a bias (o_proj none).
-- qwen3: q_norm/k_norm on each head's q and k after the projections. They do not touch
-  the folds: q_proj/k_proj's outputs are unchanged by an input-side fold.
-- mistral: the Llama block.
-- openpangu_embedded: openPangu-Embedded-1B/7B. transformers 5.17 has no such model (the checkpoint
-  ships remote code, ``modeling_openpangu_dense.py``, whose classes subclass transformers' Llama ones
-  with a bias on q/k/v *and* o_proj, ``config.bias``); vLLM 0.32 serves it as
-  ``PanguEmbeddedForCausalLM`` (``model_executor/models/openpangu.py``: input_layernorm ->
-  qkv_proj, post_attention_layernorm -> gate_up_proj, unless ``sandwich_norm``, which adds
-  ``pre_mlp_layernorm`` before the MLP and ``post_mlp_layernorm`` after it, Gemma-style, with
-  x̂·w norms). So its structure is the Llama one with biases, or the sandwich variant.
-- gemma2: Gemma2 (``Gemma2DecoderLayer``): input_layernorm -> q/k/v; post_attention_layernorm on
-  the attention output; pre_feedforward_layernorm -> gate/up; post_feedforward_layernorm on the MLP
-  output. Norms x̂·(1 + w). Embeddings scaled by sqrt(hidden_size), tied with lm_head; attention
-  logits soft-capped (``attn_logit_softcapping``) and final logits too (``final_logit_softcapping``).
-
-The v_proj -> o_proj and up_proj -> down_proj folds are valid in all of them: attention mixes
-value rows with per-head weights (soft-capping acts on the logits, not on v), and the MLP is
-``down(act(gate) * up)``, linear in up's output. (llmcompressor skips v -> o by itself where
-grouped-query attention makes v_proj's output narrower than o_proj's input.)
+The upstream sources it follows and the layouts in detail: ``docs/sources.md``.
 """
 
 from __future__ import annotations
