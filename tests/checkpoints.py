@@ -12,8 +12,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from reference import pack_int32
 from safetensors.torch import load_file, save_file
+
+from tests.reference import pack_int32
 
 
 def _calibration(tokenizer, n=8, length=64):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ os.environ.setdefault("VLLM_PTQ_ASCEND_CACHE", str(REPO / ".cache"))
 from vllm_ptq_ascend.env import apply_cpu_defaults  # noqa: E402
 
 apply_cpu_defaults()
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def free_port() -> int:
@@ -51,8 +49,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def make_ckpt(tiny_model, tmp_path_factory):
     """Build (once per session) the tiny model's checkpoint for a scheme name from tests/checkpoints.py."""
-    from checkpoints import LLMCOMPRESSOR_SCHEMES, act_order_checkpoint, llmcompressor_checkpoint
-
+    from tests.checkpoints import LLMCOMPRESSOR_SCHEMES, act_order_checkpoint, llmcompressor_checkpoint
     from vllm_ptq_ascend.recipes.quantize import quantize
 
     root = tmp_path_factory.mktemp("ckpts")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from reference import pack_int32
+
+from tests.reference import pack_int32
 
 
 def ct_config(weights: dict, acts: dict | None = None, fmt: str | None = None) -> dict:

@@ -527,7 +527,8 @@ def quant_act(layer: Layer, x, semantics: str = "npu"):
     deviations the module docstring of tests/test_msmodelslim_real.py describes.
     """
     import torch
-    from reference import quant_per_token, quant_static
+
+    from tests.reference import quant_per_token, quant_static
 
     if layer.act == "none":
         return x

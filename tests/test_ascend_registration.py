@@ -23,8 +23,7 @@ def test_vllm_ascend_absent_is_quiet(monkeypatch, caplog):
 
 
 def test_compressed_tensors_checkpoints_stay_with_vllm_without_vllm_ascend():
-    from layer_helpers import ct_config, wna16
-
+    from tests.layer_helpers import ct_config, wna16
     from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     plugin.register()

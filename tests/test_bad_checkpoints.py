@@ -7,8 +7,10 @@ import shutil
 
 import pytest
 import torch
-from engine_runner import run_engines
-from layer_helpers import (
+from safetensors.torch import load_file, save_file
+
+from tests.engine_runner import run_engines
+from tests.layer_helpers import (
     build_layer,
     ct_config,
     load_tensors,
@@ -17,7 +19,6 @@ from layer_helpers import (
     w4a8,
     wna16,
 )
-from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.engine
 FILE = "model.safetensors"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from layer_helpers import build_layer, ct_config, load_tensors, make_wna16_tensors, wna16
+
+from tests.layer_helpers import build_layer, ct_config, load_tensors, make_wna16_tensors, wna16
 
 
 def _wna16_built() -> bool:
@@ -27,7 +28,7 @@ def test_fast_kernels_are_used_where_they_apply(vllm_dist):
 
 
 def test_fp32_and_irregular_g_idx_fall_back_to_exact_torch(vllm_dist):
-    from reference import dequant_weight
+    from tests.reference import dequant_weight
 
     # fp32: cpu_gemm_wna16 has no fp32 kernel
     layer = build_layer("ReplicatedLinear", ct_config(wna16(4, 32, True)), 256, 128, torch.float32)
@@ -60,8 +61,8 @@ def test_onednn_int8_only_where_it_accumulates_exactly():
 
 def test_full_range_int8_w8a8_is_exact_on_this_cpu(vllm_dist):
     """Full-range int8 weights against float64, whichever int8 GEMM this CPU gets."""
-    from layer_helpers import W8A8_DYNAMIC, make_w8a8_tensors
-    from reference import quant_per_token
+    from tests.layer_helpers import W8A8_DYNAMIC, make_w8a8_tensors
+    from tests.reference import quant_per_token
 
     layer = build_layer("ReplicatedLinear", ct_config(*W8A8_DYNAMIC), 256, 128, torch.float32, bias=False)
     tensors = make_w8a8_tensors(128, 256)

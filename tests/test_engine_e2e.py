@@ -26,11 +26,11 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from checkpoints import LLMCOMPRESSOR_SCHEMES
-from engine_runner import run_engines
-from reference import FakeQuantModel
 from safetensors.torch import load_file, save_file
 
+from tests.checkpoints import LLMCOMPRESSOR_SCHEMES
+from tests.engine_runner import run_engines
+from tests.reference import FakeQuantModel
 from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
 from vllm_ptq_ascend.kernels.cpu import wna16_kernel_available
 

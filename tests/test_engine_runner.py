@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from engine_runner import run_engines
+
+from tests.engine_runner import run_engines
 
 pytestmark = pytest.mark.engine
 

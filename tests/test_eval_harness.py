@@ -402,8 +402,9 @@ def test_every_mode_of_a_hybrid_thinking_model_is_evaluated(tiny_model, tmp_path
     """A Qwen3-style template (enable_thinking): slow_think and no_think each get their own results."""
     import shutil
 
-    from test_calibration import QWEN3_TEMPLATE
     from transformers import AutoTokenizer
+
+    from tests.test_calibration import QWEN3_TEMPLATE
 
     model = tmp_path / "qwen3-like"
     shutil.copytree(tiny_model, model)

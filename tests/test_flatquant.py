@@ -11,10 +11,10 @@ import json
 
 import pytest
 import torch
-from layer_helpers import W8A8_DYNAMIC, build_layer, ct_config, load_tensors, make_w4a8_tensors, w4a8
-from reference import dequant_weight, kron_rows, quant_per_token
-from test_scheme_numerics import REL_TOL, rel_err, run_layer
 
+from tests.layer_helpers import W8A8_DYNAMIC, build_layer, ct_config, load_tensors, make_w4a8_tensors, w4a8
+from tests.reference import dequant_weight, kron_rows, quant_per_token
+from tests.test_scheme_numerics import REL_TOL, rel_err, run_layer
 from vllm_ptq_ascend.formats.kronecker import (
     TRANSFORM_TYPE,
     check_factors,
@@ -304,8 +304,7 @@ def test_transform_needs_per_channel_dynamic_scheme(vllm_dist):
 @pytest.fixture(scope="module")
 def calibrated(tiny_model, tmp_path_factory):
     """The tiny model through `quantize` with each FlatQuant preset (few epochs: a test)."""
-    from conftest import PRESET_CALIBRATION
-
+    from tests.conftest import PRESET_CALIBRATION
     from vllm_ptq_ascend.recipes.calibration import CalibrationSpec
     from vllm_ptq_ascend.recipes.quantize import quantize
 
@@ -362,11 +361,11 @@ def test_served_checkpoints_match_fake_quant_references(calibrated, tiny_model):
     W4A4 is served too; with int4 activations this random model is chaotic (tests/test_presets_e2e.py
     says why), so its numerics are the per-layer tests above and its wiring is W4A8's.
     """
-    from engine_runner import run_engines
-    from reference import FakeQuantModel
-    from test_presets_e2e import diffs, float64_logprobs
     from transformers import AutoTokenizer
 
+    from tests.engine_runner import run_engines
+    from tests.reference import FakeQuantModel
+    from tests.test_presets_e2e import diffs, float64_logprobs
     from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
 
     tok = AutoTokenizer.from_pretrained(tiny_model)

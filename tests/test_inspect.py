@@ -136,7 +136,7 @@ def test_clean_llmcompressor_checkpoints_pass(make_ckpt, capsys, name):
 
 @pytest.fixture(scope="module")
 def modelslim_ckpts(tiny_model, tmp_path_factory):
-    from test_msmodelslim import build
+    from tests.test_msmodelslim import build
 
     root = tmp_path_factory.mktemp("inspect_ms")
     cases = {
@@ -391,8 +391,7 @@ LAYER_CONFIGS = {
 @pytest.mark.parametrize("case", LAYER_CONFIGS)
 def test_checkpoint_tensors_match_what_the_plugin_registers(vllm_dist, case):
     """Every tensor a scheme's create_weights registers is in its checkpoint_tensors, same shape."""
-    import layer_helpers
-
+    from tests import layer_helpers
     layer = layer_helpers.build_layer(
         "ReplicatedLinear", LAYER_CONFIGS[case](layer_helpers), 256, 64, torch.bfloat16, bias=False
     )

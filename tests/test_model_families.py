@@ -42,8 +42,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PRESET_TEST_OPTIONS, PRESET_VARIANTS
 
+from tests.conftest import PRESET_TEST_OPTIONS, PRESET_VARIANTS
 from vllm_ptq_ascend.assets.tiny import TINY_FAMILIES, build_tiny_model, set_architectures
 from vllm_ptq_ascend.recipes.families import (
     FAMILIES,
@@ -514,7 +514,7 @@ def diffs(a, b) -> list[float]:
 
 
 def check_served(family: str, name: str, ckpt: Path, base: Path, res: dict, prompts) -> None:
-    from reference import FakeQuantModel
+    from tests.reference import FakeQuantModel
 
     assert "error" not in res, (family, name, res)
     assert res["quantization_used"] == "ptq_ascend"
@@ -538,7 +538,7 @@ def check_served(family: str, name: str, ckpt: Path, base: Path, res: dict, prom
 
 
 def serve_and_check(family_model, tmp_path, cases: list[tuple[str, str]]) -> None:
-    from engine_runner import run_engines
+    from tests.engine_runner import run_engines
 
     prompts = prompts_for(family_model(cases[0][0]))
     ckpts = {(f, n): quantize_for(family_model(f), tmp_path / f"{f}-{n}", n) for f, n in cases}

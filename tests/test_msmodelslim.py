@@ -25,9 +25,10 @@ from functools import partial
 
 import pytest
 import torch
-from engine_runner import run_engines
-from reference import quant_per_token, quant_static
 from safetensors.torch import load_file, save_file
+
+from tests.engine_runner import run_engines
+from tests.reference import quant_per_token, quant_static
 
 FILE = "quant_model_weights.safetensors"
 EXACT_TOL = 1e-3
@@ -521,7 +522,7 @@ def _w4a8_tensors(out_f, in_f, group, version, name=DOWN, seed=0):
 
 
 def _w4a8_layer(kind, group, version, in_f=256, out_f=64, prefix=DOWN):
-    from layer_helpers import build_layer
+    from tests.layer_helpers import build_layer
 
     desc = {"model_quant_type": "W4A8_DYNAMIC", f"{prefix}.weight": "W4A8_DYNAMIC"}
     if version is not None:
@@ -539,7 +540,7 @@ def _w4a8_layer(kind, group, version, in_f=256, out_f=64, prefix=DOWN):
     ],
 )
 def test_w4a8_dynamic_layer_matches_float64(kind, group, version, vllm_dist):
-    from layer_helpers import load_tensors
+    from tests.layer_helpers import load_tensors
 
     prefix = DOWN if kind == "RowParallelLinear" else "model.layers.0.mlp.up_proj"
     layer = _w4a8_layer(kind, group, version, prefix=prefix)
@@ -567,8 +568,7 @@ def test_w4a8_dynamic_layer_matches_float64(kind, group, version, vllm_dist):
     ],
 )
 def test_bad_w4a8_dynamic_tensors_are_rejected_naming_the_tensor(edit, match, vllm_dist):
-    from layer_helpers import load_tensors
-
+    from tests.layer_helpers import load_tensors
     from vllm_ptq_ascend.validation import CheckpointError
 
     layer = _w4a8_layer("RowParallelLinear", 64, "1.0.0")
@@ -623,8 +623,7 @@ def test_legacy_w4a8_dynamic_without_group_size_uses_256():
 
 
 def test_compressed_tensors_configs_still_parse_as_before():
-    from layer_helpers import ct_config, wna16
-
+    from tests.layer_helpers import ct_config, wna16
     from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     c = PtqAscendConfig.from_config(ct_config(wna16(4, 32, True)))
@@ -682,7 +681,7 @@ def _forward(layer, x):
 
 
 def _fq_layer(label, prefix, in_f=128, out_f=48, dtype=torch.float32, version="1.0.0", bias=True):
-    from layer_helpers import build_layer
+    from tests.layer_helpers import build_layer
 
     desc = _fq_desc(label, prefix, version=version)
     return build_layer("RowParallelLinear", desc, in_f, out_f, dtype, prefix=prefix, bias=bias)
@@ -702,7 +701,7 @@ def _fq_case(label, left_only=False, seed=0, out_f=48, in_f=128, clip=0.9, name=
 def test_flatquant_layer_matches_float64(label, proj, fq_dtype, vllm_dist):
     """Each label through a real vLLM layer against x·(left ⊗ right) formed densely; o_proj has no
     right_trans (msModelSlim folds its right factor into v_proj)."""
-    from layer_helpers import load_tensors
+    from tests.layer_helpers import load_tensors
 
     dtype, prefix = fq_dtype, f"model.layers.0.{proj}"
     tensors, deq, left, right = _fq_case(label, left_only="o_proj" in proj, seed=len(label), name=prefix)
@@ -748,7 +747,7 @@ FUSED_CLIPS = {"qkv": (0.9, 0.97, 0.9), "gate_up": (0.9, 0.95), "gate_up-equal":
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_flatquant_fused_shards_keep_their_clip_ratios(label, layout, backend, monkeypatch, vllm_dist):
     """q/k/v (gate/up) share left/right_trans but msModelSlim learns one clip_ratio per linear."""
-    from layer_helpers import load_tensors
+    from tests.layer_helpers import load_tensors
 
     _set_backend(monkeypatch, backend)
     kind = layout.split("-")[0]
@@ -779,8 +778,7 @@ def test_flatquant_fused_shards_keep_their_clip_ratios(label, layout, backend, m
 
 
 def test_flatquant_fused_shards_with_different_transforms_are_rejected(vllm_dist):
-    from layer_helpers import load_tensors
-
+    from tests.layer_helpers import load_tensors
     from vllm_ptq_ascend.validation import CheckpointError
 
     layer = _fused("gate_up", "W8A8_FLATQUANT_DYNAMIC")
@@ -870,8 +868,7 @@ BAD_FLATQUANT = [
     ids=[f"{lab.split('_')[0]}-{i}-{'+'.join(ch)}" for i, (lab, ch, _) in enumerate(BAD_FLATQUANT)],
 )
 def test_bad_flatquant_tensors_are_rejected_naming_the_tensor(label, change, match, vllm_dist):
-    from layer_helpers import load_tensors
-
+    from tests.layer_helpers import load_tensors
     from vllm_ptq_ascend.validation import CheckpointError
 
     tensors, *_ = _fq_case(label)
@@ -922,8 +919,8 @@ def test_flatquant_dispatch_versions_and_tensor_parallel_refusal():
 
 def test_flatquant_fused_blocks_on_the_emulated_npu(monkeypatch, vllm_dist):
     """W4A4 q/k/v with three clip ratios: each row block on npu_kronecker_quant with its own ratio."""
-    from layer_helpers import load_tensors
-    from npu_helpers import use_npu_emulation
+    from tests.layer_helpers import load_tensors
+    from tests.npu_helpers import use_npu_emulation
 
     _set_backend(monkeypatch, "npu")
     use_npu_emulation(monkeypatch)

@@ -97,11 +97,12 @@ import re
 import shutil
 from pathlib import Path
 
-import msmodelslim_real as mr
 import pytest
 import torch
-from engine_runner import run_engines
 from safetensors.torch import load_file, save_file
+
+from tests import msmodelslim_real as mr
+from tests.engine_runner import run_engines
 
 pytestmark = pytest.mark.skipif(mr.msmodelslim_version() is None, reason="msmodelslim is not installed")
 

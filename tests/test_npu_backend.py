@@ -16,7 +16,8 @@ import sys
 
 import pytest
 import torch
-from layer_helpers import (
+
+from tests.layer_helpers import (
     W8A8_DYNAMIC,
     build_layer,
     ct_config,
@@ -28,7 +29,7 @@ from layer_helpers import (
     w8a8_static,
     wna16,
 )
-from npu_helpers import emulation_module, use_chip, use_npu_emulation
+from tests.npu_helpers import emulation_module, use_chip, use_npu_emulation
 
 npu = emulation_module()
 G = torch.Generator().manual_seed(0)

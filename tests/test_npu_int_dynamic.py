@@ -19,8 +19,8 @@ import logging
 
 import pytest
 import torch
-from npu_helpers import emulation_module, use_npu_emulation
 
+from tests.npu_helpers import emulation_module, use_npu_emulation
 from vllm_ptq_ascend.kernels import npu as npu_kernels
 from vllm_ptq_ascend.kernels.base import IntDynamicSpec
 from vllm_ptq_ascend.kernels.npu import NpuBackend

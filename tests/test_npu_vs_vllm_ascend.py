@@ -55,8 +55,9 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-import vllm_ascend_real
-from layer_helpers import (
+
+from tests import vllm_ascend_real
+from tests.layer_helpers import (
     W8A8_DYNAMIC,
     build_layer,
     ct_config,
@@ -65,7 +66,7 @@ from layer_helpers import (
     w8a8_static,
     wna16,
 )
-from npu_helpers import use_npu_emulation
+from tests.npu_helpers import use_npu_emulation
 
 PREFIX = "model.layers.0.mlp.down_proj"
 UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}

@@ -13,10 +13,10 @@ import shutil
 
 import pytest
 import torch
-from layer_helpers import W8A8_DYNAMIC, build_layer, ct_config, load_tensors, make_w8a8_tensors
-from reference import dequant_weight, quant_per_token
-from test_scheme_numerics import REL_TOL, rel_err, run_layer
 
+from tests.layer_helpers import W8A8_DYNAMIC, build_layer, ct_config, load_tensors, make_w8a8_tensors
+from tests.reference import dequant_weight, quant_per_token
+from tests.test_scheme_numerics import REL_TOL, rel_err, run_layer
 from vllm_ptq_ascend.validation import CheckpointError
 
 BACKENDS = [
@@ -71,8 +71,7 @@ def load_rotations(layer, v: torch.Tensor | None, us: list[torch.Tensor]):
 
 @pytest.fixture(params=BACKENDS, ids=lambda p: f"{p[0]}-{str(p[1]).removeprefix('torch.')}")
 def backend_dtype(request, monkeypatch):
-    from npu_helpers import use_npu_emulation
-
+    from tests.npu_helpers import use_npu_emulation
     from vllm_ptq_ascend.kernels import BACKEND_ENV
 
     monkeypatch.setenv(BACKEND_ENV, request.param[0])

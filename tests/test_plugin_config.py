@@ -7,7 +7,8 @@ import sys
 
 import pytest
 import torch
-from layer_helpers import W8A8_DYNAMIC, ct_config, w4a8, wna16
+
+from tests.layer_helpers import W8A8_DYNAMIC, ct_config, w4a8, wna16
 
 
 def test_plugin_is_an_entry_point_and_cheap_to_import():

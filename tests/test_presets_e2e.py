@@ -33,11 +33,11 @@ import math
 
 import pytest
 import torch
-from conftest import PRESET_VARIANTS
-from engine_runner import run_engines
-from reference import FakeQuantModel
-from test_flatquant import ct_fake_quant_logprobs
 
+from tests.conftest import PRESET_VARIANTS
+from tests.engine_runner import run_engines
+from tests.reference import FakeQuantModel
+from tests.test_flatquant import ct_fake_quant_logprobs
 from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
 from vllm_ptq_ascend.kernels.cpu import wna16_kernel_available
 from vllm_ptq_ascend.recipes.presets import PRESETS

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from conftest import REPO
+from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from readme_report import DEFAULT, current_block, embedded  # noqa: E402

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from layer_helpers import (
+
+from tests.layer_helpers import (
     W8A8_DYNAMIC,
     build_layer,
     ct_config,
@@ -19,8 +20,8 @@ from layer_helpers import (
     w8a8_static,
     wna16,
 )
-from npu_helpers import use_npu_emulation
-from reference import dequant_weight, quant_per_token, quant_static
+from tests.npu_helpers import use_npu_emulation
+from tests.reference import dequant_weight, quant_per_token, quant_static
 
 # (out, in): a kernel-friendly shape and odd ones that force the fallbacks.
 SHAPES = [(128, 256), (40, 96), (33, 72)]

@@ -206,10 +206,10 @@ def test_mixed_checkpoint_with_a_w8a8_fallback_group(mixed_w8a8):
 
 @pytest.mark.engine
 def test_mixed_checkpoints_served_by_plugin_match_fake_quant(mixed_none, mixed_w8a8, fragile_model):
-    from engine_runner import run_engines
-    from test_presets_e2e import diffs, llmcompressor_fake_quant_logprobs
     from transformers import AutoTokenizer
 
+    from tests.engine_runner import run_engines
+    from tests.test_presets_e2e import diffs, llmcompressor_fake_quant_logprobs
     from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
 
     tok = AutoTokenizer.from_pretrained(fragile_model)

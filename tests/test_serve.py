@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from vllm_server import kill_server, post, start_server, stop_server
+
+from tests.vllm_server import kill_server, post, start_server, stop_server
 
 pytestmark = pytest.mark.engine
 

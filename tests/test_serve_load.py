@@ -19,8 +19,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from engine_runner import run_engines
-from vllm_server import kill_server, post, start_server, stop_server
+
+from tests.engine_runner import run_engines
+from tests.vllm_server import kill_server, post, start_server, stop_server
 
 pytestmark = pytest.mark.engine
 

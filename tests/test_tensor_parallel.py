@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from layer_helpers import (
+
+from tests.layer_helpers import (
     W8A8_DYNAMIC,
     build_layer,
     ct_config,
@@ -22,8 +23,8 @@ from layer_helpers import (
     w8a8_static,
     wna16,
 )
-from npu_helpers import use_npu_emulation
-from reference import dequant_weight, quant_per_token, quant_static
+from tests.npu_helpers import use_npu_emulation
+from tests.reference import dequant_weight, quant_per_token, quant_static
 
 OUT, IN, TP = 128, 256, 2
 
