@@ -892,6 +892,7 @@ def test_bad_flatquant_tensors_are_rejected_naming_the_tensor(label, change, mat
 
 
 def test_flatquant_dispatch_versions_and_tensor_parallel_refusal():
+    from vllm_ptq_ascend.schemes.base import LayerShape
     from vllm_ptq_ascend.schemes.msmodelslim_flatquant import ModelSlimFlatQuant, modelslim_factor_sizes
     from vllm_ptq_ascend.validation import CheckpointError
 
@@ -907,8 +908,9 @@ def test_flatquant_dispatch_versions_and_tensor_parallel_refusal():
     with pytest.raises(CheckpointError, match=r"'W4A8_FLATQUANT_DYNAMIC' with description version '0'"):
         c.scheme_for(DOWN, torch.nn.Module())
     with pytest.raises(CheckpointError, match=r"cannot be split along their input.*tensor_parallel_size=1"):
+        shape = LayerShape(128, 48, 64, (48,), torch.float32)
         ModelSlimFlatQuant(DOWN, label="W4A4_FLATQUANT_DYNAMIC").create_weights(
-            torch.nn.Module(), 128, 64, [48], 48, torch.float32, lambda *a: None
+            torch.nn.Module(), shape, lambda *a: None
         )
     # msModelSlim's and vLLM-Ascend's get_decompose_dim (which never ends for n = 2 mod 4)
     for n in range(1, 2049):

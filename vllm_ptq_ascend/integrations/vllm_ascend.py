@@ -16,6 +16,7 @@ from vllm_ptq_ascend.integrations.vllm_ascend_layers import (
     noop_loader,
     quant_description,
 )
+from vllm_ptq_ascend.schemes.base import LayerShape
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +100,8 @@ class _MsModelSlimLinearAdapter:
         return tensors
 
     def get_weight(self, input_size: int, output_size: int, params_dtype: torch.dtype) -> dict[str, Any]:
-        self.scheme.create_weights(
-            self.scratch, input_size, input_size, [output_size], output_size, params_dtype, noop_loader
-        )
+        shape = LayerShape(input_size, output_size, input_size, (output_size,), params_dtype)
+        self.scheme.create_weights(self.scratch, shape, noop_loader)
         w = self.scratch.weight
         out = {"weight": w.data}
         # two int4 per int8 (msModelSlim 1.0.0), for vLLM's fused-shard offsets
@@ -137,14 +137,14 @@ class _MsModelSlimLinearAdapter:
         name = getattr(layer, "prefix", "") or type(layer).__name__
         self.scheme.layer_name, self.scheme.shards = name, [name]
         out_f = s.output_size_per_partition
-        int_weights.setup_layer(
-            layer,
-            s.input_size_per_partition * self.row_tp,
-            s.input_size_per_partition,
-            list(getattr(layer, "output_partition_sizes", None) or [out_f]),
-            getattr(layer, "output_size", out_f),
-            s.params_dtype,
+        shape = LayerShape(
+            input_size=s.input_size_per_partition * self.row_tp,
+            output_size=getattr(layer, "output_size", out_f),
+            input_size_per_partition=s.input_size_per_partition,
+            output_partition_sizes=tuple(getattr(layer, "output_partition_sizes", None) or [out_f]),
+            params_dtype=s.params_dtype,
         )
+        int_weights.setup_layer(layer, shape)
         if self.row_whole:  # keep this rank's columns, as the row loader kept its input columns
             rank = getattr(layer, "tp_rank", 0)
             for n, cols in self.row_whole.items():

@@ -35,6 +35,7 @@ from vllm_ptq_ascend.integrations.vllm_ascend_layers import (
     noop_loader,
     quant_description,
 )
+from vllm_ptq_ascend.schemes.base import LayerShape
 from vllm_ptq_ascend.validation import CheckpointError
 
 # keys vLLM-Ascend's _is_dynamic_token_w4a8 writes into the description it shares with its schemes
@@ -119,15 +120,14 @@ class CompressedTensorsLinear:
     # -- vLLM-Ascend's linear scheme interface --------------------------------------------------
     def get_weight(self, input_size: int, output_size: int, params_dtype: torch.dtype) -> dict[str, Any]:
         layer = self._layer
-        self.scheme.create_weights(
-            self.scratch,
+        shape = LayerShape(
             input_size=layer.input_size,
-            input_size_per_partition=input_size,
-            output_partition_sizes=list(layer.output_partition_sizes),
             output_size=layer.output_size,
+            input_size_per_partition=input_size,
+            output_partition_sizes=tuple(layer.output_partition_sizes),
             params_dtype=params_dtype,
-            weight_loader=noop_loader,
         )
+        self.scheme.create_weights(self.scratch, shape, noop_loader)
         hooks: dict[str, dict[str, Any]] = {
             h: {} for h in ("get_weight", "get_pertensor_param", "get_perchannel_param", "get_pergroup_param")
         }

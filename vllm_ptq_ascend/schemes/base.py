@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -13,6 +14,28 @@ from vllm_ptq_ascend.validation import FLOAT_DTYPES, TensorSpec, checked_loader,
 
 # dtypes a checkpoint tensor of each role may arrive in.
 SCALE_DTYPES = FLOAT_DTYPES
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A linear layer's geometry, built once from vLLM's ``create_weights`` arguments: the whole
+    layer's ``input_size`` x ``output_size`` and this rank's part of it."""
+
+    input_size: int
+    output_size: int
+    input_size_per_partition: int
+    output_partition_sizes: tuple[int, ...]  # one per fused shard (q/k/v, gate/up)
+    params_dtype: torch.dtype
+
+    @property
+    def out_features(self) -> int:
+        """This rank's output features, every shard together."""
+        return sum(self.output_partition_sizes)
+
+    @property
+    def row_parallel(self) -> bool:
+        """The input is split across tensor-parallel ranks."""
+        return self.input_size != self.input_size_per_partition
 
 
 class PtqScheme(ABC):
@@ -62,16 +85,7 @@ class PtqScheme(ABC):
         return where(self.files, self.layer_name, tensor, self.shards)
 
     @abstractmethod
-    def create_weights(
-        self,
-        layer: torch.nn.Module,
-        input_size: int,
-        input_size_per_partition: int,
-        output_partition_sizes: list[int],
-        output_size: int,
-        params_dtype: torch.dtype,
-        weight_loader: Callable,
-    ) -> None:
+    def create_weights(self, layer: torch.nn.Module, shape: LayerShape, weight_loader: Callable) -> None:
         """Register the checkpoint's tensors on ``layer`` as vLLM parameters."""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

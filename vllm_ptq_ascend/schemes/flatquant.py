@@ -15,7 +15,7 @@ import torch
 from vllm_ptq_ascend.formats.kronecker import TRANSFORM_TENSORS, check_factors, factor_sizes
 from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import IntDynamicSpec
-from vllm_ptq_ascend.schemes.base import SCALE_DTYPES
+from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, LayerShape
 from vllm_ptq_ascend.schemes.w4a4_int import W4A4IntScheme
 from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, checked_loader
 
@@ -69,30 +69,13 @@ class FlatQuantScheme(W4A4IntScheme):
             f"{prefix}.clip_ratio": TensorSpec(SCALE_DTYPES, ((1,), ())),
         }
 
-    def create_weights(
-        self,
-        layer,
-        input_size,
-        input_size_per_partition,
-        output_partition_sizes,
-        output_size,
-        params_dtype,
-        weight_loader,
-    ):
-        require_whole_input(self.where("weight"), input_size, input_size_per_partition)
-        super().create_weights(
-            layer,
-            input_size,
-            input_size_per_partition,
-            output_partition_sizes,
-            output_size,
-            params_dtype,
-            weight_loader,
-        )
-        n1, n2 = factor_sizes(input_size)
+    def create_weights(self, layer, shape: LayerShape, weight_loader):
+        require_whole_input(self.where("weight"), shape.input_size, shape.input_size_per_partition)
+        super().create_weights(layer, shape, weight_loader)
+        n1, n2 = factor_sizes(shape.input_size)
         holder = torch.nn.Module()
-        for name, shape in (("left", (n1, n1)), ("right", (n2, n2)), ("clip_ratio", (1,))):
-            param = torch.nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
+        for name, dims in (("left", (n1, n1)), ("right", (n2, n2)), ("clip_ratio", (1,))):
+            param = torch.nn.Parameter(torch.empty(dims, dtype=torch.float32), requires_grad=False)
             param.weight_loader = checked_loader(
                 self._same_for_every_shard(name),
                 layer_name=self.layer_name,

@@ -22,26 +22,18 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
-from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, PtqScheme
+from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, LayerShape, PtqScheme
 from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, require_nonzero_finite
 
 
-def setup_layer(
-    layer: torch.nn.Module,
-    input_size: int,
-    input_size_per_partition: int,
-    output_partition_sizes: list[int],
-    output_size: int,
-    params_dtype: torch.dtype,
-) -> int:
+def setup_layer(layer: torch.nn.Module, shape: LayerShape) -> int:
     """Record the layer's geometry the backends read; returns this rank's output features."""
-    out_features = sum(output_partition_sizes)
-    layer.logical_widths = output_partition_sizes
-    layer.params_dtype = params_dtype
-    layer.input_size_per_partition = input_size_per_partition
-    layer.output_size_per_partition = out_features
-    layer.full_weight_shape = (output_size, input_size)
-    return out_features
+    layer.logical_widths = list(shape.output_partition_sizes)
+    layer.params_dtype = shape.params_dtype
+    layer.input_size_per_partition = shape.input_size_per_partition
+    layer.output_size_per_partition = shape.out_features
+    layer.full_weight_shape = (shape.output_size, shape.input_size)
+    return shape.out_features
 
 
 def group_layout(

@@ -12,7 +12,7 @@ import torch
 from vllm_ptq_ascend.formats.kronecker import check_factors, factor_sizes
 from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT
 from vllm_ptq_ascend.schemes import int_weights
-from vllm_ptq_ascend.schemes.base import PtqScheme
+from vllm_ptq_ascend.schemes.base import LayerShape, PtqScheme
 from vllm_ptq_ascend.schemes.flatquant import FlatQuantScheme, require_whole_input
 from vllm_ptq_ascend.schemes.msmodelslim_common import drop, loaded
 from vllm_ptq_ascend.schemes.msmodelslim_w4a8 import PACKED_VERSION, ModelSlimW4A8Dynamic
@@ -79,33 +79,16 @@ class _FlatQuant:
             "clip_ratio": TensorSpec(FLOAT_DTYPES, ((1,), ())),
         }
 
-    def create_weights(
-        self,
-        layer,
-        input_size,
-        input_size_per_partition,
-        output_partition_sizes,
-        output_size,
-        params_dtype,
-        weight_loader,
-    ):
-        require_whole_input(self.where("left_trans"), input_size, input_size_per_partition)
-        super().create_weights(
-            layer,
-            input_size,
-            input_size_per_partition,
-            output_partition_sizes,
-            output_size,
-            params_dtype,
-            weight_loader,
-        )
-        n1, n2 = modelslim_factor_sizes(input_size)  # the sizes vLLM-Ascend registers
-        for name, shape in (("left_trans", (n1, n1)), ("right_trans", (n2, n2))):
-            param = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float32), requires_grad=False)
+    def create_weights(self, layer, shape: LayerShape, weight_loader):
+        require_whole_input(self.where("left_trans"), shape.input_size, shape.input_size_per_partition)
+        super().create_weights(layer, shape, weight_loader)
+        n1, n2 = modelslim_factor_sizes(shape.input_size)  # the sizes vLLM-Ascend registers
+        for name, dims in (("left_trans", (n1, n1)), ("right_trans", (n2, n2))):
+            param = torch.nn.Parameter(torch.zeros(dims, dtype=torch.float32), requires_grad=False)
             param.weight_loader = self.loader(self._shared(name), name, FLOAT_DTYPES)
             layer.register_parameter(name, param)
         clip = torch.nn.Parameter(
-            torch.zeros(len(output_partition_sizes), dtype=torch.float32), requires_grad=False
+            torch.zeros(len(shape.output_partition_sizes), dtype=torch.float32), requires_grad=False
         )
         clip.weight_loader = self.loader(self._per_shard_clip, "clip_ratio", FLOAT_DTYPES)
         layer.register_parameter("clip_ratio", clip)
@@ -265,7 +248,9 @@ class _ClipBlocks(PtqScheme):
             end = start + sum(widths)
             sub = torch.nn.Module()
             sub.prefix = getattr(layer, "prefix", "") or self.layer_name
-            int_weights.setup_layer(sub, in_f, in_f, widths, end - start, layer.params_dtype)
+            int_weights.setup_layer(
+                sub, LayerShape(in_f, end - start, in_f, tuple(widths), layer.params_dtype)
+            )
             sub.register_parameter(
                 "weight", torch.nn.Parameter(w[start:end].contiguous(), requires_grad=False)
             )

@@ -15,6 +15,7 @@ from vllm.model_executor.parameter import (
 from vllm_ptq_ascend.formats.msmodelslim import LEGACY_VERSIONS
 from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT
 from vllm_ptq_ascend.schemes import int_weights
+from vllm_ptq_ascend.schemes.base import LayerShape
 from vllm_ptq_ascend.schemes.msmodelslim_common import _ModelSlimScheme, drop, set_param
 from vllm_ptq_ascend.schemes.w4a8_int import W4A8IntScheme
 from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec, require_positive_finite
@@ -112,30 +113,19 @@ class ModelSlimW4A8Dynamic(_ModelSlimScheme):
             )
         return specs
 
-    def create_weights(
-        self,
-        layer,
-        input_size,
-        input_size_per_partition,
-        output_partition_sizes,
-        output_size,
-        params_dtype,
-        weight_loader,
-    ):
-        out = int_weights.setup_layer(
-            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
-        )
+    def create_weights(self, layer, shape: LayerShape, weight_loader):
+        out = int_weights.setup_layer(layer, shape)
         w_loader = self.loader(weight_loader, "weight", (torch.int8,))
         if self.packed:  # two int4 per int8 along the output dim: every fused shard must be even
-            if any(w % 2 for w in output_partition_sizes):
+            if any(w % 2 for w in shape.output_partition_sizes):
                 raise CheckpointError(
                     f"{self.where('weight')}: packed int4 pairs along the output dim need even output "
-                    f"sizes, got {list(output_partition_sizes)}"
+                    f"sizes, got {list(shape.output_partition_sizes)}"
                 )
             layer.register_parameter(
                 "weight",
                 PackedvLLMParameter(
-                    data=torch.empty(out // 2, input_size_per_partition, dtype=torch.int8),
+                    data=torch.empty(out // 2, shape.input_size_per_partition, dtype=torch.int8),
                     input_dim=1,
                     output_dim=0,
                     packed_dim=0,
@@ -144,14 +134,14 @@ class ModelSlimW4A8Dynamic(_ModelSlimScheme):
                 ),
             )
         else:
-            int_weights.register_int8_weight(layer, self, out, input_size_per_partition, weight_loader)
+            int_weights.register_int8_weight(layer, self, out, shape.input_size_per_partition, weight_loader)
         self._channel_param(layer, "weight_scale", out, FLOAT_DTYPES, weight_loader)
         self._channel_param(layer, "weight_offset", out, OFFSET_DTYPES, weight_loader)
         if self.per_group:
             n_groups, partition_groups = int_weights.group_layout(
-                self, self.group_size, input_size, input_size_per_partition
+                self, self.group_size, shape.input_size, shape.input_size_per_partition
             )
-            full_groups = input_size // self.group_size
+            full_groups = shape.input_size // self.group_size
             for name, dtypes in (
                 ("weight_scale_second", FLOAT_DTYPES),
                 ("weight_offset_second", OFFSET_DTYPES),
@@ -167,9 +157,10 @@ class ModelSlimW4A8Dynamic(_ModelSlimScheme):
                     else ChannelQuantScaleParameter(output_dim=0, **args),
                 )
         if self.packed:
-            self._register_scale_bias(layer, out, input_size, input_size_per_partition, weight_loader)
+            self._register_scale_bias(layer, out, shape, weight_loader)
 
-    def _register_scale_bias(self, layer, out, input_size, input_size_per_partition, weight_loader):
+    def _register_scale_bias(self, layer, out, shape: LayerShape, weight_loader):
+        input_size, input_size_per_partition = shape.input_size, shape.input_size_per_partition
         row = self.row_parallel
         if row is None:
             from vllm.model_executor.layers.linear import RowParallelLinear

@@ -7,6 +7,7 @@ from vllm.model_executor.parameter import ChannelQuantScaleParameter, PerTensorS
 
 from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT
 from vllm_ptq_ascend.schemes import int_weights
+from vllm_ptq_ascend.schemes.base import LayerShape
 from vllm_ptq_ascend.schemes.msmodelslim_common import (
     _ModelSlimScheme,
     drop,
@@ -36,20 +37,9 @@ class ModelSlimW8A8Dynamic(_ModelSlimScheme):
             "weight_offset": TensorSpec(FLOAT_DTYPES, channel, required=False),
         }
 
-    def create_weights(
-        self,
-        layer,
-        input_size,
-        input_size_per_partition,
-        output_partition_sizes,
-        output_size,
-        params_dtype,
-        weight_loader,
-    ):
-        out = int_weights.setup_layer(
-            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
-        )
-        int_weights.register_int8_weight(layer, self, out, input_size_per_partition, weight_loader)
+    def create_weights(self, layer, shape: LayerShape, weight_loader):
+        out = int_weights.setup_layer(layer, shape)
+        int_weights.register_int8_weight(layer, self, out, shape.input_size_per_partition, weight_loader)
         self._channel_param(layer, "weight_scale", out, FLOAT_DTYPES, weight_loader)
         self._channel_param(layer, "weight_offset", out, FLOAT_DTYPES, weight_loader)
 
@@ -82,21 +72,10 @@ class ModelSlimW8A8(_ModelSlimScheme):
             "weight_offset": TensorSpec(FLOAT_DTYPES, channel, required=False),
         }
 
-    def create_weights(
-        self,
-        layer,
-        input_size,
-        input_size_per_partition,
-        output_partition_sizes,
-        output_size,
-        params_dtype,
-        weight_loader,
-    ):
-        out = int_weights.setup_layer(
-            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
-        )
-        n_shards = len(output_partition_sizes)
-        int_weights.register_int8_weight(layer, self, out, input_size_per_partition, weight_loader)
+    def create_weights(self, layer, shape: LayerShape, weight_loader):
+        out = int_weights.setup_layer(layer, shape)
+        n_shards = len(shape.output_partition_sizes)
+        int_weights.register_int8_weight(layer, self, out, shape.input_size_per_partition, weight_loader)
         # optional: the ascendV1 saver writes no weight_scale/weight_offset for W8A8
         self._channel_param(layer, "weight_scale", out, FLOAT_DTYPES, weight_loader)
         self._channel_param(layer, "weight_offset", out, FLOAT_DTYPES, weight_loader)

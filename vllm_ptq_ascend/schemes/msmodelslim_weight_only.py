@@ -13,6 +13,7 @@ from vllm.model_executor.parameter import (
 
 from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT
 from vllm_ptq_ascend.schemes import int_weights
+from vllm_ptq_ascend.schemes.base import LayerShape
 from vllm_ptq_ascend.schemes.msmodelslim_common import _ModelSlimScheme, drop, loaded, set_param
 from vllm_ptq_ascend.schemes.wna16 import WNA16Scheme
 from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec
@@ -48,28 +49,17 @@ class ModelSlimWeightOnly(_ModelSlimScheme):
             "weight_offset": TensorSpec(FLOAT_DTYPES, groups, required=False),
         }
 
-    def create_weights(
-        self,
-        layer,
-        input_size,
-        input_size_per_partition,
-        output_partition_sizes,
-        output_size,
-        params_dtype,
-        weight_loader,
-    ):
-        out = int_weights.setup_layer(
-            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
-        )
+    def create_weights(self, layer, shape: LayerShape, weight_loader):
+        out = int_weights.setup_layer(layer, shape)
         n_groups, partition_groups = int_weights.group_layout(
-            self, self.group_size, input_size, input_size_per_partition
+            self, self.group_size, shape.input_size, shape.input_size_per_partition
         )
         w_loader = self.loader(weight_loader, "weight", (torch.int8,))
         if not self.packed:
             layer.register_parameter(
                 "weight",
                 ModelWeightParameter(
-                    data=torch.empty(out, input_size_per_partition, dtype=torch.int8),
+                    data=torch.empty(out, shape.input_size_per_partition, dtype=torch.int8),
                     input_dim=1,
                     output_dim=0,
                     weight_loader=w_loader,
@@ -77,14 +67,14 @@ class ModelSlimWeightOnly(_ModelSlimScheme):
             )
         else:  # two int4 per int8: along the output dim per group, the input dim per channel
             dim = 0 if self.group_size != -1 else 1
-            shape = [out, input_size_per_partition]
-            if shape[dim] % 2:
-                raise CheckpointError(f"{self.where('weight')}: packed int4 needs an even size, got {shape}")
-            shape[dim] //= 2
+            dims = [out, shape.input_size_per_partition]
+            if dims[dim] % 2:
+                raise CheckpointError(f"{self.where('weight')}: packed int4 needs an even size, got {dims}")
+            dims[dim] //= 2
             layer.register_parameter(
                 "weight",
                 PackedvLLMParameter(
-                    data=torch.empty(*shape, dtype=torch.int8),
+                    data=torch.empty(*dims, dtype=torch.int8),
                     input_dim=1,
                     output_dim=0,
                     packed_dim=dim,

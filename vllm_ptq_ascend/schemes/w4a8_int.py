@@ -14,7 +14,7 @@ import torch
 from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import W4A8Spec
 from vllm_ptq_ascend.schemes import int_weights
-from vllm_ptq_ascend.schemes.base import PtqScheme
+from vllm_ptq_ascend.schemes.base import LayerShape, PtqScheme
 
 
 class W4A8IntScheme(PtqScheme):
@@ -51,30 +51,19 @@ class W4A8IntScheme(PtqScheme):
         )
         return weight | int_weights.group_scale_spec(self, self.spec.group_size, out_features, in_features)
 
-    def create_weights(
-        self,
-        layer,
-        input_size,
-        input_size_per_partition,
-        output_partition_sizes,
-        output_size,
-        params_dtype,
-        weight_loader,
-    ):
-        out_features = int_weights.setup_layer(
-            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
-        )
+    def create_weights(self, layer, shape: LayerShape, weight_loader):
+        out_features = int_weights.setup_layer(layer, shape)
         n_groups, partition_groups = int_weights.group_layout(
-            self, self.spec.group_size, input_size, input_size_per_partition
+            self, self.spec.group_size, shape.input_size, shape.input_size_per_partition
         )
         if self.packed:
             int_weights.register_packed_weight(
-                layer, self, self.weight_bits, out_features, input_size_per_partition, weight_loader
+                layer, self, self.weight_bits, out_features, shape.input_size_per_partition, weight_loader
             )
             int_weights.register_weight_shape(layer, self, weight_loader)
         else:
             int_weights.register_int8_weight(
-                layer, self, out_features, input_size_per_partition, weight_loader
+                layer, self, out_features, shape.input_size_per_partition, weight_loader
             )
         # float32 scales whatever the model dtype: the output is dequantized in float32 anyway,
         # and float32 checkpoint scales are then used as written.

@@ -13,7 +13,7 @@ from vllm.model_executor.parameter import ChannelQuantScaleParameter, PerTensorS
 from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import Int8LinearSpec
 from vllm_ptq_ascend.schemes import int_weights
-from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, PtqScheme
+from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, LayerShape, PtqScheme
 from vllm_ptq_ascend.validation import TensorSpec, require_nonzero_finite, require_positive_finite
 
 
@@ -64,21 +64,12 @@ class W8A8Int8Scheme(PtqScheme):
                 specs["input_zero_point"] = TensorSpec((torch.int8, torch.int32), per_tensor)
         return specs
 
-    def create_weights(
-        self,
-        layer,
-        input_size,
-        input_size_per_partition,
-        output_partition_sizes,
-        output_size,
-        params_dtype,
-        weight_loader,
-    ):
-        out_features = int_weights.setup_layer(
-            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
+    def create_weights(self, layer, shape: LayerShape, weight_loader):
+        out_features = int_weights.setup_layer(layer, shape)
+        n_shards = len(shape.output_partition_sizes)
+        int_weights.register_int8_weight(
+            layer, self, out_features, shape.input_size_per_partition, weight_loader
         )
-        n_shards = len(output_partition_sizes)
-        int_weights.register_int8_weight(layer, self, out_features, input_size_per_partition, weight_loader)
         scale_loader = self.loader(weight_loader, "weight_scale", SCALE_DTYPES)
         if self.spec.weight_per_channel:
             weight_scale = ChannelQuantScaleParameter(

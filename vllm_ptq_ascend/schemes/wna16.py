@@ -22,7 +22,7 @@ from vllm.model_executor.parameter import (
 from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import WeightOnlySpec
 from vllm_ptq_ascend.schemes import int_weights
-from vllm_ptq_ascend.schemes.base import PtqScheme
+from vllm_ptq_ascend.schemes.base import LayerShape, PtqScheme
 from vllm_ptq_ascend.validation import CheckpointError, TensorSpec
 
 SUPPORTED_BITS = (4, 8)
@@ -79,29 +79,18 @@ class WNA16Scheme(PtqScheme):
             specs["weight_g_idx"] = TensorSpec((torch.int32,), ((in_features,),))
         return specs
 
-    def create_weights(
-        self,
-        layer,
-        input_size,
-        input_size_per_partition,
-        output_partition_sizes,
-        output_size,
-        params_dtype,
-        weight_loader,
-    ):
+    def create_weights(self, layer, shape: LayerShape, weight_loader):
         s = self.spec
-        out_features = int_weights.setup_layer(
-            layer, input_size, input_size_per_partition, output_partition_sizes, output_size, params_dtype
-        )
+        out_features = int_weights.setup_layer(layer, shape)
         n_groups, partition_groups = int_weights.group_layout(
-            self, s.group_size, input_size, input_size_per_partition, s.has_g_idx
+            self, s.group_size, shape.input_size, shape.input_size_per_partition, s.has_g_idx
         )
         pack = Fraction(32, s.num_bits)
         int_weights.register_packed_weight(
-            layer, self, s.num_bits, out_features, input_size_per_partition, weight_loader
+            layer, self, s.num_bits, out_features, shape.input_size_per_partition, weight_loader
         )
         int_weights.register_group_scales(
-            layer, self, out_features, n_groups, partition_groups, params_dtype, weight_loader
+            layer, self, out_features, n_groups, partition_groups, shape.params_dtype, weight_loader
         )
         if not s.symmetric:
             zp_args = dict(
@@ -123,7 +112,7 @@ class WNA16Scheme(PtqScheme):
             layer.register_parameter(
                 "weight_g_idx",
                 RowvLLMParameter(
-                    data=torch.empty(input_size_per_partition, dtype=torch.int32),
+                    data=torch.empty(shape.input_size_per_partition, dtype=torch.int32),
                     input_dim=0,
                     weight_loader=self.loader(
                         self._same_g_idx_for_all_shards(weight_loader), "weight_g_idx", (torch.int32,)

@@ -8,6 +8,8 @@ from vllm.model_executor.layers.linear import (
     register_weight_loader_v2_supported_method,
 )
 
+from vllm_ptq_ascend.schemes.base import LayerShape
+
 
 @register_weight_loader_v2_supported_method
 class PtqLinearMethod(LinearMethodBase):
@@ -26,15 +28,14 @@ class PtqLinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ) -> None:
-        layer.scheme.create_weights(
-            layer=layer,
+        shape = LayerShape(
             input_size=input_size,
-            input_size_per_partition=input_size_per_partition,
-            output_partition_sizes=output_partition_sizes,
             output_size=output_size,
+            input_size_per_partition=input_size_per_partition,
+            output_partition_sizes=tuple(output_partition_sizes),
             params_dtype=params_dtype,
-            weight_loader=extra_weight_attrs["weight_loader"],
         )
+        layer.scheme.create_weights(layer, shape, extra_weight_attrs["weight_loader"])
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         layer.scheme.process_weights_after_loading(layer)
