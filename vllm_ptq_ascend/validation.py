@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -80,6 +80,35 @@ def where(files: dict[str, str], layer_name: str, tensor: str, shards: Iterable[
     return f"{prefix}layer '{layer_name}', tensor '{tensor}'"
 
 
+def agreed_by_shards(per_shard: dict[str, Any], problem: str, unset: str = "none") -> Any:
+    """The one value every fused shard of a layer has (vLLM runs a fused layer as one), else a
+    CheckpointError: ``problem`` followed by each shard's value (``unset`` for None)."""
+    values = set(per_shard.values())
+    if len(values) > 1:
+        detail = ", ".join(f"{s} -> {unset if v is None else v}" for s, v in per_shard.items())
+        head, _, why = problem.partition("; ")
+        raise CheckpointError(f"{head} ({detail}); {why}")
+    return values.pop()
+
+
+def same_on_every_shard(where: str, name: str, convert: Callable) -> Callable:
+    """A loader for a tensor each fused shard stores a copy of (a transform its shards share): the
+    first copy is kept, and every other must equal it."""
+
+    def load(param, loaded_weight, shard_id=None):
+        value = convert(loaded_weight.detach())
+        if getattr(param, "ptq_loaded_shards", None):
+            if param.data.shape != value.shape or not torch.equal(param.data, value):
+                raise CheckpointError(
+                    f"{where} (shard {shard_id}): differs from the other shards' {name}; "
+                    "the layers fused here read one input and need one transform"
+                )
+            return
+        param.data = value.clone()
+
+    return load
+
+
 def checked_loader(
     inner: Callable,
     *,
@@ -136,6 +165,15 @@ def require_loaded(
         raise CheckpointError(
             f"{where(files, layer_name, name, shards)}: missing from the checkpoint"
             f" (no '{name}' for {', '.join(missing)})"
+        )
+
+
+def require_int_range(where: str, w: torch.Tensor, num_bits: int, what: str) -> None:
+    """Integer weights stored in a wider type (int4 in int8) must hold ``num_bits``-bit values only."""
+    lo, hi = -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
+    if w.numel() and (int(w.min()) < lo or int(w.max()) > hi):
+        raise CheckpointError(
+            f"{where}: values must lie in [{lo}, {hi}] for {what}, found [{int(w.min())}, {int(w.max())}]"
         )
 
 

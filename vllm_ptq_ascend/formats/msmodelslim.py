@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT, LayerPlan
-from vllm_ptq_ascend.validation import CheckpointError
+from vllm_ptq_ascend.validation import CheckpointError, agreed_by_shards
 
 DESCRIPTION_FILE = "quant_model_description.json"
 WHERE = DESCRIPTION_FILE
@@ -228,13 +228,11 @@ class ModelSlimDescription:
                     "layer needs one (FLOAT for an unquantized layer)"
                 )
             per_shard[shard] = label
-        if len(set(per_shard.values())) > 1:
-            detail = ", ".join(f"{s} -> {lab}" for s, lab in per_shard.items())
-            raise CheckpointError(
-                f"{WHERE}: fused layer '{prefix}' has shards with different labels ({detail}); "
-                "vLLM runs a fused layer with one scheme"
-            )
-        label = next(iter(per_shard.values()))
+        problem = (
+            f"{WHERE}: fused layer '{prefix}' has shards with different labels; "
+            "vLLM runs a fused layer with one scheme"
+        )
+        label = agreed_by_shards(per_shard, problem)
         if label not in SERVED:
             raise CheckpointError(
                 f"{WHERE}: layer '{prefix}' has label {label!r}, which ptq_ascend does not serve yet "

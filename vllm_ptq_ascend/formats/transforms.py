@@ -24,7 +24,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
 )
 
 from vllm_ptq_ascend.formats.kronecker import TRANSFORM_TYPE
-from vllm_ptq_ascend.validation import CheckpointError
+from vllm_ptq_ascend.validation import CheckpointError, agreed_by_shards
 
 WHERE = "config.json: quantization_config.transform_config"
 # where a transform is applied to the weight when the checkpoint is written (compressed-tensors
@@ -132,11 +132,8 @@ def transform_group_for(
             if find_matched_target(shard, layer, list(plan.targets)) is not None:
                 per_shard[shard] = plan.group
                 break
-    groups = set(per_shard.values())
-    if len(groups) > 1:
-        detail = ", ".join(f"{s} -> {g or 'none'}" for s, g in per_shard.items())
-        raise CheckpointError(
-            f"{WHERE}: fused layer '{prefix}' has an input transform on some shards only ({detail}); "
-            "its shards read one input"
-        )
-    return groups.pop()
+    problem = (
+        f"{WHERE}: fused layer '{prefix}' has an input transform on some shards only; "
+        "its shards read one input"
+    )
+    return agreed_by_shards(per_shard, problem)

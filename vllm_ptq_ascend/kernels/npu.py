@@ -14,6 +14,7 @@ import torch
 from vllm_ptq_ascend.kernels import torch_ops
 from vllm_ptq_ascend.kernels.base import Int8LinearSpec, IntDynamicSpec, W4A8Spec, WeightOnlySpec
 from vllm_ptq_ascend.kernels.torch_generic import TorchBackend, drop_params, set_param
+from vllm_ptq_ascend.validation import require_int_range
 
 logger = logging.getLogger(__name__)
 
@@ -245,12 +246,8 @@ class NpuBackend(TorchBackend):
         name = _layer_name(layer)
         w_int = layer.weight.data.to(torch.int8)
         out_f, in_f = w_int.shape
-        lo, hi = -(1 << (spec.weight_bits - 1)), (1 << (spec.weight_bits - 1)) - 1
-        if w_int.numel() and (int(w_int.min()) < lo or int(w_int.max()) > hi):
-            raise ValueError(
-                f"layer '{name}': weight values must lie in [{lo}, {hi}] for {spec.weight_bits}-bit "
-                f"weights, found [{int(w_int.min())}, {int(w_int.max())}]"
-            )
+        bits = spec.weight_bits
+        require_int_range(f"layer '{name}', tensor 'weight'", w_int, bits, f"{bits}-bit weights")
         clip = 1.0
         if spec.kronecker is not None:
             n1, n2 = spec.kronecker

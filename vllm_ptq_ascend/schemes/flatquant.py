@@ -17,7 +17,7 @@ from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import IntDynamicSpec
 from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, LayerShape
 from vllm_ptq_ascend.schemes.w4a4_int import W4A4IntScheme
-from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, checked_loader
+from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, checked_loader, same_on_every_shard
 
 
 def require_whole_input(where: str, input_size: int, input_size_per_partition: int) -> None:
@@ -89,24 +89,11 @@ class FlatQuantScheme(W4A4IntScheme):
 
     def _same_for_every_shard(self, name: str):
         """Load a transform tensor (any square size; checked after loading); fused shards must agree."""
-        where = f"{self.transform_module}.{name}"
 
-        def load(param, loaded_weight, shard_id=None):
-            value = (
-                loaded_weight.detach()
-                .to(torch.float32)
-                .reshape(-1 if name == "clip_ratio" else loaded_weight.shape)
-            )
-            if getattr(param, "ptq_loaded_shards", None):
-                if param.data.shape != value.shape or not torch.equal(param.data, value):
-                    raise CheckpointError(
-                        f"{self.where(where)} (shard {shard_id}): differs from the other shards' {name}; "
-                        "the layers fused here read one input and need one transform"
-                    )
-                return
-            param.data = value.clone()
+        def as_float32(t):
+            return t.to(torch.float32).reshape(-1 if name == "clip_ratio" else t.shape)
 
-        return load
+        return same_on_every_shard(self.where(f"{self.transform_module}.{name}"), name, as_float32)
 
     def validate_loaded(self, layer):
         super().validate_loaded(layer)

@@ -23,7 +23,7 @@ from vllm.model_executor.parameter import (
 )
 
 from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, LayerShape, PtqScheme
-from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, require_nonzero_finite
+from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, require_int_range, require_nonzero_finite
 
 
 def setup_layer(layer: torch.nn.Module, shape: LayerShape) -> int:
@@ -151,15 +151,22 @@ def register_group_scales(
     weight_loader: Callable,
 ) -> None:
     """``weight_scale`` [out, groups]: split along the input too when groups are partitioned."""
-    scale_args = dict(
-        data=torch.empty(out_features, n_groups, dtype=dtype),
-        weight_loader=scheme.loader(weight_loader, "weight_scale", SCALE_DTYPES),
-    )
+    loader = scheme.loader(weight_loader, "weight_scale", SCALE_DTYPES)
+    data = torch.empty(out_features, n_groups, dtype=dtype)
+    register_group_param(layer, "weight_scale", data, loader, partition_groups)
+
+
+def register_group_param(
+    layer: torch.nn.Module, name: str, data: torch.Tensor, loader: Callable, partition_groups: bool
+) -> None:
+    """A tensor with one column per group [out, groups], split along the output and, when the groups
+    are partitioned across ranks (``group_layout``), along the input too."""
+    args = dict(data=data, weight_loader=loader)
     layer.register_parameter(
-        "weight_scale",
-        GroupQuantScaleParameter(output_dim=0, input_dim=1, **scale_args)
+        name,
+        GroupQuantScaleParameter(output_dim=0, input_dim=1, **args)
         if partition_groups
-        else ChannelQuantScaleParameter(output_dim=0, **scale_args),
+        else ChannelQuantScaleParameter(output_dim=0, **args),
     )
 
 
@@ -185,10 +192,4 @@ def validate_int_range(scheme: PtqScheme, layer: torch.nn.Module, num_bits: int)
     w = getattr(layer, "weight", None)
     if w is None:
         return
-    lo, hi = -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
-    w_min, w_max = int(w.data.min()), int(w.data.max())
-    if w_min < lo or w_max > hi:
-        raise CheckpointError(
-            f"{scheme.where('weight')}: values must lie in [{lo}, {hi}] for {num_bits}-bit "
-            f"weights, found [{w_min}, {w_max}]"
-        )
+    require_int_range(scheme.where("weight"), w.data, num_bits, f"{num_bits}-bit weights")

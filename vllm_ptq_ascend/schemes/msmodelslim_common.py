@@ -47,6 +47,14 @@ def int64_bits_as_float32(inner: Callable) -> Callable:
     return load
 
 
+def unpack_int4_pairs(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """int8 holding two int4 values along ``dim`` -> one int4 value per int8, twice as long along
+    ``dim``; the low nibble comes first (msModelSlim ``format/common/pack.py`` ``_pack_int4``)."""
+    lo = (w.to(torch.int16) << 12 >> 12).to(torch.int8)  # sign-extend the low nibble
+    hi = (w >> 4).to(torch.int8)  # arithmetic shift keeps the sign of the high nibble
+    return torch.stack((lo, hi), dim=dim + 1).flatten(dim, dim + 1)
+
+
 class _ModelSlimScheme(PtqScheme):
     """Registers msModelSlim tensors, translates them after loading, then runs ``self.inner``."""
 

@@ -17,7 +17,13 @@ from vllm_ptq_ascend.schemes.flatquant import FlatQuantScheme, require_whole_inp
 from vllm_ptq_ascend.schemes.msmodelslim_common import drop, loaded
 from vllm_ptq_ascend.schemes.msmodelslim_w4a8 import PACKED_VERSION, ModelSlimW4A8Dynamic
 from vllm_ptq_ascend.schemes.msmodelslim_w8a8 import ModelSlimW8A8Dynamic
-from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec, require_loaded
+from vllm_ptq_ascend.validation import (
+    FLOAT_DTYPES,
+    CheckpointError,
+    TensorSpec,
+    require_loaded,
+    same_on_every_shard,
+)
 
 # label -> (weight bits, activation bits)
 BITS = {
@@ -96,18 +102,7 @@ class _FlatQuant:
     def _shared(self, name: str):
         """Load a factor whole (any shape: checked after loading); fused shards must agree."""
 
-        def load(param, loaded_weight, shard_id=None):
-            value = loaded_weight.detach().to(torch.float32)
-            if getattr(param, "ptq_loaded_shards", None):
-                if param.data.shape != value.shape or not torch.equal(param.data, value):
-                    raise CheckpointError(
-                        f"{self.where(name)} (shard {shard_id}): differs from the other shards' {name}; "
-                        "the layers fused here read one input and need one transform"
-                    )
-                return
-            param.data = value.clone()
-
-        return load
+        return same_on_every_shard(self.where(name), name, lambda t: t.to(torch.float32))
 
     def _per_shard_clip(self, param, loaded_weight, shard_id=None):
         value = loaded_weight.detach().to(torch.float32).reshape(-1)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 from vllm.model_executor.parameter import (
-    ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
     PackedvLLMParameter,
 )
@@ -16,9 +15,15 @@ from vllm_ptq_ascend.formats.msmodelslim import LEGACY_VERSIONS
 from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT
 from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.base import LayerShape
-from vllm_ptq_ascend.schemes.msmodelslim_common import _ModelSlimScheme, drop, set_param
+from vllm_ptq_ascend.schemes.msmodelslim_common import _ModelSlimScheme, drop, set_param, unpack_int4_pairs
 from vllm_ptq_ascend.schemes.w4a8_int import W4A8IntScheme
-from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec, require_positive_finite
+from vllm_ptq_ascend.validation import (
+    FLOAT_DTYPES,
+    CheckpointError,
+    TensorSpec,
+    require_int_range,
+    require_positive_finite,
+)
 
 LABEL = "W4A8_DYNAMIC"
 PACKED_VERSION = "1.0.0"
@@ -37,13 +42,6 @@ def check_version(version: str, layer: str, where: str) -> None:
             f"which ptq_ascend does not serve (served: no version or '0' for the unpacked layout, "
             f"'{PACKED_VERSION}' for the packed one)"
         )
-
-
-def unpack_int4_rows(w: torch.Tensor) -> torch.Tensor:
-    """[out/2, in] int8 -> [out, in] int8 in [-8, 7]; low nibble = even row (msModelSlim _pack_int4)."""
-    lo = (w.to(torch.int16) << 12 >> 12).to(torch.int8)  # sign-extend the low nibble
-    hi = (w >> 4).to(torch.int8)  # arithmetic shift keeps the sign of the high nibble
-    return torch.stack((lo, hi), dim=1).flatten(0, 1)
 
 
 class ModelSlimW4A8Dynamic(_ModelSlimScheme):
@@ -146,16 +144,9 @@ class ModelSlimW4A8Dynamic(_ModelSlimScheme):
                 ("weight_scale_second", FLOAT_DTYPES),
                 ("weight_offset_second", OFFSET_DTYPES),
             ):
-                args = dict(
-                    data=torch.zeros(out, n_groups, dtype=torch.float32),
-                    weight_loader=self.loader(self._columns(weight_loader, name, full_groups), name, dtypes),
-                )
-                layer.register_parameter(
-                    name,
-                    GroupQuantScaleParameter(output_dim=0, input_dim=1, **args)
-                    if partition_groups
-                    else ChannelQuantScaleParameter(output_dim=0, **args),
-                )
+                loader = self.loader(self._columns(weight_loader, name, full_groups), name, dtypes)
+                data = torch.zeros(out, n_groups, dtype=torch.float32)
+                int_weights.register_group_param(layer, name, data, loader, partition_groups)
         if self.packed:
             self._register_scale_bias(layer, out, shape, weight_loader)
 
@@ -207,12 +198,9 @@ class ModelSlimW4A8Dynamic(_ModelSlimScheme):
     def _int_weight(self, layer) -> torch.Tensor:
         w = layer.weight.data
         if self.packed:
-            return unpack_int4_rows(w)
-        if int(w.min()) < -8 or int(w.max()) > 7:
-            raise CheckpointError(
-                f"{self.where('weight')}: values must lie in [-8, 7] for {LABEL} (one int4 per int8 "
-                f"in version {self.version!r}), found [{int(w.min())}, {int(w.max())}]"
-            )
+            return unpack_int4_pairs(w, dim=0)  # [out/2, in]: pairs of rows
+        what = f"{LABEL} (one int4 per int8 in version {self.version!r})"
+        require_int_range(self.where("weight"), w, 4, what)
         return w
 
     def _check_scale_bias(self, layer, deq: torch.Tensor) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from vllm.model_executor.parameter import (
-    ChannelQuantScaleParameter,
-    GroupQuantScaleParameter,
     ModelWeightParameter,
     PackedvLLMParameter,
 )
@@ -14,9 +12,15 @@ from vllm.model_executor.parameter import (
 from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT
 from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.base import LayerShape
-from vllm_ptq_ascend.schemes.msmodelslim_common import _ModelSlimScheme, drop, loaded, set_param
+from vllm_ptq_ascend.schemes.msmodelslim_common import (
+    _ModelSlimScheme,
+    drop,
+    loaded,
+    set_param,
+    unpack_int4_pairs,
+)
 from vllm_ptq_ascend.schemes.wna16 import WNA16Scheme
-from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec
+from vllm_ptq_ascend.validation import FLOAT_DTYPES, CheckpointError, TensorSpec, require_int_range
 
 
 class ModelSlimWeightOnly(_ModelSlimScheme):
@@ -83,30 +87,15 @@ class ModelSlimWeightOnly(_ModelSlimScheme):
                 ),
             )
         for name in ("weight_scale", "weight_offset"):
-            args = dict(
-                data=torch.zeros(out, n_groups, dtype=torch.float32),
-                weight_loader=self.loader(weight_loader, name, FLOAT_DTYPES),
-            )
-            layer.register_parameter(
-                name,
-                GroupQuantScaleParameter(output_dim=0, input_dim=1, **args)
-                if partition_groups
-                else ChannelQuantScaleParameter(output_dim=0, **args),
-            )
+            loader = self.loader(weight_loader, name, FLOAT_DTYPES)
+            data = torch.zeros(out, n_groups, dtype=torch.float32)
+            int_weights.register_group_param(layer, name, data, loader, partition_groups)
 
     def _int_weight(self, layer) -> torch.Tensor:
         w = layer.weight.data
-        if self.packed:  # Ascend/msmodelslim format/common/pack.py _pack_int4: low nibble first
-            lo = (w.to(torch.int16) << 12 >> 12).to(torch.int8)  # sign-extend the low nibble
-            hi = (w >> 4).to(torch.int8)  # arithmetic shift keeps the sign of the high nibble
-            dim = 0 if self.group_size != -1 else 1
-            w = torch.stack((lo, hi), dim=dim + 1).flatten(dim, dim + 1)
-        lo, hi = -(1 << (self.num_bits - 1)), (1 << (self.num_bits - 1)) - 1
-        if int(w.min()) < lo or int(w.max()) > hi:
-            raise CheckpointError(
-                f"{self.where('weight')}: values must lie in [{lo}, {hi}] for {self.label}, "
-                f"found [{int(w.min())}, {int(w.max())}]"
-            )
+        if self.packed:  # along the output dim per group, the input dim per channel
+            w = unpack_int4_pairs(w, dim=0 if self.group_size != -1 else 1)
+        require_int_range(self.where("weight"), w, self.num_bits, self.label)
         return w
 
     def translate(self, layer):

@@ -47,7 +47,7 @@ from vllm_ptq_ascend.formats.transforms import (
 )
 from vllm_ptq_ascend.schemes import PtqScheme
 from vllm_ptq_ascend.schemes.registry import build_scheme
-from vllm_ptq_ascend.validation import CheckpointError, tensor_file_index
+from vllm_ptq_ascend.validation import CheckpointError, agreed_by_shards, tensor_file_index
 
 logger = logging.getLogger(__name__)
 
@@ -170,14 +170,11 @@ class PtqAscendConfig(QuantizationConfig):
                 continue
             target = find_matched_target(shard, layer, self.target_group.keys())
             per_shard[shard] = self.target_group.get(target) if target else None
-        groups = set(per_shard.values())
-        if len(groups) > 1:
-            detail = ", ".join(f"{s} -> {g or 'unquantized'}" for s, g in per_shard.items())
-            raise CheckpointError(
-                f"config.json: fused layer '{prefix}' mixes schemes across its shards ({detail}); "
-                "vLLM runs a fused layer with one scheme"
-            )
-        return groups.pop()
+        problem = (
+            f"config.json: fused layer '{prefix}' mixes schemes across its shards; "
+            "vLLM runs a fused layer with one scheme"
+        )
+        return agreed_by_shards(per_shard, problem, unset="unquantized")
 
     def plan_for(self, prefix: str, layer: torch.nn.Module) -> LayerPlan | None:
         """The layer's plan (None: unquantized), from its format."""
