@@ -3,7 +3,7 @@
     python benchmarks/readme_report.py [RESULTS_DIR]      (default benchmarks/results/eval_smollm2)
 
 Headings move down two levels to sit under the README's own, and plot links are made relative to
-the repository root. tests/test_readme_report.py checks that README.md holds exactly this text.
+the repository root. tests/eval/test_readme_report.py checks that README.md holds exactly this text.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ PRESET_VARIANTS = {
     "w4a8-flatquant-rtn": ("w4a8-flatquant", {"weights": "rtn", "epochs": 2}),
 }
 # fewer tuning steps where the default takes minutes on the tiny model (the default's recipe is
-# checked by tests/test_recipes.py's YAML test)
+# checked by tests/recipes/test_recipes.py's YAML test)
 PRESET_TEST_OPTIONS = {"w4a16-autoround": {"iters": 5}}
 
 

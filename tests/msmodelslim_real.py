@@ -1,6 +1,6 @@
 """Real msModelSlim checkpoints of the tiny Llama, and float64 references built from what it saved.
 
-Used by tests/test_msmodelslim_real.py (whose docstring records what msModelSlim 26.1.0 can and
+Used by tests/formats/test_msmodelslim_real.py (whose docstring records what msModelSlim 26.1.0 can and
 cannot produce on a CPU, and why). Everything msModelSlim-specific is read from its 26.1.0 source:
 
 - Producer runs: ``msmodelslim quant --model_type ... --device cpu --config_path YAML`` in a
@@ -191,7 +191,7 @@ def calibration_texts(model_dir: Path, n: int = CALIB_SAMPLES, tokens: int = CAL
 
 
 def prompt_ids(model_dir: Path, n: int = 3, tokens: int = 48) -> list[list[int]]:
-    """The prompts the engines and references score (as tests/test_msmodelslim.py)."""
+    """The prompts the engines and references score (as tests/formats/test_msmodelslim.py)."""
     from transformers import AutoTokenizer
 
     from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
@@ -524,7 +524,7 @@ def quant_act(layer: Layer, x, semantics: str = "npu"):
     ``semantics="npu"``: as the Ascend kernels (and ptq_ascend) quantize, per TOKEN; FlatQuant clips
     to ``clip_ratio`` times the token's max|x| (``npu_kronecker_quant``, the training quantizer).
     ``semantics="msmodelslim-ir"``: as msModelSlim's IR ``forward`` methods do, with the two
-    deviations the module docstring of tests/test_msmodelslim_real.py describes.
+    deviations the module docstring of tests/formats/test_msmodelslim_real.py describes.
     """
     import torch
 

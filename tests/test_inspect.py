@@ -136,7 +136,7 @@ def test_clean_llmcompressor_checkpoints_pass(make_ckpt, capsys, name):
 
 @pytest.fixture(scope="module")
 def modelslim_ckpts(tiny_model, tmp_path_factory):
-    from tests.test_msmodelslim import build
+    from tests.formats.test_msmodelslim import build
 
     root = tmp_path_factory.mktemp("inspect_ms")
     cases = {

@@ -451,7 +451,7 @@ class FamilySpinQuantModifier(SpinQuantModifier):
         """Not done. llmcompressor subtracts each embedding's mean, which QuaRot needs to turn a
         LayerNorm into an RMSNorm; every family here already normalises by RMS, which the mean
         enters, so centering changes the model (29% of the logits' range on the tiny random Llama,
-        4e-7 without it: tests/test_model_families.py)."""
+        4e-7 without it: tests/recipes/test_model_families.py)."""
 
 
 # YAML recipes name modifiers by class: register ours with llmcompressor's factory on import.

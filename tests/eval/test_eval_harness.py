@@ -404,7 +404,7 @@ def test_every_mode_of_a_hybrid_thinking_model_is_evaluated(tiny_model, tmp_path
 
     from transformers import AutoTokenizer
 
-    from tests.test_calibration import QWEN3_TEMPLATE
+    from tests.recipes.test_calibration import QWEN3_TEMPLATE
 
     model = tmp_path / "qwen3-like"
     shutil.copytree(tiny_model, model)

@@ -1,6 +1,6 @@
 """Preset recipes: builders and shipped YAML agree, knobs are checked, llmcompressor workarounds hold.
 
-No vLLM engine here (tests/test_presets_e2e.py serves the presets' checkpoints).
+No vLLM engine here (tests/recipes/test_presets_e2e.py serves the presets' checkpoints).
 """
 
 from __future__ import annotations

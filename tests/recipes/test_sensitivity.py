@@ -209,7 +209,7 @@ def test_mixed_checkpoints_served_by_plugin_match_fake_quant(mixed_none, mixed_w
     from transformers import AutoTokenizer
 
     from tests.engine_runner import run_engines
-    from tests.test_presets_e2e import diffs, llmcompressor_fake_quant_logprobs
+    from tests.recipes.test_presets_e2e import diffs, llmcompressor_fake_quant_logprobs
     from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
 
     tok = AutoTokenizer.from_pretrained(fragile_model)
@@ -220,7 +220,7 @@ def test_mixed_checkpoints_served_by_plugin_match_fake_quant(mixed_none, mixed_w
         assert "error" not in res, res
         assert res["quantization_used"] == "ptq_ascend"  # detected with no flag
         d = diffs(res["prompt_logprobs"], llmcompressor_fake_quant_logprobs(ckpt, prompts))
-        # activation-quantized tolerances of tests/test_presets_e2e.py (grid 127 vs 127.5)
+        # activation-quantized tolerances of tests/recipes/test_presets_e2e.py (grid 127 vs 127.5)
         assert sum(d) / len(d) < 0.1 and max(d) < 0.5, ckpt
 
 

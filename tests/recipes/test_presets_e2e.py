@@ -6,7 +6,7 @@ The reference: transformers loads the checkpoint with compressed-tensors'
 quantization config stays active, so activations are fake-quantized by
 compressed-tensors' own code. It runs in float64; vLLM runs in float32.
 
-Tolerances (the reasoning is that of tests/test_engine_e2e.py): weight-only presets are
+Tolerances (the reasoning is that of tests/serving/test_engine_e2e.py): weight-only presets are
 continuous in the activations, so 1e-3 nats. Presets that quantize activations round
 them, and a float32-vs-float64 difference of one ulp can flip a rounding; this random
 model amplifies flips, so against our own float64 reference (tests/reference.py, which
@@ -17,14 +17,14 @@ vLLM's kernels (stock and ours) use max|x| / 127, so every per-token grid is 0.4
 and many more values round differently; against it the bounds are 0.1 and 0.5.
 
 FlatQuant and QuIP presets: transformers ignores ``transform_config``, so their compressed-tensors
-reference attaches the online transforms with compressed-tensors' own code (tests/test_flatquant.py).
+reference attaches the online transforms with compressed-tensors' own code (tests/schemes/test_flatquant.py).
 Int4 activations make this random model chaotic: a step is 1/7 of a token's range, so the
 float32-vs-float64 noise flips some roundings and each flip moves every later position (a 1e-7
 relative perturbation of the embeddings moves w4a4-rtn's log-probs by 0.48 nats on average). The
 A4 presets are therefore checked end to end to be served and quantized; their numerics are
-checked per layer through real vLLM layers (tests/test_flatquant.py, tests/test_online_rotations.py),
-and their wiring (names, fused shards, transforms) is the W4A8 presets' one (FlatQuant, QuIP),
-which are compared tightly here.
+checked per layer through real vLLM layers (tests/schemes/test_flatquant.py,
+tests/serving/test_online_rotations.py), and their wiring (names, fused shards, transforms) is
+the W4A8 presets' one (FlatQuant, QuIP), which are compared tightly here.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 from tests.conftest import PRESET_VARIANTS
 from tests.engine_runner import run_engines
 from tests.reference import FakeQuantModel
-from tests.test_flatquant import ct_fake_quant_logprobs
+from tests.schemes.test_flatquant import ct_fake_quant_logprobs
 from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
 from vllm_ptq_ascend.kernels.cpu import wna16_kernel_available
 from vllm_ptq_ascend.recipes.presets import PRESETS
@@ -154,7 +154,7 @@ def test_stock_vllm_still_loads_supported_presets(results, preset_ckpts, prompts
     assert "error" not in res, res
     assert res["quantization_used"] == "compressed-tensors"
     if name in WEIGHT_ONLY:
-        # bf16 runs carry ~3 significant digits per layer (tests/test_engine_e2e.py: 0.15 nats)
+        # bf16 runs carry ~3 significant digits per layer (tests/serving/test_engine_e2e.py: 0.15 nats)
         d = diffs(res["prompt_logprobs"], llmcompressor_fake_quant_logprobs(preset_ckpts[name], prompts))
         assert sum(d) / len(d) < 0.05 and max(d) < 0.15
     elif onednn_int8_is_exact():  # stock and ptq_ascend run the same oneDNN int8 kernel on this CPU

