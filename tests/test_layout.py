@@ -167,3 +167,24 @@ def test_readme_layout_names_every_module_and_only_real_ones():
 )
 def test_readme_layout_names_every_folder(folder):
     assert f"`{folder}`" in layout_section() or f"`{folder.rstrip('/')}/" in layout_section()
+
+
+def ptq_attributes(folder: str) -> tuple[set[str], set[str]]:
+    """(``ptq_*`` attributes ``folder`` sets on objects, those it reads), by their source text."""
+    sets, reads = set(), set()
+    for path in (PACKAGE / folder).rglob("*.py"):
+        text = path.read_text()
+        sets |= set(re.findall(r"\.(ptq_\w+)\s*(?:=(?!=)|,[^=\n]*=(?!=))", text))
+        sets |= set(re.findall(r"setattr\([^,]+,\s*\"(ptq_\w+)\"", text))
+        reads |= set(re.findall(r"\.(ptq_\w+)\b", text)) | set(re.findall(r"\"(ptq_\w+)\"", text))
+    return sets, reads
+
+
+def test_schemes_and_kernels_share_no_ptq_attribute():
+    """A scheme hands a kernel what it needs through the kernel's arguments (specs), never through
+    ``layer.ptq_*`` attributes one side sets and the other reads."""
+    scheme_sets, scheme_reads = ptq_attributes("schemes")
+    kernel_sets, kernel_reads = ptq_attributes("kernels")
+    shared = {"ptq_loaded_shards"}  # validation's loader bookkeeping, read by both through validation
+    assert not (scheme_sets & kernel_reads) - shared, sorted(scheme_sets & kernel_reads)
+    assert not (kernel_sets & scheme_reads) - shared, sorted(kernel_sets & scheme_reads)

@@ -22,7 +22,7 @@ import torch
 
 from tests.npu_helpers import emulation_module, use_npu_emulation
 from vllm_ptq_ascend.kernels import npu as npu_kernels
-from vllm_ptq_ascend.kernels.base import IntDynamicSpec
+from vllm_ptq_ascend.kernels.base import IntDynamicSpec, OnlineKronecker
 from vllm_ptq_ascend.kernels.npu import NpuBackend
 from vllm_ptq_ascend.kernels.torch_generic import TorchBackend
 
@@ -214,12 +214,12 @@ def make_layer(dtype, out_f, kron, weight_bits, clip, bias, seed=0):
     layer.register_parameter("weight", torch.nn.Parameter(w, requires_grad=False))
     layer.register_parameter("weight_scale", torch.nn.Parameter(w_scale, requires_grad=False))
     # factors as a checkpoint holds them: values representable in the model dtype
-    layer.ptq_left = orthogonal_ish(n1, g).to(dtype).float()
-    layer.ptq_right = orthogonal_ish(n2, g).to(dtype).float()
-    layer.ptq_clip_ratio = clip
+    left = orthogonal_ish(n1, g).to(dtype).float()
+    right = orthogonal_ish(n2, g).to(dtype).float()
     b = (torch.randn(out_f, generator=g) * 0.5).to(dtype) if bias else None
     ref = {"w": w.double(), "w_scale": w_scale.double().reshape(-1), "bias": b}
-    ref["left"], ref["right"] = layer.ptq_left.double(), layer.ptq_right.double()
+    ref["left"], ref["right"] = left.double(), right.double()
+    ref["transform"] = OnlineKronecker(left, right, clip)
     return layer, ref
 
 
@@ -348,7 +348,7 @@ def test_matches_float64_reference(backend, combo, dtype, bias, shape):
     m, kron, out_f = SHAPES[shape]
     clip = 0.9 if transform else 1.0
     layer, ref = make_layer(dtype, out_f, kron, weight_bits, clip, bias)
-    spec = IntDynamicSpec(weight_bits, act_bits, kron if transform else None)
+    spec = IntDynamicSpec(weight_bits, act_bits, ref["transform"] if transform else None)
     backend.prepare_int_dynamic(layer, spec)
     if isinstance(backend, NpuBackend):
         expect_act = {
@@ -367,7 +367,7 @@ def test_prepared_layout(monkeypatch):
     use_npu_emulation(monkeypatch)
     dtype = torch.bfloat16
     layer, ref = make_layer(dtype, 40, (8, 16), 4, 0.9, False)
-    NpuBackend().prepare_int_dynamic(layer, IntDynamicSpec(4, 4, (8, 16)))
+    NpuBackend().prepare_int_dynamic(layer, IntDynamicSpec(4, 4, ref["transform"]))
     w = layer.ptq_npu_w  # as vllm-ascend: int4pack of [out, in], transposed view (in/8, out)
     assert w.dtype == torch.int32 and w.shape == (16, 40) and w.t().is_contiguous()
     assert torch.equal(unpack_words(w.t()), ref["w"].to(torch.int64))
@@ -375,8 +375,8 @@ def test_prepared_layout(monkeypatch):
     assert layer.ptq_npu_p1.dtype == dtype and torch.equal(layer.ptq_npu_p1.double(), ref["left"].t())
     assert torch.equal(layer.ptq_npu_p2.double(), ref["right"])
     assert layer.weight is None and layer.weight_scale is None
-    layer, _ = make_layer(dtype, 40, (8, 16), 4, 0.9, False)
-    NpuBackend().prepare_int_dynamic(layer, IntDynamicSpec(4, 8, (8, 16)))
+    layer, ref = make_layer(dtype, 40, (8, 16), 4, 0.9, False)
+    NpuBackend().prepare_int_dynamic(layer, IntDynamicSpec(4, 8, ref["transform"]))
     assert layer.ptq_npu_w.dtype == torch.int8 and layer.ptq_npu_w.shape == (128, 40)
     assert emu.get_npu_format(layer.ptq_npu_w) == emu.ACL_FORMAT_FRACTAL_NZ
 
@@ -385,9 +385,9 @@ def test_kronecker_quant_is_chunked(monkeypatch):
     use_npu_emulation(monkeypatch)
     dtype = torch.float16
     kron = (8, 16)
-    spec = IntDynamicSpec(4, 4, kron)
     x = make_input(21, 128, dtype, seed=5)
     layer, ref = make_layer(dtype, 40, kron, 4, 0.9, True)
+    spec = IntDynamicSpec(4, 4, ref["transform"])
     backend = NpuBackend()
     backend.prepare_int_dynamic(layer, spec)
     whole_q, whole_s = backend.quant_act_dynamic(layer, x)  # one call
@@ -425,7 +425,7 @@ def test_routes_the_kernels_do_not_take(
 ):
     use_npu_emulation(monkeypatch)
     layer, ref = make_layer(dtype, out_f, kron, weight_bits, clip, True)
-    spec = IntDynamicSpec(weight_bits, act_bits, kron)
+    spec = IntDynamicSpec(weight_bits, act_bits, ref["transform"])
     with caplog.at_level(logging.WARNING, logger="vllm_ptq_ascend.kernels.npu"):
         NpuBackend().prepare_int_dynamic(layer, spec)
     assert (layer.ptq_npu_act, layer.ptq_npu_gemm) == (act, gemm)
@@ -446,13 +446,14 @@ def test_routes_the_kernels_do_not_take(
 def test_bad_layers_refused_at_load(monkeypatch, case, match):
     use_npu_emulation(monkeypatch)
     dtype = torch.float32 if case == "float32 layer" else torch.bfloat16
-    layer, _ = make_layer(dtype, 40, (8, 16), 4, 0.9, False)
-    spec = IntDynamicSpec(4, 4, (8, 16))
+    layer, ref = make_layer(dtype, 40, (8, 16), 4, 0.9, False)
+    t = ref["transform"]
+    spec = IntDynamicSpec(4, 4, t)
     if case == "transform does not match the layer":
-        spec = IntDynamicSpec(4, 4, (4, 16))
+        spec = IntDynamicSpec(4, 4, OnlineKronecker(torch.eye(4), t.right, t.clip_ratio))
     elif case == "int4 weight values out of range":
         layer.weight.data[0, 0] = 9
     elif case == "clip ratio not positive":
-        layer.ptq_clip_ratio = 0.0
+        spec = IntDynamicSpec(4, 4, OnlineKronecker(t.left, t.right, 0.0))
     with pytest.raises(ValueError, match=match):
         NpuBackend().prepare_int_dynamic(layer, spec)

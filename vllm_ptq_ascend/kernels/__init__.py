@@ -10,11 +10,20 @@ from vllm_ptq_ascend.kernels.base import (
     Int8LinearSpec,
     IntDynamicSpec,
     KernelBackend,
+    OnlineKronecker,
     W4A8Spec,
     WeightOnlySpec,
 )
 
-__all__ = ["Int8LinearSpec", "IntDynamicSpec", "KernelBackend", "W4A8Spec", "WeightOnlySpec", "get_backend"]
+__all__ = [
+    "Int8LinearSpec",
+    "IntDynamicSpec",
+    "KernelBackend",
+    "OnlineKronecker",
+    "W4A8Spec",
+    "WeightOnlySpec",
+    "get_backend",
+]
 logger = logging.getLogger(__name__)
 
 

@@ -47,6 +47,24 @@ class W4A8Spec:
     group_size: int  # -1: one group spanning the whole input (per-channel)
 
 
+@dataclass(frozen=True, eq=False)
+class OnlineKronecker:
+    """FlatQuant's online transform of a layer's input: x -> x·(left ⊗ right), then each token
+    clipped to ``clip_ratio`` of its max (the factors as the checkpoint holds them)."""
+
+    left: torch.Tensor  # [n1, n1]
+    right: torch.Tensor  # [n2, n2]
+    clip_ratio: float
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        return int(self.left.shape[0]), int(self.right.shape[0])
+
+    def float(self) -> "OnlineKronecker":
+        """The factors in float32 (a backend that transforms in float32 whatever the model dtype)."""
+        return OnlineKronecker(self.left.float(), self.right.float(), self.clip_ratio)
+
+
 @dataclass(frozen=True)
 class IntDynamicSpec:
     """Symmetric per-channel int weights, activations quantized per token at run time.
@@ -55,18 +73,22 @@ class IntDynamicSpec:
     (values within ``weight_bits``) and ``weight_scale`` [out, 1]. An activation row x is
     quantized as ``s = clip * max|x| / qmax``, ``q = clamp(round(x / s), -qmax - 1, qmax)``
     with ``qmax = 2**(act_bits - 1) - 1`` (npu_dynamic_quant's and vLLM's int8 convention,
-    FlatQuant's quantizer). With ``kronecker`` = (n1, n2) the row is first transformed online,
-    x -> vec(L^T · X · R) with X = x viewed as [n1, n2] (i.e. x · (L ⊗ R)), from the layer's
-    ``ptq_left`` [n1, n1], ``ptq_right`` [n2, n2] and ``ptq_clip_ratio`` (a float).
+    FlatQuant's quantizer). With a ``transform`` the row is first transformed online,
+    x -> vec(L^T · X · R) with X = x viewed as [n1, n2] (i.e. x · (L ⊗ R)), and clipped.
     """
 
     weight_bits: int  # 4 or 8
     act_bits: int  # 4 or 8
-    kronecker: tuple[int, int] | None = None
+    transform: OnlineKronecker | None = None
 
     @property
     def act_qmax(self) -> int:
         return (1 << (self.act_bits - 1)) - 1
+
+    @property
+    def kronecker(self) -> tuple[int, int] | None:
+        """(n1, n2) of the online transform, or None."""
+        return None if self.transform is None else self.transform.sizes
 
 
 class KernelBackend(ABC):

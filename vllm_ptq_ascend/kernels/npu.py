@@ -251,13 +251,13 @@ class NpuBackend(TorchBackend):
         clip = 1.0
         if spec.kronecker is not None:
             n1, n2 = spec.kronecker
-            left, right = layer.ptq_left, layer.ptq_right
+            left, right = spec.transform.left, spec.transform.right
             if n1 * n2 != in_f or tuple(left.shape) != (n1, n1) or tuple(right.shape) != (n2, n2):
                 raise ValueError(
                     f"layer '{name}': Kronecker transform ({n1} x {n2}) with factors "
                     f"{tuple(left.shape)} and {tuple(right.shape)} does not match {in_f} input features"
                 )
-            clip = float(layer.ptq_clip_ratio)
+            clip = float(spec.transform.clip_ratio)
             if not (math.isfinite(clip) and clip > 0):
                 raise ValueError(f"layer '{name}': activation clip ratio must be positive, got {clip}")
         int4_gemm = spec.act_bits == 4 and spec.weight_bits == 4
@@ -287,11 +287,11 @@ class NpuBackend(TorchBackend):
         layer.ptq_npu_clip = clip
         layer.ptq_npu_p1 = layer.ptq_npu_p2 = layer.ptq_npu_left = layer.ptq_npu_right = None
         if act == "kronecker":  # as vllm-ascend: P1 = left^T, both in the model dtype
-            layer.ptq_npu_p1 = layer.ptq_left.data.t().contiguous().to(layer.params_dtype)
-            layer.ptq_npu_p2 = layer.ptq_right.data.contiguous().to(layer.params_dtype)
+            layer.ptq_npu_p1 = spec.transform.left.t().contiguous().to(layer.params_dtype)
+            layer.ptq_npu_p2 = spec.transform.right.contiguous().to(layer.params_dtype)
         elif spec.kronecker is not None:  # transform in float32 in torch
-            layer.ptq_npu_left = layer.ptq_left.data.float().contiguous()
-            layer.ptq_npu_right = layer.ptq_right.data.float().contiguous()
+            layer.ptq_npu_left = spec.transform.left.float().contiguous()
+            layer.ptq_npu_right = spec.transform.right.float().contiguous()
         if int4_gemm:
             npu = _torch_npu()
             packed = npu.npu_convert_weight_to_int4pack(w_int.to(torch.int32).contiguous())  # [out, in/8]

@@ -8,6 +8,8 @@ platform backends fall back to for shapes their kernels do not take.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -89,17 +91,16 @@ class TorchBackend(KernelBackend):
         set_param(layer, "weight", w_int)
         layer.input_scale = layer.input_zero_point = layer.azp_adj = None
         self.prepare_int8(layer, Int8LinearSpec(True, False, True))
+        if spec.transform is not None:  # transform in float32 whatever the model dtype
+            spec = replace(spec, transform=spec.transform.float())
         layer.ptq_dynamic_spec = spec
-        if spec.kronecker is not None:  # transform in float32 whatever the model dtype
-            layer.ptq_left = layer.ptq_left.float()
-            layer.ptq_right = layer.ptq_right.float()
 
     def quant_act_dynamic(self, layer, x):
         spec: IntDynamicSpec = layer.ptq_dynamic_spec
         clip = 1.0
-        if spec.kronecker is not None:
-            x = torch_ops.kronecker_transform(x.float(), layer.ptq_left, layer.ptq_right)
-            clip = layer.ptq_clip_ratio
+        if spec.transform is not None:
+            x = torch_ops.kronecker_transform(x.float(), spec.transform.left, spec.transform.right)
+            clip = spec.transform.clip_ratio
         return torch_ops.per_token_quant_clipped(x, spec.act_qmax, clip)
 
     def int_dynamic_mm(self, layer, x_q, x_scale, bias, out_dtype):

@@ -14,7 +14,7 @@ import torch
 
 from vllm_ptq_ascend.formats.kronecker import TRANSFORM_TENSORS, check_factors, factor_sizes
 from vllm_ptq_ascend.formats.plan import CT_FORMAT
-from vllm_ptq_ascend.kernels import IntDynamicSpec
+from vllm_ptq_ascend.kernels import IntDynamicSpec, OnlineKronecker
 from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, LayerShape
 from vllm_ptq_ascend.schemes.w4a4_int import W4A4IntScheme
 from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, checked_loader, same_on_every_shard
@@ -116,8 +116,8 @@ class FlatQuantScheme(W4A4IntScheme):
 
     def prepare(self, layer):
         holder = getattr(layer, self.transform_module)
-        layer.ptq_left, layer.ptq_right = holder.left.data, holder.right.data
-        layer.ptq_clip_ratio = float(holder.clip_ratio.data.reshape(-1)[0])
+        clip = float(holder.clip_ratio.data.reshape(-1)[0])
+        transform = OnlineKronecker(holder.left.data, holder.right.data, clip)
         delattr(layer, self.transform_module)
-        spec = IntDynamicSpec(self.weight_bits, self.act_bits, (holder.left.shape[0], holder.right.shape[0]))
+        spec = IntDynamicSpec(self.weight_bits, self.act_bits, transform)
         self.kernels.prepare_int_dynamic(layer, spec)
