@@ -80,14 +80,13 @@ def where(files: dict[str, str], layer_name: str, tensor: str, shards: Iterable[
     return f"{prefix}layer '{layer_name}', tensor '{tensor}'"
 
 
-def agreed_by_shards(per_shard: dict[str, Any], problem: str, unset: str = "none") -> Any:
+def agreed_by_shards(per_shard: dict[str, Any], problem: str, why: str, unset: str = "none") -> Any:
     """The one value every fused shard of a layer has (vLLM runs a fused layer as one), else a
-    CheckpointError: ``problem`` followed by each shard's value (``unset`` for None)."""
+    CheckpointError: ``problem``, each shard's value (``unset`` for None), then ``why``."""
     values = set(per_shard.values())
     if len(values) > 1:
         detail = ", ".join(f"{s} -> {unset if v is None else v}" for s, v in per_shard.items())
-        head, _, why = problem.partition("; ")
-        raise CheckpointError(f"{head} ({detail}); {why}")
+        raise CheckpointError(f"{problem} ({detail}); {why}")
     return values.pop()
 
 

@@ -228,11 +228,8 @@ class ModelSlimDescription:
                     "layer needs one (FLOAT for an unquantized layer)"
                 )
             per_shard[shard] = label
-        problem = (
-            f"{WHERE}: fused layer '{prefix}' has shards with different labels; "
-            "vLLM runs a fused layer with one scheme"
-        )
-        label = agreed_by_shards(per_shard, problem)
+        problem = f"{WHERE}: fused layer '{prefix}' has shards with different labels"
+        label = agreed_by_shards(per_shard, problem, "vLLM runs a fused layer with one scheme")
         if label not in SERVED:
             raise CheckpointError(
                 f"{WHERE}: layer '{prefix}' has label {label!r}, which ptq_ascend does not serve yet "

@@ -132,8 +132,5 @@ def transform_group_for(
             if find_matched_target(shard, layer, list(plan.targets)) is not None:
                 per_shard[shard] = plan.group
                 break
-    problem = (
-        f"{WHERE}: fused layer '{prefix}' has an input transform on some shards only; "
-        "its shards read one input"
-    )
-    return agreed_by_shards(per_shard, problem)
+    problem = f"{WHERE}: fused layer '{prefix}' has an input transform on some shards only"
+    return agreed_by_shards(per_shard, problem, "its shards read one input")

@@ -32,11 +32,6 @@ class LayerShape:
         """This rank's output features, every shard together."""
         return sum(self.output_partition_sizes)
 
-    @property
-    def row_parallel(self) -> bool:
-        """The input is split across tensor-parallel ranks."""
-        return self.input_size != self.input_size_per_partition
-
 
 class PtqScheme(ABC):
     """Creates a layer's parameters in checkpoint layout, then runs it through a kernel backend."""

@@ -170,11 +170,9 @@ class PtqAscendConfig(QuantizationConfig):
                 continue
             target = find_matched_target(shard, layer, self.target_group.keys())
             per_shard[shard] = self.target_group.get(target) if target else None
-        problem = (
-            f"config.json: fused layer '{prefix}' mixes schemes across its shards; "
-            "vLLM runs a fused layer with one scheme"
-        )
-        return agreed_by_shards(per_shard, problem, unset="unquantized")
+        problem = f"config.json: fused layer '{prefix}' mixes schemes across its shards"
+        why = "vLLM runs a fused layer with one scheme"
+        return agreed_by_shards(per_shard, problem, why, unset="unquantized")
 
     def plan_for(self, prefix: str, layer: torch.nn.Module) -> LayerPlan | None:
         """The layer's plan (None: unquantized), from its format."""
