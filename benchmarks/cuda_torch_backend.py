@@ -1,11 +1,13 @@
-"""The portable torch kernel backend on a CUDA GPU: exactness and GEMM timings at 7B shapes.
+"""The portable torch kernels on a CUDA GPU: exactness and GEMM timings at 7B shapes.
 
-No vLLM is needed: each layer is a plain module carrying the tensors a scheme
-registers (checkpoint layout), handed to `TorchBackend` exactly as the schemes do.
+No vLLM engine is needed: each layer is a plain module carrying the tensors a scheme
+registers (checkpoint layout), handed to the kernel the "torch" candidate lists choose
+(``choose_kernel(..., platform="torch")``), exactly as the schemes do.
 It checks every W8A8 / W4A16 variant against the float64 reference of tests/, then
 times W8A8 (torch._int_mm) and W4A16 (dequantized at load) against bf16 at
 Llama-2-7B linear shapes, and the share of W8A8 time spent quantizing activations.
-This measures the *fallback* backend; vLLM's own CUDA kernels arrive with issue 4.
+This measures the *fallback* kernels; on CUDA the layers get vLLM's own kernels first
+(kernels/vllm_linear.py), which this script does not time.
 
     python benchmarks/cuda_torch_backend.py [OUT_DIR]
 """
@@ -22,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import dequant_weight, pack_int32, quant_per_token, quant_static  # noqa: E402
 
+from vllm_ptq_ascend.kernels import KernelConfig, LayerShape, choose_kernel  # noqa: E402
 from vllm_ptq_ascend.kernels.base import Int8LinearSpec, WeightOnlySpec  # noqa: E402
-from vllm_ptq_ascend.kernels.torch_generic import TorchBackend  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES_7B = {
@@ -43,6 +45,13 @@ def layer_with(tensors: dict, out_f: int, in_f: int, dtype) -> torch.nn.Module:
     layer.input_size_per_partition = in_f
     layer.output_size_per_partition = out_f
     return layer
+
+
+def torch_kernel(layer, spec, out_f: int, in_f: int, dtype):
+    """The portable kernel for ``spec``, with the layer's tensors processed."""
+    kernel = choose_kernel(KernelConfig(spec, LayerShape(in_f, out_f, in_f, (out_f,), dtype), "L"), "torch")
+    kernel.process_weights_after_loading(layer)
+    return kernel
 
 
 def w8a8_case(out_f, in_f, static, symmetric, g):
@@ -73,16 +82,16 @@ def wna16_case(out_f, in_f, bits, group, symmetric, act_order, g):
 
 
 def check_exactness() -> list[dict]:
-    be, g, rows = TorchBackend(), torch.Generator().manual_seed(0), []
+    g, rows = torch.Generator().manual_seed(0), []
     for out_f, in_f in [(256, 512), (40, 96), (33, 72)]:
         for m in (1, 7, 40):
             for static, sym in [(False, True), (True, True), (True, False)]:
                 t = w8a8_case(out_f, in_f, static, sym, g)
                 layer = layer_with(t, out_f, in_f, torch.bfloat16)
-                be.prepare_int8(layer, Int8LinearSpec(True, static, sym))
+                kernel = torch_kernel(layer, Int8LinearSpec(True, static, sym), out_f, in_f, torch.bfloat16)
                 x = torch.randn(m, in_f, generator=g)
-                xq, xs, xzp = be.quant_act_int8(layer, x.to(DEV, torch.bfloat16))
-                out = be.int8_mm(layer, xq, xs, xzp, None, torch.float32).cpu().double()
+                xq, xs, xzp = kernel.quantize_input(x.to(DEV, torch.bfloat16))
+                out = kernel.mm(xq, xs, xzp, None, torch.float32).cpu().double()
                 w = dequant_weight({f"L.{k}": v for k, v in t.items()}, "L", {"num_bits": 8})
                 xb = x.to(torch.bfloat16).double()
                 zp = int(t.get("input_zero_point", torch.tensor([0]))) if static else 0
@@ -109,9 +118,10 @@ def check_exactness() -> list[dict]:
             layer = layer_with(
                 {k: v for k, v in t.items() if k != "weight_shape"}, out_f, in_f, torch.float32
             )
-            be.prepare_weight_only(layer, WeightOnlySpec(bits, group or -1, sym, ao))
+            spec = WeightOnlySpec(bits, group or -1, sym, ao)
+            kernel = torch_kernel(layer, spec, out_f, in_f, torch.float32)
             x = torch.randn(5, in_f, generator=g)
-            out = be.weight_only_mm(layer, x.to(DEV), None).cpu().double()
+            out = kernel.apply(layer, x.to(DEV), None).cpu().double()
             ref = (
                 x.double() @ dequant_weight({f"L.{k}": v for k, v in t.items()}, "L", {"num_bits": bits}).t()
             )
@@ -140,20 +150,20 @@ def bench(fn, iters=50) -> float:
 
 
 def timings() -> list[dict]:
-    be, g, rows = TorchBackend(), torch.Generator().manual_seed(1), []
+    g, rows = torch.Generator().manual_seed(1), []
     for name, (out_f, in_f) in SHAPES_7B.items():
         w8 = layer_with(w8a8_case(out_f, in_f, False, True, g), out_f, in_f, torch.bfloat16)
-        be.prepare_int8(w8, Int8LinearSpec(True, False, True))
+        k8 = torch_kernel(w8, Int8LinearSpec(True, False, True), out_f, in_f, torch.bfloat16)
         t4, _ = wna16_case(out_f, in_f, 4, 128, True, False, g)
         w4 = layer_with(t4, out_f, in_f, torch.bfloat16)
-        be.prepare_weight_only(w4, WeightOnlySpec(4, 128, True, False))
+        k4 = torch_kernel(w4, WeightOnlySpec(4, 128, True, False), out_f, in_f, torch.bfloat16)
         wb = torch.randn(out_f, in_f, device=DEV, dtype=torch.bfloat16)
         for m in (1, 16, 2048):
             x = torch.randn(m, in_f, device=DEV, dtype=torch.bfloat16)
             t_bf16 = bench(lambda x=x, wb=wb: torch.nn.functional.linear(x, wb))
-            t_quant = bench(lambda x=x, w8=w8: be.quant_act_int8(w8, x))
-            t_w8a8 = bench(lambda x=x, w8=w8: be.int8_mm(w8, *be.quant_act_int8(w8, x), None, torch.bfloat16))
-            t_w4 = bench(lambda x=x, w4=w4: be.weight_only_mm(w4, x, None))
+            t_quant = bench(lambda x=x, k8=k8: k8.quantize_input(x))
+            t_w8a8 = bench(lambda x=x, k8=k8, w8=w8: k8.apply(w8, x, None))
+            t_w4 = bench(lambda x=x, k4=k4, w4=w4: k4.apply(w4, x, None))
             rows.append(
                 {
                     "layer": name,

@@ -327,9 +327,9 @@ def test_flatquant_fused_blocks_on_the_emulated_npu(monkeypatch, vllm_dist):
         deqs.append(deq)
     x = torch.randn(6, 128, generator=g).to(torch.bfloat16)
     out = _forward(layer, x)
-    blocks = layer.ptq_flatquant_blocks
-    assert [(b[0].ptq_npu_act, b[0].ptq_npu_gemm) for b in blocks] == [("kronecker", "int4")] * 3
-    assert [round(b[0].ptq_npu_clip, 6) for b in blocks] == list(clips)
+    kernels = [scheme.kernel for _, scheme, _, _ in layer.scheme.inner.blocks]  # one per clip ratio
+    assert [k.name for k in kernels] == ["NpuKroneckerKernel"] * 3
+    assert [round(k.transform.clip_ratio, 6) for k in kernels] == list(clips)
     act = [flatquant_act(x, left=left, right=right, bits=4, clip=c) for c in clips]
     ref = torch.cat([a @ d.t() for a, d in zip(act, deqs)], -1)
     one_clip = act[-1] @ torch.cat(deqs).t()

@@ -648,7 +648,9 @@ def test_modelslim_flatquant_through_vllm_ascend(va, quant_type, kind, prefix, l
     load(layer, tensors[None])
     with ascend_config(quant_config):
         layer.quant_method.process_weights_after_loading(layer)
-    assert layer.ptq_npu_act == "torch" and layer.ptq_npu_gemm == "int8"  # 8-bit FlatQuant on the NPU
+    # 8-bit FlatQuant on the NPU: the transform and quantization in torch, then the int8 matmul
+    kernel = layer.quant_method.quant_method.impl.scheme.inner.kernel  # vLLM-Ascend's method -> ours
+    assert kernel.name == "TorchIntDynamicKernel(NpuInt8Kernel)"
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
     out = layer.quant_method.apply(layer, x)
     ref = flatquant_act(x, left=left, right=right, bits=8, clip=0.9) @ deq.t()

@@ -1,9 +1,9 @@
-"""The Ascend backend (kernels/npu.py) and the pure-torch torch_npu emulation it is validated on.
+"""The Ascend kernels (kernels/npu.py) and the pure-torch torch_npu emulation they are validated on.
 
 (a) each emulated op against a direct float64 formula; (c) misuse fails as the torch_npu docs say
-it does on hardware; and what NpuBackend prepares (layouts, dtypes, fallbacks). Every scheme
-variant runs through real vLLM layers under "npu" in test_scheme_numerics.py and
-test_tensor_parallel.py. No NPU: this is the only validation the backend has.
+it does on hardware; and which NPU kernel each layer gets and what it prepares (layouts, dtypes,
+fallbacks). Every scheme variant runs through real vLLM layers under "npu" in
+test_scheme_numerics.py and test_tensor_parallel.py. No NPU: this is the only validation they have.
 """
 
 from __future__ import annotations
@@ -375,7 +375,7 @@ def test_other_ops_misuse():
         npu.npu_quantize(x, torch.ones(5, dtype=torch.bfloat16), None, torch.qint8, -1, False)
 
 
-# -- what NpuBackend prepares ------------------------------------------------------------------
+# -- which NPU kernel each layer gets, and what it prepares -------------------------------------
 @pytest.fixture
 def npu_backend(monkeypatch, vllm_dist):
     from vllm_ptq_ascend.kernels import BACKEND_ENV
@@ -391,52 +391,68 @@ def _prepared(cfg, tensors, in_f, out_f, dtype, bias=False):
     return layer
 
 
+def _kernel(layer):
+    """The layer's kernel; for a kernel composed over another, the innermost one."""
+    kernel = layer.scheme.kernel
+    while hasattr(kernel, "inner"):
+        kernel = kernel.inner
+    return kernel
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_prepared_w8a8_static_layout(npu_backend, dtype):
     tensors = make_w8a8_tensors(48, 64, static=True, symmetric=False)
     layer = _prepared(ct_config(*w8a8_static(False)), tensors, 64, 48, dtype)
-    assert layer.ptq_npu_w.shape == (64, 48) and layer.ptq_npu_w.dtype == torch.int8
-    assert npu.get_npu_format(layer.ptq_npu_w) == npu.ACL_FORMAT_FRACTAL_NZ
+    kernel = _kernel(layer)
+    assert kernel.name == "NpuInt8Kernel"
+    assert kernel.weight.shape == (64, 48) and kernel.weight.dtype == torch.int8
+    assert npu.get_npu_format(kernel.weight) == npu.ACL_FORMAT_FRACTAL_NZ
     deq = tensors["input_scale"].double() * tensors["weight_scale"].double().reshape(-1)
     u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # the scales are parameters of the model dtype
     if dtype == torch.float16:  # the documented int64 of npu_trans_quant_param: bit 46 set, FP19 bits
-        enc = layer.ptq_npu_deq
+        enc = kernel.deq
         assert enc.dtype == torch.int64 and bool(((enc >> 46) & 1).all()) and bool((enc & 0x1FFF == 0).all())
         assert torch.equal(npu.npu_trans_quant_param(npu.decode_int64_scale(enc)), enc)
         got = npu.decode_int64_scale(enc).double()
         assert float(((got - deq) / deq).abs().max()) < 2**-10 + 3 * u
     else:
-        assert layer.ptq_npu_deq.dtype == torch.float32
-        assert float(((layer.ptq_npu_deq.double() - deq) / deq).abs().max()) < 3 * u
+        assert kernel.deq.dtype == torch.float32
+        assert float(((kernel.deq.double() - deq) / deq).abs().max()) < 3 * u
     expect_qb = -int(tensors["input_zero_point"]) * tensors["weight"].to(torch.int64).sum(1)
-    assert layer.ptq_npu_quant_bias.dtype == torch.int32
-    assert torch.equal(layer.ptq_npu_quant_bias.to(torch.int64), expect_qb)
-    assert layer.ptq_npu_x_recip.dtype == dtype and layer.ptq_npu_x_recip.shape == (64,)
+    assert kernel.quant_bias.dtype == torch.int32
+    assert torch.equal(kernel.quant_bias.to(torch.int64), expect_qb)
+    assert kernel.x_recip.dtype == dtype and kernel.x_recip.shape == (64,)
     assert layer.weight is None and layer.input_scale is None  # checkpoint copies freed
 
 
 def test_prepared_weight_only_and_w4a8_layouts(npu_backend):
     dt = torch.bfloat16
     layer = _prepared(ct_config(wna16(4, 32, False)), make_wna16_tensors(48, 64, 4, 32, False), 64, 48, dt)
-    wo = layer.ptq_npu_wo
+    assert layer.scheme.kernel.name == "NpuWeightOnlyKernel"
+    wo = _kernel(layer).antiquant.args
     assert wo["weight"].dtype == torch.int32 and wo["weight"].shape == (64, 6)  # [in, out/8]
     assert wo["antiquant_scale"].shape == (2, 48) and wo["antiquant_offset"].dtype == dt
     assert wo["antiquant_group_size"] == 32 and npu.get_npu_format(wo["weight"]) == 2
     layer = _prepared(ct_config(wna16(4, None, True)), make_wna16_tensors(48, 64, 4, None, True), 64, 48, dt)
-    assert layer.ptq_npu_wo["weight"].shape == (8, 48) and layer.ptq_npu_wo["antiquant_group_size"] == 0
+    wo = _kernel(layer).antiquant.args
+    assert wo["weight"].shape == (8, 48) and wo["antiquant_group_size"] == 0
     cfg = ct_config(wna16(4, 32, True, "group"))
     layer = _prepared(cfg, make_wna16_tensors(48, 64, 4, 32, True, act_order=True), 64, 48, dt)
-    assert layer.ptq_npu_perm is not None  # act-order served by permuting input channels once
+    # act-order served by permuting input channels once, then the grouped kernel
+    assert layer.scheme.kernel.name == "ActOrderKernel(NpuWeightOnlyKernel)"
+    assert layer.scheme.kernel.perm is not None
     layer = _prepared(ct_config(*w4a8(None)), make_w4a8_tensors(48, 64, None, False), 64, 48, dt)
-    assert layer.ptq_npu_w4a8 == "int8" and layer.ptq_npu_w.dtype == torch.int8
+    assert layer.scheme.kernel.name == "PerChannelW4A8AsInt8Kernel(NpuInt8Kernel)"
+    assert _kernel(layer).weight.dtype == torch.int8
     layer = _prepared(ct_config(*w4a8(32)), make_w4a8_tensors(48, 64, 32, False), 64, 48, dt)
-    assert layer.ptq_npu_w4a8 == "weight_only" and layer.ptq_npu_wo["weight"].dtype == torch.int32
+    assert layer.scheme.kernel.name == "NpuW4A8AntiquantKernel"
+    assert _kernel(layer).antiquant.args["weight"].dtype == torch.int32
 
 
 def test_unsupported_group_falls_back_with_warning(npu_backend, caplog):
-    with caplog.at_level(logging.WARNING, logger="vllm_ptq_ascend.kernels.npu"):
+    with caplog.at_level(logging.WARNING, logger="vllm_ptq_ascend.kernels"):
         layer = _prepared(ct_config(*w4a8(8)), make_w4a8_tensors(48, 64, 8, False), 64, 48, torch.bfloat16)
-    assert layer.ptq_npu_w4a8 == "torch"
+    assert layer.scheme.kernel.name == "TorchW4A8Kernel"
     assert "model.layers.0.mlp.down_proj" in caplog.text and "group size 8" in caplog.text
 
 
@@ -446,20 +462,21 @@ def test_float32_model_refused(npu_backend):
 
 
 def test_imports_without_torch_npu(monkeypatch):
-    """The module and the registry import anywhere; torch_npu is needed only to prepare a layer."""
-    from vllm_ptq_ascend.kernels import _backend, get_backend
-    from vllm_ptq_ascend.kernels.npu import NpuBackend
+    """The module and the candidate lists import anywhere; torch_npu is needed only to choose a kernel."""
+    from vllm_ptq_ascend.kernels import (
+        Int8LinearSpec,
+        KernelConfig,
+        LayerShape,
+        choose_kernel,
+        platform_kernels,
+    )
+    from vllm_ptq_ascend.kernels.npu import NpuInt8Kernel
 
     monkeypatch.setitem(sys.modules, "torch_npu", None)  # `import torch_npu` raises ImportError
-    _backend.cache_clear()
-    try:
-        assert isinstance(get_backend("npu"), NpuBackend)
-    finally:
-        _backend.cache_clear()
-    layer = torch.nn.Module()
-    layer.params_dtype = torch.bfloat16
+    assert platform_kernels("npu").kernels[Int8LinearSpec] == (NpuInt8Kernel,)
+    config = KernelConfig(Int8LinearSpec(True, False, True), LayerShape(8, 8, 8, (8,), torch.bfloat16), "L")
     with pytest.raises(ImportError):
-        NpuBackend().quant_act_int8(layer, torch.zeros(1, 8, dtype=torch.bfloat16))
+        choose_kernel(config, platform="npu")
 
 
 # -- FRACTAL_NZ where vLLM-Ascend casts, and the chip ---------------------------------------------
@@ -492,21 +509,17 @@ def test_nz_where_vllm_ascend_casts(npu_backend, monkeypatch, mode):
     want = 2 if mode == "0" else 29
     dt = torch.float16
     layer = _prepared(ct_config(*W8A8_DYNAMIC), make_w8a8_tensors(48, 64), 64, 48, dt)
-    assert npu.get_npu_format(layer.ptq_npu_w) == want
+    assert npu.get_npu_format(_kernel(layer).weight) == want
     layer = _prepared(ct_config(*w8a8_static(True)), make_w8a8_tensors(48, 64, static=True), 64, 48, dt)
-    assert npu.get_npu_format(layer.ptq_npu_w) == want
+    assert npu.get_npu_format(_kernel(layer).weight) == want
     layer = _prepared(ct_config(wna16(8, None, True)), make_wna16_tensors(48, 64, 8, None, True), 64, 48, dt)
-    assert (
-        layer.ptq_npu_wo["weight"].dtype == torch.int8
-        and npu.get_npu_format(layer.ptq_npu_wo["weight"]) == want
-    )
+    weight = _kernel(layer).antiquant.args["weight"]
+    assert weight.dtype == torch.int8 and npu.get_npu_format(weight) == want
     layer = _prepared(ct_config(wna16(8, 32, True)), make_wna16_tensors(48, 64, 8, 32, True), 64, 48, dt)
-    assert npu.get_npu_format(layer.ptq_npu_wo["weight"]) == 2
+    assert npu.get_npu_format(_kernel(layer).antiquant.args["weight"]) == 2
     layer = _prepared(ct_config(wna16(4, None, True)), make_wna16_tensors(48, 64, 4, None, True), 64, 48, dt)
-    assert (
-        layer.ptq_npu_wo["weight"].dtype == torch.int32
-        and npu.get_npu_format(layer.ptq_npu_wo["weight"]) == 2
-    )
+    weight = _kernel(layer).antiquant.args["weight"]
+    assert weight.dtype == torch.int32 and npu.get_npu_format(weight) == 2
     # the NZ weights still compute: an NZ int8 weight-only layer against its float64 reference
     tensors = make_wna16_tensors(48, 64, 8, None, True, gen=torch.Generator().manual_seed(7))
     w = torch.randint(
@@ -526,7 +539,7 @@ def test_atlas_a2_a3_served(monkeypatch, vllm_dist, soc):
     monkeypatch.setenv(BACKEND_ENV, "npu")
     use_chip(monkeypatch, soc)
     layer = _prepared(ct_config(*W8A8_DYNAMIC), make_w8a8_tensors(48, 64), 64, 48, torch.bfloat16)
-    assert npu.npu.get_device_name() == soc and layer.ptq_npu_w.dtype == torch.int8
+    assert npu.npu.get_device_name() == soc and _kernel(layer).weight.dtype == torch.int8
 
 
 @pytest.mark.parametrize(

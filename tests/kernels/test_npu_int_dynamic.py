@@ -1,6 +1,7 @@
-"""W4A4 / FlatQuant layers (IntDynamicSpec) on NpuBackend and TorchBackend against a float64 reference.
+"""W4A4 / FlatQuant layers (IntDynamicSpec) on the NPU's and the portable kernels against a float64
+reference, and which kernel each layer gets.
 
-NpuBackend runs on the pure-torch torch_npu emulation (tests/npu_emulation), whose new ops are checked
+The NPU kernels run on the pure-torch torch_npu emulation (tests/npu_emulation), whose new ops are checked
 here first against their documented formulas (npu_kronecker_quant, npu_dynamic_quant to quint4x2,
 npu_quant_matmul on int4-packed operands). The reference is the spec's semantics in float64:
 x -> vec(L^T X R), s = clip * max|x| / qmax, q = clamp(round(x / s), -qmax - 1, qmax),
@@ -21,10 +22,9 @@ import pytest
 import torch
 
 from tests.npu_helpers import emulation_module, use_npu_emulation
+from vllm_ptq_ascend.kernels import KernelConfig, LayerShape, choose_kernel
 from vllm_ptq_ascend.kernels import npu as npu_kernels
 from vllm_ptq_ascend.kernels.base import IntDynamicSpec, OnlineKronecker
-from vllm_ptq_ascend.kernels.npu import NpuBackend
-from vllm_ptq_ascend.kernels.torch_generic import TorchBackend
 
 emu = emulation_module()
 PREFIX = "model.layers.0.mlp.down_proj"
@@ -192,7 +192,7 @@ def test_quant_matmul_int4_misuse(case, exc, match):
         emu.npu_quant_matmul(x1, w, scale, **kw)
 
 
-# -- backends against the float64 reference ----------------------------------------------------
+# -- kernels against the float64 reference -----------------------------------------------------
 def orthogonal_ish(n: int, g: torch.Generator) -> torch.Tensor:
     """A well-conditioned, non-symmetric matrix (FlatQuant's transforms start orthogonal)."""
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
@@ -255,12 +255,25 @@ def reference(x, ref, spec: IntDynamicSpec, clip: float):
     return t, q, s.reshape(-1), amax.reshape(-1), mm, xt, bounds
 
 
-def route(backend, layer) -> str:
-    return "torch_backend" if type(backend) is TorchBackend else layer.ptq_npu_act
+def make_kernel(platform, layer, weight_bits, act_bits, transform, kron=None):
+    """The kernel ``platform`` chooses for the layer (built for ``kron``, else the transform's sizes),
+    with the transform's factors handed over and its weights processed."""
+    in_f, out_f = layer.input_size_per_partition, layer.output_size_per_partition
+    shape = LayerShape(in_f, out_f, in_f, (out_f,), layer.params_dtype)
+    kron = kron or (None if transform is None else transform.sizes)
+    spec = IntDynamicSpec(weight_bits, act_bits, kron)
+    kernel = choose_kernel(KernelConfig(spec, shape, PREFIX), platform=platform)
+    kernel.set_transform(transform)
+    kernel.process_weights_after_loading(layer)
+    return kernel
+
+
+def route(kernel) -> str:
+    return "kronecker" if isinstance(kernel, npu_kernels.NpuKroneckerKernel) else kernel.name
 
 
 def _deltas(path, spec, dtype, t, s, amax, xt, bounds):
-    """Per-element bound (in q units) on |t_backend - t_ref| and per-token relative scale error."""
+    """Per-element bound (in q units) on |t_kernel - t_ref| and per-token relative scale error."""
     n1, n2 = spec.kronecker or (1, 1)
     gamma = (n1 + n2 + 2) * 2.0**-24  # float32 accumulation of the two small matmuls
     if spec.kronecker is None:
@@ -281,31 +294,31 @@ def _deltas(path, spec, dtype, t, s, amax, xt, bounds):
     return delta, rho
 
 
-def backend_q(x_q: torch.Tensor, in_f: int) -> torch.Tensor:
+def kernel_q(x_q: torch.Tensor, in_f: int) -> torch.Tensor:
     return (unpack_words(x_q) if x_q.dtype == torch.int32 else x_q.to(torch.int64)).double().reshape(-1, in_f)
 
 
-def check_against_reference(backend, layer, ref, spec, x, clip):
-    dtype = layer.params_dtype
+def check_against_reference(kernel, ref, x, clip):
+    spec, dtype = kernel.spec, kernel.config.params_dtype
     in_f = x.shape[1]
-    x_q, x_scale = backend.quant_act_dynamic(layer, x)
-    out = backend.int_dynamic_mm(layer, x_q, x_scale, ref["bias"], dtype)
+    x_q, x_scale = kernel.quantize_input(x)
+    out = kernel.mm(x_q, x_scale, ref["bias"], dtype)
     t, q_ref, s_ref, amax, mm_ref, xt, bounds = reference(x, ref, spec, clip)
-    delta, rho = _deltas(route(backend, layer), spec, dtype, t, s_ref, amax, xt, bounds)
+    delta, rho = _deltas(route(kernel), spec, dtype, t, s_ref, amax, xt, bounds)
     rho = 1.1 * rho
     # q: exact wherever the path's error cannot cross a rounding boundary (or the clamp)
     qmax = spec.act_qmax
     lo = torch.round(t - delta).clamp(-qmax - 1, qmax)
     hi = torch.round(t + delta).clamp(-qmax - 1, qmax)
     safe = lo == hi
-    q = backend_q(x_q, in_f)
+    q = kernel_q(x_q, in_f)
     assert torch.equal(q[safe], q_ref[safe])
     assert float((q - q_ref).abs().max()) <= 1
     assert float(safe.double().mean()) > 0.6  # the check is not vacuous
     # per-token scale
     s = x_scale.double().reshape(-1)
     assert bool(((s - s_ref).abs() <= rho * s_ref + 1e-9).all())
-    # the matmul and epilogue, element by element, against the backend's own q and scale: only the
+    # the matmul and epilogue, element by element, against the kernel's own q and scale: only the
     # float32 epilogue and the output dtype's rounding (product, then bias) remain
     bias = torch.zeros(mm_ref.shape[1], dtype=torch.float64) if ref["bias"] is None else ref["bias"].double()
     u = UNIT_ROUNDOFF[dtype]
@@ -332,53 +345,50 @@ SHAPES = {"decode": (1, (8, 16), 40), "prefill": (517, (16, 16), 96)}
 
 
 @pytest.fixture(params=["npu", "torch"])
-def backend(request, monkeypatch):
+def platform(request, monkeypatch):
     if request.param == "npu":
         use_npu_emulation(monkeypatch)
-        return NpuBackend()
-    return TorchBackend()
+    return request.param
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("combo", COMBOS, ids=[f"W{w}A{a}{'-kron' if k else ''}" for w, a, k in COMBOS])
-def test_matches_float64_reference(backend, combo, dtype, bias, shape):
+def test_matches_float64_reference(platform, combo, dtype, bias, shape):
     weight_bits, act_bits, transform = combo
     m, kron, out_f = SHAPES[shape]
     clip = 0.9 if transform else 1.0
     layer, ref = make_layer(dtype, out_f, kron, weight_bits, clip, bias)
-    spec = IntDynamicSpec(weight_bits, act_bits, ref["transform"] if transform else None)
-    backend.prepare_int_dynamic(layer, spec)
-    if isinstance(backend, NpuBackend):
-        expect_act = {
-            (4, 4, False): "dynamic",
-            (4, 4, True): "kronecker",
-            (4, 8, True): "torch",  # transform and quantization in torch, then the int8 matmul
-            (8, 8, True): "torch",
-        }[combo]
-        assert layer.ptq_npu_act == expect_act
-        assert layer.ptq_npu_gemm == ("int4" if act_bits == 4 else "int8")
+    kernel = make_kernel(platform, layer, weight_bits, act_bits, ref["transform"] if transform else None)
+    expect = {
+        (4, 4, False): "NpuDynamicInt4Kernel",
+        (4, 4, True): "NpuKroneckerKernel",
+        # transform and quantization in torch, then the int8 matmul
+        (4, 8, True): "TorchIntDynamicKernel(NpuInt8Kernel)",
+        (8, 8, True): "TorchIntDynamicKernel(NpuInt8Kernel)",
+    }[combo]
+    assert kernel.name == (expect if platform == "npu" else "TorchIntDynamicKernel(TorchInt8Kernel)")
     x = make_input(m, kron[0] * kron[1], dtype)
-    check_against_reference(backend, layer, ref, spec, x, clip)
+    check_against_reference(kernel, ref, x, clip)
 
 
 def test_prepared_layout(monkeypatch):
     use_npu_emulation(monkeypatch)
     dtype = torch.bfloat16
     layer, ref = make_layer(dtype, 40, (8, 16), 4, 0.9, False)
-    NpuBackend().prepare_int_dynamic(layer, IntDynamicSpec(4, 4, ref["transform"]))
-    w = layer.ptq_npu_w  # as vllm-ascend: int4pack of [out, in], transposed view (in/8, out)
+    kernel = make_kernel("npu", layer, 4, 4, ref["transform"])
+    w = kernel.weight  # as vllm-ascend: int4pack of [out, in], transposed view (in/8, out)
     assert w.dtype == torch.int32 and w.shape == (16, 40) and w.t().is_contiguous()
     assert torch.equal(unpack_words(w.t()), ref["w"].to(torch.int64))
-    assert layer.ptq_npu_w_scale.dtype == torch.float32 and layer.ptq_npu_w_scale.shape == (40,)
-    assert layer.ptq_npu_p1.dtype == dtype and torch.equal(layer.ptq_npu_p1.double(), ref["left"].t())
-    assert torch.equal(layer.ptq_npu_p2.double(), ref["right"])
+    assert kernel.w_scale.dtype == torch.float32 and kernel.w_scale.shape == (40,)
+    assert kernel.p1.dtype == dtype and torch.equal(kernel.p1.double(), ref["left"].t())
+    assert torch.equal(kernel.p2.double(), ref["right"])
     assert layer.weight is None and layer.weight_scale is None
     layer, ref = make_layer(dtype, 40, (8, 16), 4, 0.9, False)
-    NpuBackend().prepare_int_dynamic(layer, IntDynamicSpec(4, 8, ref["transform"]))
-    assert layer.ptq_npu_w.dtype == torch.int8 and layer.ptq_npu_w.shape == (128, 40)
-    assert emu.get_npu_format(layer.ptq_npu_w) == emu.ACL_FORMAT_FRACTAL_NZ
+    gemm = make_kernel("npu", layer, 4, 8, ref["transform"]).gemm
+    assert gemm.weight.dtype == torch.int8 and gemm.weight.shape == (128, 40)
+    assert emu.get_npu_format(gemm.weight) == emu.ACL_FORMAT_FRACTAL_NZ
 
 
 def test_kronecker_quant_is_chunked(monkeypatch):
@@ -387,10 +397,8 @@ def test_kronecker_quant_is_chunked(monkeypatch):
     kron = (8, 16)
     x = make_input(21, 128, dtype, seed=5)
     layer, ref = make_layer(dtype, 40, kron, 4, 0.9, True)
-    spec = IntDynamicSpec(4, 4, ref["transform"])
-    backend = NpuBackend()
-    backend.prepare_int_dynamic(layer, spec)
-    whole_q, whole_s = backend.quant_act_dynamic(layer, x)  # one call
+    kernel = make_kernel("npu", layer, 4, 4, ref["transform"])
+    whole_q, whole_s = kernel.quantize_input(x)  # one call
     calls = []
     real = emu.npu_kronecker_quant
 
@@ -401,37 +409,37 @@ def test_kronecker_quant_is_chunked(monkeypatch):
     monkeypatch.setattr(emu, "npu_kronecker_quant", counting)
     monkeypatch.setattr(emu, "KRONECKER_MAX_K", 8)  # the op now refuses more than 8 tokens
     with pytest.raises(RuntimeError, match=r"first dim of x must lie in \[1, 8\]"):
-        backend.quant_act_dynamic(layer, x)
+        kernel.quantize_input(x)
     calls.clear()
     monkeypatch.setattr(npu_kernels, "KRONECKER_QUANT_MAX_BATCH_SIZE", 8)
-    q, s = backend.quant_act_dynamic(layer, x)
+    q, s = kernel.quantize_input(x)
     assert calls == [8, 8, 5]
     assert torch.equal(q, whole_q) and torch.equal(s, whole_s) and q.shape == (21, 16)
-    check_against_reference(backend, layer, ref, spec, x, 0.9)
+    check_against_reference(kernel, ref, x, 0.9)
 
 
 @pytest.mark.parametrize(
-    "case,kron,out_f,weight_bits,act_bits,clip,act,gemm,warning",
+    "case,kron,out_f,weight_bits,act_bits,warning",
     [
-        ("n2 not a multiple of 8", (16, 12), 48, 4, 4, 0.9, "torch", "int8", "does not take a 16 x 12"),
-        ("out features not a multiple of 8", (8, 16), 44, 4, 4, 0.9, "torch", "int8", "multiples of 8"),
-        ("clip ratio above 1", (8, 16), 40, 4, 4, 1.5, "torch", "int8", "does not take clip ratio 1.5"),
-        ("int8 weights, 4-bit activations", (8, 16), 40, 8, 4, 0.9, "torch", "int8", "8-bit weights"),
+        ("n2 not a multiple of 8", (16, 12), 48, 4, 4, "does not take a 16 x 12"),
+        ("out features not a multiple of 8", (8, 16), 44, 4, 4, "multiples of 8"),
+        ("int8 weights, 4-bit activations", (8, 16), 40, 8, 4, "8-bit weights"),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_routes_the_kernels_do_not_take(
-    monkeypatch, caplog, case, kron, out_f, weight_bits, act_bits, clip, act, gemm, warning, dtype
+    monkeypatch, caplog, case, kron, out_f, weight_bits, act_bits, warning, dtype
 ):
+    """The portable transform and quantization, then the NPU's int8 matmul, with a warning naming
+    the layer and every NPU kernel's reason."""
     use_npu_emulation(monkeypatch)
-    layer, ref = make_layer(dtype, out_f, kron, weight_bits, clip, True)
-    spec = IntDynamicSpec(weight_bits, act_bits, ref["transform"])
-    with caplog.at_level(logging.WARNING, logger="vllm_ptq_ascend.kernels.npu"):
-        NpuBackend().prepare_int_dynamic(layer, spec)
-    assert (layer.ptq_npu_act, layer.ptq_npu_gemm) == (act, gemm)
-    assert PREFIX in caplog.text and warning in caplog.text
+    layer, ref = make_layer(dtype, out_f, kron, weight_bits, 0.9, True)
+    with caplog.at_level(logging.WARNING, logger="vllm_ptq_ascend.kernels"):
+        kernel = make_kernel("npu", layer, weight_bits, act_bits, ref["transform"])
+    assert kernel.name == "TorchIntDynamicKernel(NpuInt8Kernel)"
+    assert PREFIX in caplog.text and warning in caplog.text and "NpuKroneckerKernel" in caplog.text
     x = make_input(33, kron[0] * kron[1], dtype, seed=7)
-    check_against_reference(NpuBackend(), layer, ref, spec, x, clip)
+    check_against_reference(kernel, ref, x, 0.9)
 
 
 @pytest.mark.parametrize(
@@ -441,6 +449,7 @@ def test_routes_the_kernels_do_not_take(
         ("transform does not match the layer", r"down_proj.*does not match 128 input features"),
         ("int4 weight values out of range", r"down_proj.*\[-8, 7\]"),
         ("clip ratio not positive", r"down_proj.*clip ratio must be positive"),
+        ("clip ratio above 1", r"down_proj.*npu_kronecker_quant does not take clip ratio 1.5"),
     ],
 )
 def test_bad_layers_refused_at_load(monkeypatch, case, match):
@@ -448,12 +457,13 @@ def test_bad_layers_refused_at_load(monkeypatch, case, match):
     dtype = torch.float32 if case == "float32 layer" else torch.bfloat16
     layer, ref = make_layer(dtype, 40, (8, 16), 4, 0.9, False)
     t = ref["transform"]
-    spec = IntDynamicSpec(4, 4, t)
     if case == "transform does not match the layer":
-        spec = IntDynamicSpec(4, 4, OnlineKronecker(torch.eye(4), t.right, t.clip_ratio))
+        t = OnlineKronecker(torch.eye(4), t.right, t.clip_ratio)
     elif case == "int4 weight values out of range":
         layer.weight.data[0, 0] = 9
     elif case == "clip ratio not positive":
-        spec = IntDynamicSpec(4, 4, OnlineKronecker(t.left, t.right, 0.0))
+        t = OnlineKronecker(t.left, t.right, 0.0)
+    elif case == "clip ratio above 1":
+        t = OnlineKronecker(t.left, t.right, 1.5)
     with pytest.raises(ValueError, match=match):
-        NpuBackend().prepare_int_dynamic(layer, spec)
+        make_kernel("npu", layer, 4, 4, t, kron=(8, 16))

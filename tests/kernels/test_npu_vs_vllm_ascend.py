@@ -414,7 +414,8 @@ def test_our_backend_casts_to_nz_where_vllm_ascend_does(va, monkeypatch, nz_mode
             layer = build_layer("RowParallelLinear", cfg, IN_F, OUT_F, dtype, bias=False)
             load_tensors(layer, tensors)
             layer.quant_method.process_weights_after_loading(layer)
-            weight = layer.ptq_npu_wo["weight"] if label == "W8A16" else layer.ptq_npu_w
+            kernel = layer.scheme.kernel  # NpuWeightOnlyKernel for W8A16, NpuInt8Kernel for W8A8
+            weight = kernel.antiquant.args["weight"] if label == "W8A16" else kernel.weight
             ours[label] = emu.get_npu_format(weight)
     assert ours == dict.fromkeys(theirs, want)
 

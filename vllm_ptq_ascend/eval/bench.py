@@ -116,12 +116,26 @@ def _memory(llm, info: ModelInfo) -> dict:
     }
 
 
+def _activation_quantizers() -> list[type]:
+    """Every kernel class that defines its own activation quantization (``quantize_input``)."""
+    from vllm_ptq_ascend.kernels.base import Int8Kernel, IntDynamicKernel
+
+    found, todo = [], [Int8Kernel, IntDynamicKernel]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if "quantize_input" in cls.__dict__ and not getattr(cls.quantize_input, "__isabstractmethod__", 0):
+            found.append(cls)
+    return found
+
+
 @contextmanager
 def _labelled_linear_calls():
     """Wrap our linear layers' forward and activation quantization in profiler labels."""
     import torch
 
-    from vllm_ptq_ascend.kernels import get_backend, torch_ops
+    from vllm_ptq_ascend import kernels
+    from vllm_ptq_ascend.kernels import torch_ops
     from vllm_ptq_ascend.serving.linear_method import PtqLinearMethod
 
     def labelled(fn, label):
@@ -131,11 +145,10 @@ def _labelled_linear_calls():
 
         return call
 
-    backend_cls = type(get_backend())
+    kernels.platform_kernels(kernels.current_platform_name())  # imports this platform's kernels
     patches = [
         (PtqLinearMethod, "apply", LINEAR_LABEL),
-        (backend_cls, "quant_act_int8", ACT_QUANT_LABEL),
-        (backend_cls, "quant_act_dynamic", ACT_QUANT_LABEL),
+        *((cls, "quantize_input", ACT_QUANT_LABEL) for cls in _activation_quantizers()),
         (torch_ops, "kronecker_transform", TRANSFORM_LABEL),
     ]
     originals = [getattr(owner, name) for owner, name, _ in patches]

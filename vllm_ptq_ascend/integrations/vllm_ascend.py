@@ -71,7 +71,6 @@ class _MsModelSlimLinearAdapter:
         self.row_tp = 1  # >1: some tensors loaded whole on a row-parallel rank, cut after loading
         self.row_whole: dict[str, int] = {}  # name -> columns this rank keeps, for those tensors
         self.names: list[str] = []  # every tensor handed to vLLM-Ascend
-        self.inner = None
 
     def tp_size(self) -> int:
         """The layer's own tensor-parallel size (its TP group may not be the global one)."""
@@ -158,9 +157,7 @@ class _MsModelSlimLinearAdapter:
         for n in self.names:
             if self._arrived(layer, n):
                 getattr(layer, n).ptq_loaded_shards = {None}
-        self.inner = self.scheme.translate(layer)
-        self.inner.validate_loaded(layer)
-        self.inner.prepare(layer)
+        self.scheme.serve_translated(layer, shape)
 
     def _arrived(self, layer: torch.nn.Module, name: str) -> bool:
         """Whether the checkpoint held tensor ``name`` (vLLM-Ascend records nothing: assume it did)."""
@@ -174,7 +171,7 @@ class _MsModelSlimLinearAdapter:
         tp_rank: int | None = 0,
     ) -> torch.Tensor:
         # bias: vLLM passes a row-parallel layer's bias on rank 0 only, so it is added as given
-        return self.inner.apply_weights(layer, x, bias)
+        return self.scheme.apply_weights(layer, x, bias)
 
 
 class MsModelSlimW4A16Linear(_MsModelSlimLinearAdapter):

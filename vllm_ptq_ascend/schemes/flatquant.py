@@ -15,8 +15,8 @@ import torch
 from vllm_ptq_ascend.formats.kronecker import TRANSFORM_TENSORS, check_factors, factor_sizes
 from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import IntDynamicSpec, OnlineKronecker
-from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, LayerShape
-from vllm_ptq_ascend.schemes.w4a4_int import W4A4IntScheme
+from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, LayerShape, PtqScheme
+from vllm_ptq_ascend.schemes.int_weights import IntWeightTensors
 from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, checked_loader, same_on_every_shard
 
 
@@ -30,7 +30,7 @@ def require_whole_input(where: str, input_size: int, input_size_per_partition: i
         )
 
 
-class FlatQuantScheme(W4A4IntScheme):
+class FlatQuantScheme(PtqScheme):
     serves = ((CT_FORMAT, "FlatQuant"),)
 
     def __init__(
@@ -41,29 +41,33 @@ class FlatQuantScheme(W4A4IntScheme):
         act_bits: int,
         packed: bool,
         transform_group: str = "flatquant",
+        kronecker: tuple[int, int] | None = None,
         files=None,
         shards=None,
     ):
-        self.weight_bits = weight_bits
-        self.act_bits = act_bits
-        super().__init__(layer_name, packed=packed, files=files, shards=shards)
+        super().__init__(layer_name, files, shards)
+        self.weight_bits, self.act_bits = weight_bits, act_bits
+        self.weights = IntWeightTensors(weight_bits, packed)
+        self.kronecker = kronecker  # the factor sizes, where they are not ours (factor_sizes)
         self.transform_module = f"{transform_group}_input"
-        self.tensor_names = self.tensor_names + tuple(
+        self.tensor_names = self.weights.tensor_names + tuple(
             f"{self.transform_module}.{t}" for t in TRANSFORM_TENSORS
         )
 
     def describe(self) -> str:
-        fmt = "pack-quantized" if self.packed else "int-quantized"
         return (
             f"FlatQuant W{self.weight_bits}A{self.act_bits} (online Kronecker transform + clipping; "
-            f"int{self.weight_bits} symmetric per-channel weights, {fmt}; "
-            f"int{self.act_bits} dynamic per-token activations)"
+            f"{self.weights.describe()}; int{self.act_bits} dynamic per-token activations)"
         )
+
+    def kernel_spec(self, shape):
+        sizes = self.kronecker or factor_sizes(shape.input_size_per_partition)
+        return IntDynamicSpec(self.weight_bits, self.act_bits, sizes)
 
     def checkpoint_tensors(self, out_features, in_features):
         n1, n2 = factor_sizes(in_features)
         prefix = self.transform_module
-        return super().checkpoint_tensors(out_features, in_features) | {
+        return self.weights.checkpoint_tensors(self, out_features, in_features) | {
             f"{prefix}.left": TensorSpec(SCALE_DTYPES, ((n1, n1),)),
             f"{prefix}.right": TensorSpec(SCALE_DTYPES, ((n2, n2),)),
             f"{prefix}.clip_ratio": TensorSpec(SCALE_DTYPES, ((1,), ())),
@@ -71,7 +75,7 @@ class FlatQuantScheme(W4A4IntScheme):
 
     def create_weights(self, layer, shape: LayerShape, weight_loader):
         require_whole_input(self.where("weight"), shape.input_size, shape.input_size_per_partition)
-        super().create_weights(layer, shape, weight_loader)
+        self.weights.register(layer, self, shape, weight_loader)
         n1, n2 = factor_sizes(shape.input_size)
         holder = torch.nn.Module()
         for name, dims in (("left", (n1, n1)), ("right", (n2, n2)), ("clip_ratio", (1,))):
@@ -86,6 +90,7 @@ class FlatQuantScheme(W4A4IntScheme):
             )
             holder.register_parameter(name, param)
         layer.add_module(self.transform_module, holder)
+        self.choose_kernel(shape)
 
     def _same_for_every_shard(self, name: str):
         """Load a transform tensor (any square size; checked after loading); fused shards must agree."""
@@ -96,7 +101,7 @@ class FlatQuantScheme(W4A4IntScheme):
         return same_on_every_shard(self.where(f"{self.transform_module}.{name}"), name, as_float32)
 
     def validate_loaded(self, layer):
-        super().validate_loaded(layer)
+        self.weights.validate(self, layer)
         holder = getattr(layer, self.transform_module)
         try:
             check_factors(
@@ -119,5 +124,5 @@ class FlatQuantScheme(W4A4IntScheme):
         clip = float(holder.clip_ratio.data.reshape(-1)[0])
         transform = OnlineKronecker(holder.left.data, holder.right.data, clip)
         delattr(layer, self.transform_module)
-        spec = IntDynamicSpec(self.weight_bits, self.act_bits, transform)
-        self.kernels.prepare_int_dynamic(layer, spec)
+        self.kernel.set_transform(transform)
+        super().prepare(layer)

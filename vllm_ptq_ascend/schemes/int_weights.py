@@ -193,3 +193,50 @@ def validate_int_range(scheme: PtqScheme, layer: torch.nn.Module, num_bits: int)
     if w is None:
         return
     require_int_range(scheme.where("weight"), w.data, num_bits, f"{num_bits}-bit weights")
+
+
+class IntWeightTensors:
+    """Symmetric int weights of ``bits`` with per-group or per-channel scales, as the W4A8, W4A4 and
+    FlatQuant schemes hold them: ``weight_packed`` + ``weight_shape`` (pack-quantized) or ``weight``
+    int8 (int-quantized), and ``weight_scale`` [out, groups] in float32 whatever the model dtype
+    (the output is dequantized in float32 anyway, and float32 checkpoint scales are used as written)."""
+
+    def __init__(self, bits: int, packed: bool, group_size: int = -1) -> None:
+        self.bits, self.packed, self.group_size = bits, packed, group_size
+        self.tensor_names = (
+            ("weight_packed", "weight_scale", "weight_shape") if packed else ("weight", "weight_scale")
+        )
+
+    def describe(self) -> str:
+        groups = "per-channel" if self.group_size == -1 else f"group {self.group_size}"
+        fmt = "pack-quantized" if self.packed else "int-quantized"
+        return f"int{self.bits} symmetric {groups} weights, {fmt}"
+
+    def checkpoint_tensors(
+        self, scheme: PtqScheme, out_features: int, in_features: int
+    ) -> dict[str, TensorSpec]:
+        weight = (
+            packed_weight_spec(self.bits, out_features, in_features)
+            if self.packed
+            else int8_weight_spec(out_features, in_features)
+        )
+        return weight | group_scale_spec(scheme, self.group_size, out_features, in_features)
+
+    def register(self, layer: torch.nn.Module, scheme: PtqScheme, shape: LayerShape, weight_loader) -> None:
+        out_features = setup_layer(layer, shape)
+        n_groups, partition_groups = group_layout(
+            scheme, self.group_size, shape.input_size, shape.input_size_per_partition
+        )
+        in_features = shape.input_size_per_partition
+        if self.packed:
+            register_packed_weight(layer, scheme, self.bits, out_features, in_features, weight_loader)
+            register_weight_shape(layer, scheme, weight_loader)
+        else:
+            register_int8_weight(layer, scheme, out_features, in_features, weight_loader)
+        register_group_scales(
+            layer, scheme, out_features, n_groups, partition_groups, torch.float32, weight_loader
+        )
+
+    def validate(self, scheme: PtqScheme, layer: torch.nn.Module) -> None:
+        validate_scales_and_shape(scheme, layer)
+        validate_int_range(scheme, layer, self.bits)

@@ -4,12 +4,13 @@ that scheme (``formats/msmodelslim.py`` describes the tensors of each label)."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Callable
 
 import torch
 from vllm.model_executor.parameter import ChannelQuantScaleParameter
 
-from vllm_ptq_ascend.schemes.base import PtqScheme
+from vllm_ptq_ascend.schemes.base import LayerShape, PtqScheme
 from vllm_ptq_ascend.validation import CheckpointError, require_loaded
 
 
@@ -56,10 +57,13 @@ def unpack_int4_pairs(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class _ModelSlimScheme(PtqScheme):
-    """Registers msModelSlim tensors, translates them after loading, then runs ``self.inner``."""
+    """Registers msModelSlim tensors, translates them after loading into the tensors one of our
+    compressed-tensors schemes holds (``translate``), then runs that scheme, ``self.inner``, with
+    the kernel chosen for it. Subclasses' ``create_weights`` record the layer's ``shape``."""
 
     label = ""
-    inner: PtqScheme | None = None
+    inner = None  # a PtqScheme, or any object with validate_loaded / prepare / apply_weights / describe
+    shape: LayerShape | None = None
 
     def describe(self) -> str:
         inner = f" -> {self.inner.describe()}" if self.inner is not None else ""
@@ -67,15 +71,19 @@ class _ModelSlimScheme(PtqScheme):
 
     def process_weights_after_loading(self, layer):
         require_loaded(layer, self.layer_name, self.tensor_names, self.files, self.shards)
+        self.serve_translated(layer, self.shape)
+
+    def serve_translated(self, layer: torch.nn.Module, shape: LayerShape) -> None:
+        """Translate the loaded tensors, choose the inner scheme's kernel for ``shape``, prepare it."""
         self.inner = self.translate(layer)
+        if isinstance(self.inner, PtqScheme):
+            self.inner.choose_kernel(shape)
         self.inner.validate_loaded(layer)
         self.inner.prepare(layer)
 
-    def translate(self, layer) -> PtqScheme:
-        raise NotImplementedError
-
-    def prepare(self, layer):  # done by the inner scheme
-        raise NotImplementedError
+    @abstractmethod
+    def translate(self, layer):
+        """Rewrite the loaded msModelSlim tensors of ``layer``; returns the scheme that runs them."""
 
     def apply_weights(self, layer, x, bias=None):
         return self.inner.apply_weights(layer, x, bias)

@@ -12,7 +12,7 @@ import torch
 from vllm_ptq_ascend.formats.kronecker import check_factors, factor_sizes
 from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT
 from vllm_ptq_ascend.schemes import int_weights
-from vllm_ptq_ascend.schemes.base import LayerShape, PtqScheme
+from vllm_ptq_ascend.schemes.base import LayerShape
 from vllm_ptq_ascend.schemes.flatquant import FlatQuantScheme, require_whole_input
 from vllm_ptq_ascend.schemes.msmodelslim_common import drop, loaded
 from vllm_ptq_ascend.schemes.msmodelslim_w4a8 import PACKED_VERSION, ModelSlimW4A8Dynamic
@@ -152,7 +152,7 @@ class _FlatQuant:
         clips = self._clip_ratios(layer)
         drop(layer, "left_trans", "right_trans", "clip_ratio")
         layer.add_module(f"{GROUP}_input", _holder(left, right, clips[0]))
-        whole = self._flatquant(self.shards)
+        whole = self._flatquant(self.shards, (left.shape[0], right.shape[0]))
         widths = list(layer.logical_widths)
         if len(set(clips)) == 1 or len(clips) != len(widths):
             return whole
@@ -165,13 +165,16 @@ class _FlatQuant:
                 runs.append((c, [w], [self.shards[i]]))
         return _ClipBlocks(self, whole, runs)
 
-    def _flatquant(self, shards: list[str]) -> FlatQuantScheme:
+    def _flatquant(self, shards: list[str], kronecker: tuple[int, int]) -> FlatQuantScheme:
+        """The scheme serving the translated layer (msModelSlim's factor sizes: o_proj's left one is
+        the head count)."""
         return FlatQuantScheme(
             self.layer_name,
             weight_bits=self.weight_bits,
             act_bits=self.act_bits,
             packed=False,
             transform_group=GROUP,
+            kronecker=kronecker,
             files=self.files,
             shards=shards,
         )
@@ -213,22 +216,19 @@ class ModelSlimFlatQuantW4A8(_FlatQuant, ModelSlimW4A8Dynamic):
         return 0
 
 
-class _ClipBlocks(PtqScheme):
-    """A fused layer whose shards have different clip ratios: one FlatQuantScheme per run of shards
-    with one ratio, on its rows of the weight, outputs concatenated."""
+class _ClipBlocks:
+    """A fused layer whose shards have different clip ratios: one FlatQuantScheme (and kernel) per
+    run of shards with one ratio, on its rows of the weight, outputs concatenated."""
 
     def __init__(self, outer: _FlatQuant, whole: FlatQuantScheme, runs):
-        super().__init__(outer.layer_name, outer.files, outer.shards)
         self.outer, self.whole, self.runs = outer, whole, runs
+        self.blocks: list[tuple[torch.nn.Module, FlatQuantScheme, int, int]] = []
 
     def describe(self) -> str:
         ratios = ", ".join(
             f"{'/'.join(s.rsplit('.', 1)[-1] for s in shards)}: {c:.4g}" for c, _, shards in self.runs
         )
         return f"{self.whole.describe()}; clip ratio per shard ({ratios})"
-
-    def create_weights(self, *args, **kwargs):  # created by the msModelSlim scheme
-        raise NotImplementedError
 
     def validate_loaded(self, layer):
         self.whole.validate_loaded(layer)  # weight range, scales, factors (clip ratios: translate)
@@ -238,14 +238,12 @@ class _ClipBlocks(PtqScheme):
         delattr(layer, f"{GROUP}_input")
         w, s = layer.weight.data, layer.weight_scale.data
         in_f = layer.input_size_per_partition
-        blocks, start = [], 0
+        start = 0
         for clip, widths, shards in self.runs:
             end = start + sum(widths)
             sub = torch.nn.Module()
-            sub.prefix = getattr(layer, "prefix", "") or self.layer_name
-            int_weights.setup_layer(
-                sub, LayerShape(in_f, end - start, in_f, tuple(widths), layer.params_dtype)
-            )
+            shape = LayerShape(in_f, end - start, in_f, tuple(widths), layer.params_dtype)
+            int_weights.setup_layer(sub, shape)
             sub.register_parameter(
                 "weight", torch.nn.Parameter(w[start:end].contiguous(), requires_grad=False)
             )
@@ -253,16 +251,16 @@ class _ClipBlocks(PtqScheme):
                 "weight_scale", torch.nn.Parameter(s[start:end].contiguous(), requires_grad=False)
             )
             sub.add_module(f"{GROUP}_input", _holder(holder.left.data, holder.right.data, clip))
-            scheme = self.outer._flatquant(shards)
+            scheme = self.outer._flatquant(shards, (holder.left.shape[0], holder.right.shape[0]))
+            scheme.choose_kernel(shape)
             scheme.prepare(sub)
-            blocks.append((sub, scheme, start, end))
+            self.blocks.append((sub, scheme, start, end))
             start = end
-        layer.ptq_flatquant_blocks = blocks
         drop(layer, "weight", "weight_scale")
 
     def apply_weights(self, layer, x, bias=None):
         outs = [
             scheme.apply_weights(sub, x, None if bias is None else bias[start:end])
-            for sub, scheme, start, end in layer.ptq_flatquant_blocks
+            for sub, scheme, start, end in self.blocks
         ]
         return torch.cat(outs, dim=-1)

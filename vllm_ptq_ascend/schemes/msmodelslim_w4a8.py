@@ -113,6 +113,7 @@ class ModelSlimW4A8Dynamic(_ModelSlimScheme):
 
     def create_weights(self, layer, shape: LayerShape, weight_loader):
         out = int_weights.setup_layer(layer, shape)
+        self.shape = shape
         w_loader = self.loader(weight_loader, "weight", (torch.int8,))
         if self.packed:  # two int4 per int8 along the output dim: every fused shard must be even
             if any(w % 2 for w in shape.output_partition_sizes):

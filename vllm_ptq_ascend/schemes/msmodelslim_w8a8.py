@@ -39,6 +39,7 @@ class ModelSlimW8A8Dynamic(_ModelSlimScheme):
 
     def create_weights(self, layer, shape: LayerShape, weight_loader):
         out = int_weights.setup_layer(layer, shape)
+        self.shape = shape
         int_weights.register_int8_weight(layer, self, out, shape.input_size_per_partition, weight_loader)
         self._channel_param(layer, "weight_scale", out, FLOAT_DTYPES, weight_loader)
         self._channel_param(layer, "weight_offset", out, FLOAT_DTYPES, weight_loader)
@@ -74,6 +75,7 @@ class ModelSlimW8A8(_ModelSlimScheme):
 
     def create_weights(self, layer, shape: LayerShape, weight_loader):
         out = int_weights.setup_layer(layer, shape)
+        self.shape = shape
         n_shards = len(shape.output_partition_sizes)
         int_weights.register_int8_weight(layer, self, out, shape.input_size_per_partition, weight_loader)
         # optional: the ascendV1 saver writes no weight_scale/weight_offset for W8A8

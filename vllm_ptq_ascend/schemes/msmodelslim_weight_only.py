@@ -55,6 +55,7 @@ class ModelSlimWeightOnly(_ModelSlimScheme):
 
     def create_weights(self, layer, shape: LayerShape, weight_loader):
         out = int_weights.setup_layer(layer, shape)
+        self.shape = shape
         n_groups, partition_groups = int_weights.group_layout(
             self, self.group_size, shape.input_size, shape.input_size_per_partition
         )

@@ -11,28 +11,30 @@ from __future__ import annotations
 
 from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import IntDynamicSpec
-from vllm_ptq_ascend.schemes.w4a8_int import W4A8IntScheme
+from vllm_ptq_ascend.schemes.base import LayerShape, PtqScheme
+from vllm_ptq_ascend.schemes.int_weights import IntWeightTensors
 
 
-class W4A4IntScheme(W4A8IntScheme):
+class W4A4IntScheme(PtqScheme):
     serves = ((CT_FORMAT, "W4A4"),)
 
-    act_bits = 4
-
     def __init__(self, layer_name: str, *, packed: bool, files=None, shards=None):
-        super().__init__(layer_name, group_size=None, packed=packed, files=files, shards=shards)
-        self.dynamic_spec = IntDynamicSpec(self.weight_bits, self.act_bits)
+        super().__init__(layer_name, files, shards)
+        self.weights = IntWeightTensors(4, packed)
+        self.tensor_names = self.weights.tensor_names
 
     def describe(self) -> str:
-        fmt = "pack-quantized" if self.packed else "int-quantized"
-        return f"W4A4 int (int4 symmetric per-channel weights, {fmt}; int4 dynamic per-token activations)"
+        return f"W4A4 int ({self.weights.describe()}; int4 dynamic per-token activations)"
 
-    def prepare(self, layer):
-        self.kernels.prepare_int_dynamic(layer, self.dynamic_spec)
+    def kernel_spec(self, shape):
+        return IntDynamicSpec(weight_bits=4, act_bits=4)
 
-    def apply_weights(self, layer, x, bias=None):
-        kernels = self.kernels
-        x2 = x.reshape(-1, x.shape[-1])
-        x_q, x_scale = kernels.quant_act_dynamic(layer, x2)
-        out = kernels.int_dynamic_mm(layer, x_q, x_scale, bias, x.dtype)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
+    def checkpoint_tensors(self, out_features, in_features):
+        return self.weights.checkpoint_tensors(self, out_features, in_features)
+
+    def create_weights(self, layer, shape: LayerShape, weight_loader):
+        self.weights.register(layer, self, shape, weight_loader)
+        self.choose_kernel(shape)
+
+    def validate_loaded(self, layer):
+        self.weights.validate(self, layer)

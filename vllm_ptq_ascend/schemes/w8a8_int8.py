@@ -64,6 +64,9 @@ class W8A8Int8Scheme(PtqScheme):
                 specs["input_zero_point"] = TensorSpec((torch.int8, torch.int32), per_tensor)
         return specs
 
+    def kernel_spec(self, shape):
+        return self.spec
+
     def create_weights(self, layer, shape: LayerShape, weight_loader):
         out_features = int_weights.setup_layer(layer, shape)
         n_shards = len(shape.output_partition_sizes)
@@ -99,6 +102,7 @@ class W8A8Int8Scheme(PtqScheme):
         layer.register_parameter("input_scale", input_scale)
         layer.register_parameter("input_zero_point", input_zero_point)
         layer.register_parameter("azp_adj", None)
+        self.choose_kernel(shape)
 
     def validate_loaded(self, layer):
         scale = layer.weight_scale.data
@@ -106,13 +110,3 @@ class W8A8Int8Scheme(PtqScheme):
         t = getattr(layer, "input_scale", None)
         if t is not None:
             require_positive_finite(self.layer_name, "input_scale", t.data, self.files, self.shards)
-
-    def prepare(self, layer):
-        self.kernels.prepare_int8(layer, self.spec)
-
-    def apply_weights(self, layer, x, bias=None):
-        kernels = self.kernels
-        x2 = x.reshape(-1, x.shape[-1])
-        x_q, x_scale, x_zp = kernels.quant_act_int8(layer, x2)
-        out = kernels.int8_mm(layer, x_q, x_scale, x_zp, bias, x.dtype)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])

@@ -79,6 +79,9 @@ class WNA16Scheme(PtqScheme):
             specs["weight_g_idx"] = TensorSpec((torch.int32,), ((in_features,),))
         return specs
 
+    def kernel_spec(self, shape):
+        return self.spec
+
     def create_weights(self, layer, shape: LayerShape, weight_loader):
         s = self.spec
         out_features = int_weights.setup_layer(layer, shape)
@@ -120,6 +123,7 @@ class WNA16Scheme(PtqScheme):
                 ),
             )
         int_weights.register_weight_shape(layer, self, weight_loader)
+        self.choose_kernel(shape)
 
     def _same_g_idx_for_all_shards(self, inner):
         """Fused shards (q/k/v, gate/up) share an input and so one g_idx; refuse any that differ."""
@@ -148,8 +152,5 @@ class WNA16Scheme(PtqScheme):
                 )
 
     def prepare(self, layer):
-        self.kernels.prepare_weight_only(layer, self.spec)
+        super().prepare(layer)
         layer.weight_shape = None
-
-    def apply_weights(self, layer, x, bias=None):
-        return self.kernels.weight_only_mm(layer, x, bias)
