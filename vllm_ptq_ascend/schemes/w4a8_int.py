@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import W4A8Spec
-from vllm_ptq_ascend.schemes.base import LayerShape, PtqScheme
-from vllm_ptq_ascend.schemes.int_weights import IntWeightTensors
+from vllm_ptq_ascend.schemes.int_weights import IntWeightsScheme, IntWeightTensors
 
 
-class W4A8IntScheme(PtqScheme):
+class W4A8IntScheme(IntWeightsScheme):
     serves = ((CT_FORMAT, "W4A8"),)
 
     def __init__(
@@ -36,13 +35,3 @@ class W4A8IntScheme(PtqScheme):
 
     def kernel_spec(self, shape):
         return self.spec
-
-    def checkpoint_tensors(self, out_features, in_features):
-        return self.weights.checkpoint_tensors(self, out_features, in_features)
-
-    def create_weights(self, layer, shape: LayerShape, weight_loader):
-        self.weights.register(layer, self, shape, weight_loader)
-        self.choose_kernel(shape)
-
-    def validate_loaded(self, layer):
-        self.weights.validate(self, layer)
