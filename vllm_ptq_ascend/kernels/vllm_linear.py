@@ -33,6 +33,19 @@ class _VllmKernel(LinearKernel):
         """vLLM's kernel object of ``kernel_type`` for this layer."""
         raise NotImplementedError
 
+    @classmethod
+    def refusal(cls, config: KernelConfig) -> str | None:
+        """Why no vLLM kernel of this kind can take the layer, before vLLM is asked (or None)."""
+        return None
+
+    @classmethod
+    def can_implement(cls, config):
+        why = cls.refusal(config)
+        if why:
+            return False, why
+        kernel, why = cls.vllm_kernel(config)
+        return kernel is not None, why
+
     def process_weights_after_loading(self, layer):
         kernel_type, _ = self.vllm_kernel(self.config)
         self.vllm = self.build(kernel_type)
@@ -75,11 +88,8 @@ class VllmInt8Kernel(_VllmKernel):
             return None, "vLLM has no int8 kernel for it here (" + _one_line(str(e)) + ")"
 
     @classmethod
-    def can_implement(cls, config):
-        if config.spec.quantized_input:
-            return False, "vLLM's int8 kernels quantize their own input"
-        kernel, why = cls.vllm_kernel(config)
-        return kernel is not None, why
+    def refusal(cls, config):
+        return "vLLM's int8 kernels quantize their own input" if config.spec.quantized_input else None
 
     def build(self, kernel_type):
         return kernel_type(self.vllm_config(self.config), layer_param_names=list(INT8_PARAM_NAMES))
@@ -122,11 +132,8 @@ class VllmMixedPrecisionKernel(_VllmKernel):
             return None, "vLLM has no mixed-precision kernel for it here (" + _one_line(str(e)) + ")"
 
     @classmethod
-    def can_implement(cls, config):
-        if config.spec.has_g_idx:
-            return False, "vLLM's MPLinearLayerConfig has no act-order g_idx"
-        kernel, why = cls.vllm_kernel(config)
-        return kernel is not None, why
+    def refusal(cls, config):
+        return "vLLM's MPLinearLayerConfig has no act-order g_idx" if config.spec.has_g_idx else None
 
     def build(self, kernel_type):
         return kernel_type(
