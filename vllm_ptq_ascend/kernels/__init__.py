@@ -91,8 +91,12 @@ def platform_kernels(name: str) -> Platform:
         return Platform(
             name,
             {
-                Int8LinearSpec: (cpu.CpuOneDnnInt8Kernel, portable.TorchInt8Kernel),
-                W4A8Spec: torch_lists[W4A8Spec],
+                Int8LinearSpec: (cpu.CpuAmxInt8Kernel, cpu.CpuOneDnnInt8Kernel, portable.TorchInt8Kernel),
+                W4A8Spec: (
+                    composed.PerChannelW4A8AsInt8Kernel,
+                    composed.W4A8OnInt8GridKernel,
+                    portable.TorchW4A8Kernel,
+                ),
                 IntDynamicSpec: torch_lists[IntDynamicSpec],
                 WeightOnlySpec: (composed.ActOrderKernel, cpu.CpuWna16Kernel, portable.TorchWeightOnlyKernel),
             },
@@ -161,13 +165,24 @@ def candidates(config: KernelConfig) -> tuple[type[LinearKernel], ...]:
     return lists[family]
 
 
+def disabled_kernels() -> list[str]:
+    """Kernel class names in vLLM's own ``VLLM_DISABLED_KERNELS`` (ours and vLLM's alike)."""
+    import vllm.envs as envs
+
+    return envs.VLLM_DISABLED_KERNELS
+
+
 def first_candidate(
     config: KernelConfig, exclude: tuple[type, ...] = ()
 ) -> tuple[type[LinearKernel] | None, list[str]]:
     """The first candidate that can implement ``config`` (or None), and the reasons of those before it."""
     reasons = []
+    disabled = disabled_kernels()
     for cls in candidates(config):
         if cls in exclude:
+            continue
+        if cls.__name__ in disabled:
+            reasons.append(f"{cls.__name__}: disabled by VLLM_DISABLED_KERNELS")
             continue
         ok, why = cls.can_implement(config)
         if ok:

@@ -112,21 +112,36 @@ class W4A8AsWeightOnlyKernel(_Composed):
 
     def process_weights_after_loading(self, layer):
         w_int = torch_ops.unpack_weight(layer, 4)
-        scale = layer.weight_scale.data.to(self.config.params_dtype)
-        drop_params(layer, "weight", "weight_packed", "weight_scale")
-        # vLLM's WNA16 layout, as its CompressedTensorsWNA16 registers it (vLLM's kernels read the
-        # parameters' layout attributes)
-        layer.weight_packed = PackedvLLMParameter(
-            data=pack_to_int32(w_int, 4, packed_dim=1),
-            input_dim=1,
-            output_dim=0,
-            packed_dim=1,
-            packed_factor=8,
-            weight_loader=_loaded_already,
-        )
-        layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+        packed = pack_to_int32(w_int, 4, packed_dim=1)
+        # vLLM's WNA16 layout, as its CompressedTensorsWNA16 registers it: new data in the vLLM
+        # parameters, whose layout attributes (input_dim, output_dim, packed_dim) vLLM's kernels read
+        layer.weight_scale.data = layer.weight_scale.data.to(self.config.params_dtype)
+        if isinstance(getattr(layer, "weight_packed", None), PackedvLLMParameter):  # pack-quantized
+            layer.weight_packed.data = packed
+        else:  # int-quantized: one int4 value per int8
+            drop_params(layer, "weight", "weight_packed")
+            layer.weight_packed = PackedvLLMParameter(
+                data=packed,
+                input_dim=1,
+                output_dim=0,
+                packed_dim=1,
+                packed_factor=8,
+                weight_loader=_loaded_already,
+            )
         layer.weight_zero_point = layer.weight_g_idx = None
         self.choose_inner(self._weight_only(self.config)).process_weights_after_loading(layer)
+
+
+class W4A8OnInt8GridKernel(W4A8AsWeightOnlyKernel):
+    """W4A8 per group as the checkpoint says, without a float copy of the weight: each token
+    quantized to int8 (vLLM's per-token convention), its grid values in the model dtype, then the
+    platform's W4A16 kernel on the 4-bit weights (``cpu_gemm_wna16`` on CPU). No grouped int4 x int8
+    GEMM exists there; the NPU runs per-group W4A8 the same way (``NpuW4A8AntiquantKernel``)."""
+
+    def apply(self, layer, x, bias):
+        x_q, scale = torch_ops.per_token_quant_int8(x)
+        x = (x_q.to(torch.float32) * scale.reshape(-1, 1)).to(x.dtype)
+        return self.inner.apply(layer, x, bias)
 
 
 def _loaded_already(*args, **kwargs):

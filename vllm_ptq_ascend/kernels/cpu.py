@@ -64,6 +64,28 @@ class CpuOneDnnInt8Kernel(Int8Kernel):
         return out
 
 
+class CpuAmxInt8Kernel(VllmInt8Kernel):
+    """Dynamic symmetric W8A8 in bf16/fp16 on AMX CPUs: vLLM's CPUInt8ScaledMMLinearKernel as vLLM
+    runs it, whose AMX kernel (``int8_scaled_mm_with_quant``) quantizes each token and multiplies in
+    one call (measured here: about 1.9x faster per call than oneDNN's two steps at one token). Static
+    scales and float32 stay on oneDNN: that kernel ignores the first and refuses the second."""
+
+    @classmethod
+    def can_implement(cls, config):
+        from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
+
+        spec = config.spec
+        if spec.static_input or not spec.input_symmetric:
+            return False, "static or asymmetric activations (the AMX kernel quantizes per token, symmetric)"
+        if spec.quantized_input:
+            return False, "the AMX kernel quantizes its own input"
+        if config.params_dtype not in (torch.bfloat16, torch.float16):
+            return False, f"{config.params_dtype} activations (the AMX kernel takes bfloat16/float16)"
+        if not check_cpu_sgl_kernel(config.out_features, config.in_features, torch.int8):
+            return False, "no AMX on this CPU, or the shape is not a multiple of 16 x 32"
+        return super().can_implement(config)
+
+
 class CpuWna16Kernel(VllmMixedPrecisionKernel):
     """vLLM's choice for W4A16 on CPU (CPUWNA16LinearKernel), with what its ``can_implement`` does
     not check: the op is built for this CPU, and the model dtype has a kernel."""
