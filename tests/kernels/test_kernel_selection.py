@@ -70,16 +70,18 @@ def _rel(out, ref) -> float:
 @pytest.mark.parametrize("platform", ["cpu", "cuda"])
 def test_w4a16_runs_on_vllms_cpu_wna16_kernel(monkeypatch, vllm_dist, platform):
     """bf16 W4A16 at kernel-friendly shapes: vLLM's CPUWNA16LinearKernel, act-order permuted first."""
-    inner = "CpuWna16Kernel" if platform == "cpu" else "VllmMixedPrecisionKernel"
+    name = "VllmMixedPrecisionKernel(CPUWNA16LinearKernel)"
+    if platform == "cpu":  # torch's int4 kernel for a few tokens, vLLM's above
+        name = "CpuInt4GemvKernel(large: CpuWna16Kernel(CPUWNA16LinearKernel))"
     for act_order in (False, True):
         cfg = ct_config(wna16(4, 32, True, "group" if act_order else None))
         tensors = make_wna16_tensors(128, 256, 4, 32, True, act_order)
         layer = _layer(monkeypatch, platform, cfg, tensors, 256, 128, torch.bfloat16)
-        name = f"{inner}(CPUWNA16LinearKernel)"
         assert layer.scheme.kernel.name == (f"ActOrderKernel({name})" if act_order else name)
-        x = torch.randn(4, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
-        ref = x.double() @ dequant_weight({f"L.{k}": v for k, v in tensors.items()}, "L", {"num_bits": 4}).t()
-        assert _rel(layer(x)[0], ref) < 2e-2
+        w = dequant_weight({f"L.{k}": v for k, v in tensors.items()}, "L", {"num_bits": 4})
+        for m in (1, 4, 9, 40):  # both sides of the CPU's token crossover
+            x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+            assert _rel(layer(x)[0], x.double() @ w.t()) < 2e-2
 
 
 def test_fp32_and_irregular_g_idx_fall_back_to_exact_torch(monkeypatch, vllm_dist):
@@ -93,7 +95,7 @@ def test_fp32_and_irregular_g_idx_fall_back_to_exact_torch(monkeypatch, vllm_dis
         128,
         torch.float32,
     )
-    assert layer.scheme.kernel.name == "TorchWeightOnlyKernel"
+    assert layer.scheme.kernel.name == "CpuInt4GemvKernel(large: TorchWeightOnlyKernel)"
 
     # g_idx whose groups are not all group_size wide: no contiguous layout exists
     tensors = make_wna16_tensors(128, 256, 4, 32, True, act_order=True)
@@ -152,7 +154,7 @@ def test_w8a8_on_the_cuda_list_runs_vllms_own_selection(monkeypatch, vllm_dist):
     "platform,group,expect",
     [
         ("cpu", None, "PerChannelW4A8AsInt8Kernel(CpuOneDnnInt8Kernel)"),
-        ("cpu", 32, "W4A8OnInt8GridKernel(CpuWna16Kernel(CPUWNA16LinearKernel))"),
+        ("cpu", 32, "W4A8OnInt8GridKernel(CpuInt4GemvKernel(large: CpuWna16Kernel(CPUWNA16LinearKernel)))"),
         ("cuda", None, "PerChannelW4A8AsInt8Kernel(VllmInt8Kernel(CPUInt8ScaledMMLinearKernel))"),
         ("torch", None, "PerChannelW4A8AsInt8Kernel(TorchInt8Kernel)"),
     ],
@@ -165,7 +167,7 @@ def test_w4a8_per_channel_runs_on_the_platforms_int8_gemm(monkeypatch, vllm_dist
     elif "CpuOneDnn" in expect and not onednn_int8_is_exact():
         expect = expect.replace("CpuOneDnnInt8Kernel", "TorchInt8Kernel")
     if "CpuWna16" in expect and not _wna16_built():
-        expect = "TorchW4A8Kernel"
+        expect = "W4A8OnInt8GridKernel(CpuInt4GemvKernel(large: TorchWeightOnlyKernel))"
     tensors = make_w4a8_tensors(128, 256, group, packed=False)
     layer = _layer(monkeypatch, platform, ct_config(*w4a8(group)), tensors, 256, 128, torch.bfloat16)
     assert layer.scheme.kernel.name == expect
@@ -181,11 +183,14 @@ def test_vllms_disabled_kernels_setting_applies_to_ours(monkeypatch, vllm_dist):
 
 def test_reasons_name_every_candidate_passed_over():
     shape = LayerShape(256, 128, 256, (128,), torch.float32)
-    config = KernelConfig(WeightOnlySpec(4, 32, True, False), shape, "model.layers.0.mlp.down_proj", "cpu")
+    config = KernelConfig(WeightOnlySpec(8, -1, True, False), shape, "model.layers.0.mlp.down_proj", "cpu")
     chosen, reasons = first_candidate(config)
     assert chosen.__name__ == "TorchWeightOnlyKernel"
-    assert reasons[0] == "ActOrderKernel: no act-order g_idx"
-    assert reasons[1] == "CpuWna16Kernel: cpu_gemm_wna16 has no torch.float32 kernel"
+    assert reasons == [
+        "ActOrderKernel: no act-order g_idx",
+        "CpuInt4GemvKernel: 8-bit weights (the int4 kernel takes 4-bit ones)",
+        "CpuWna16Kernel: cpu_gemm_wna16 has no torch.float32 kernel",
+    ]
 
 
 def test_no_kernel_is_an_error_listing_every_reason(monkeypatch):

@@ -98,7 +98,12 @@ def platform_kernels(name: str) -> Platform:
                     portable.TorchW4A8Kernel,
                 ),
                 IntDynamicSpec: torch_lists[IntDynamicSpec],
-                WeightOnlySpec: (composed.ActOrderKernel, cpu.CpuWna16Kernel, portable.TorchWeightOnlyKernel),
+                WeightOnlySpec: (
+                    composed.ActOrderKernel,
+                    cpu.CpuInt4GemvKernel,
+                    cpu.CpuWna16Kernel,
+                    portable.TorchWeightOnlyKernel,
+                ),
             },
         )
     if name == "npu":  # vLLM-Ascend's NPUPlatform.device_type

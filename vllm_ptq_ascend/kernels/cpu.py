@@ -14,7 +14,9 @@ import torch
 from vllm import _custom_ops as ops  # this module is imported only on vLLM's CPU platform
 
 from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
-from vllm_ptq_ascend.kernels.base import Int8Kernel
+from vllm_ptq_ascend.kernels import torch_ops
+from vllm_ptq_ascend.kernels.base import Int8Kernel, LinearKernel, WeightOnlySpec
+from vllm_ptq_ascend.kernels.torch_generic import TorchWeightOnlyKernel
 from vllm_ptq_ascend.kernels.vllm_linear import (
     INT8_PARAM_NAMES,
     VllmInt8Kernel,
@@ -105,3 +107,59 @@ class CpuWna16Kernel(VllmMixedPrecisionKernel):
         # measured on a Sapphire Rapids VM. Ask once; keep to the AVX-512 path if refused.
         if getattr(layer, "isa_hint", None) == "amx" and not torch._C._cpu._init_amx():
             layer.isa_hint = "vec"
+
+
+#: tokens per call up to which torch's int4 kernel is at least as fast as cpu_gemm_wna16 (measured on a
+#: 2-core Sapphire Rapids VM, bf16, group 64: at 1 token 3.4-4.4x faster, at 8 even, at 12 slower,
+#: for 3072x576, 576x1536 and 4096x4096 weights)
+INT4_GEMV_MAX_TOKENS = 8
+INT4_GEMV_GROUPS = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm_for_cpu takes
+
+
+class CpuInt4GemvKernel(LinearKernel):
+    """W4A16 decode on torch's own CPU int4 kernel (``_weight_int4pack_mm_for_cpu``, the one torchao
+    uses), which reads the 4-bit weight once per call and beats both cpu_gemm_wna16 and the bf16 GEMM
+    at a few tokens; calls with more tokens go to the platform's next W4A16 kernel (cpu_gemm_wna16, else
+    the weight dequantized once). It keeps a second 4-bit copy of the weight for that."""
+
+    family = WeightOnlySpec
+
+    @classmethod
+    def can_implement(cls, config):
+        spec: WeightOnlySpec = config.spec
+        group = config.in_features if spec.group_size == -1 else spec.group_size
+        if spec.num_bits != 4:
+            return False, f"{spec.num_bits}-bit weights (the int4 kernel takes 4-bit ones)"
+        if spec.has_g_idx:
+            return False, "act-order g_idx (ActOrderKernel permutes the input first)"
+        if group not in INT4_GEMV_GROUPS or config.in_features % group:
+            return False, f"group size {group} (it takes {INT4_GEMV_GROUPS}, dividing the input)"
+        if config.out_features % 16:
+            return False, f"{config.out_features} output features (it takes multiples of 16)"
+        return True, None
+
+    def process_weights_after_loading(self, layer):
+        spec: WeightOnlySpec = self.spec
+        dtype = self.config.params_dtype
+        self.group = self.config.in_features if spec.group_size == -1 else spec.group_size
+        w_int = torch_ops.unpack_weight(layer, 4)  # [out, in] signed
+        zp = torch_ops.unpack_zero_point(layer, 4)  # [out, groups] signed, or None
+        scale = layer.weight_scale.data.float()  # [out, groups]
+        # torch's convention: w = (u - 8) * s + z with u = q + 8, so z = -zp * s
+        zero = torch.zeros_like(scale) if zp is None else -zp.float() * scale
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((w_int.to(torch.int32) + 8), 8)
+        self.scales_zeros = torch.stack((scale.t(), zero.t()), dim=-1).to(dtype).contiguous()
+        large = CpuWna16Kernel if CpuWna16Kernel.can_implement(self.config)[0] else TorchWeightOnlyKernel
+        self.large = large(self.config)
+        self.large.process_weights_after_loading(layer)
+
+    @property
+    def name(self) -> str:
+        large = getattr(self, "large", None)
+        return "CpuInt4GemvKernel" if large is None else f"CpuInt4GemvKernel(large: {large.name})"
+
+    def apply(self, layer, x, bias):
+        if x.shape[0] > INT4_GEMV_MAX_TOKENS:
+            return self.large.apply(layer, x, bias)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros)
+        return out if bias is None else out + bias
