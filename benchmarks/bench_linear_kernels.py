@@ -62,10 +62,10 @@ def cases(n: int, k: int) -> list[tuple[str, dict, dict, str | None, bool]]:
         ),
         ("W4A8 g64", ct_config(*w4a8(64)), make_w4a8_tensors(n, k, 64, False), None, True),
         (
-            "W4A8 g64 (--disable W4A8OnInt8GridKernel)",
+            "W4A8 g64 (--disable CpuW4A8OnInt8GridKernel)",
             ct_config(*w4a8(64)),
             make_w4a8_tensors(n, k, 64, False),
-            "W4A8OnInt8GridKernel",
+            "CpuW4A8OnInt8GridKernel",
             False,
         ),
     ]

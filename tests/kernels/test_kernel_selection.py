@@ -154,7 +154,11 @@ def test_w8a8_on_the_cuda_list_runs_vllms_own_selection(monkeypatch, vllm_dist):
     "platform,group,expect",
     [
         ("cpu", None, "PerChannelW4A8AsInt8Kernel(CpuOneDnnInt8Kernel)"),
-        ("cpu", 32, "W4A8OnInt8GridKernel(CpuInt4GemvKernel(large: CpuWna16Kernel(CPUWNA16LinearKernel)))"),
+        (
+            "cpu",
+            32,
+            "CpuW4A8OnInt8GridKernel(CpuInt4GemvKernel(large: CpuWna16Kernel(CPUWNA16LinearKernel)))",
+        ),
         ("cuda", None, "PerChannelW4A8AsInt8Kernel(VllmInt8Kernel(CPUInt8ScaledMMLinearKernel))"),
         ("torch", None, "PerChannelW4A8AsInt8Kernel(TorchInt8Kernel)"),
     ],
@@ -167,7 +171,7 @@ def test_w4a8_per_channel_runs_on_the_platforms_int8_gemm(monkeypatch, vllm_dist
     elif "CpuOneDnn" in expect and not onednn_int8_is_exact():
         expect = expect.replace("CpuOneDnnInt8Kernel", "TorchInt8Kernel")
     if "CpuWna16" in expect and not _wna16_built():
-        expect = "W4A8OnInt8GridKernel(CpuInt4GemvKernel(large: TorchWeightOnlyKernel))"
+        expect = "CpuW4A8OnInt8GridKernel(CpuInt4GemvKernel(large: TorchWeightOnlyKernel))"
     tensors = make_w4a8_tensors(128, 256, group, packed=False)
     layer = _layer(monkeypatch, platform, ct_config(*w4a8(group)), tensors, 256, 128, torch.bfloat16)
     assert layer.scheme.kernel.name == expect
@@ -176,7 +180,7 @@ def test_w4a8_per_channel_runs_on_the_platforms_int8_gemm(monkeypatch, vllm_dist
 def test_vllms_disabled_kernels_setting_applies_to_ours(monkeypatch, vllm_dist):
     """VLLM_DISABLED_KERNELS, vLLM's own switch, passes over our kernels as it does vLLM's."""
     tensors = make_w4a8_tensors(128, 256, 32, packed=False)
-    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "W4A8OnInt8GridKernel")
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "CpuW4A8OnInt8GridKernel")
     layer = _layer(monkeypatch, "cpu", ct_config(*w4a8(32)), tensors, 256, 128, torch.bfloat16)
     assert layer.scheme.kernel.name == "TorchW4A8Kernel"
 

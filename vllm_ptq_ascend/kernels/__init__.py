@@ -94,7 +94,7 @@ def platform_kernels(name: str) -> Platform:
                 Int8LinearSpec: (cpu.CpuAmxInt8Kernel, cpu.CpuOneDnnInt8Kernel, portable.TorchInt8Kernel),
                 W4A8Spec: (
                     composed.PerChannelW4A8AsInt8Kernel,
-                    composed.W4A8OnInt8GridKernel,
+                    cpu.CpuW4A8OnInt8GridKernel,
                     portable.TorchW4A8Kernel,
                 ),
                 IntDynamicSpec: torch_lists[IntDynamicSpec],

@@ -138,8 +138,13 @@ class W4A8OnInt8GridKernel(W4A8AsWeightOnlyKernel):
     platform's W4A16 kernel on the 4-bit weights (``cpu_gemm_wna16`` on CPU). No grouped int4 x int8
     GEMM exists there; the NPU runs per-group W4A8 the same way (``NpuW4A8AntiquantKernel``)."""
 
+    @staticmethod
+    def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token symmetric int8: (values, scale); a platform may use its own fused op."""
+        return torch_ops.per_token_quant_int8(x)
+
     def apply(self, layer, x, bias):
-        x_q, scale = torch_ops.per_token_quant_int8(x)
+        x_q, scale = self.quantize_int8(x)
         x = (x_q.to(torch.float32) * scale.reshape(-1, 1)).to(x.dtype)
         return self.inner.apply(layer, x, bias)
 

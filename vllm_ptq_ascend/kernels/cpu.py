@@ -16,6 +16,7 @@ from vllm import _custom_ops as ops  # this module is imported only on vLLM's CP
 from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
 from vllm_ptq_ascend.kernels import torch_ops
 from vllm_ptq_ascend.kernels.base import Int8Kernel, LinearKernel, WeightOnlySpec
+from vllm_ptq_ascend.kernels.composed import W4A8OnInt8GridKernel
 from vllm_ptq_ascend.kernels.torch_generic import TorchWeightOnlyKernel
 from vllm_ptq_ascend.kernels.vllm_linear import (
     INT8_PARAM_NAMES,
@@ -86,6 +87,16 @@ class CpuAmxInt8Kernel(VllmInt8Kernel):
         if not check_cpu_sgl_kernel(config.out_features, config.in_features, torch.int8):
             return False, "no AMX on this CPU, or the shape is not a multiple of 16 x 32"
         return super().can_implement(config)
+
+
+class CpuW4A8OnInt8GridKernel(W4A8OnInt8GridKernel):
+    """W4A8OnInt8GridKernel with vLLM-CPU's fused per-token quantization (same scales; 7-80x faster
+    than the torch ops at 1-256 tokens, measured here)."""
+
+    @staticmethod
+    def quantize_int8(x):
+        x_q, scale, _ = ops.onednn_scaled_int8_quant(x.contiguous(), None, None, True)
+        return x_q, scale
 
 
 class CpuWna16Kernel(VllmMixedPrecisionKernel):
