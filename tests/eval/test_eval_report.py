@@ -398,3 +398,23 @@ def test_rerun_without_bench_removes_stale_throughput_plot(results_dir):
     assert not stale.exists()
     assert "throughput_vs_memory" not in md
     assert (results_dir / "plots" / "retention_vs_bits.png").exists()
+
+
+def test_speed_table_says_fused_where_the_gemm_quantizes_its_own_input(results_dir):
+    """vLLM-CPU's AMX int8 kernel quantizes inside its call: no share of its own to report, so the
+    cell says so instead of a dash (not measured) or a made-up 0%."""
+    path = bench_path(results_dir, "w8a8-dynamic")
+    d = json.loads(path.read_text())
+    d["linear"] = {"act_quant_ms": None, "linear_ms": 8.0, "act_quant_share": None,
+                   "fused_ms": 6.0, "fused_share": 0.75}
+    write_json_atomic(path, d)
+    write_bench(results_dir, "w4a8", 4, "ptq_ascend", 25.0, 700.0, share=0.25)
+    d = json.loads(bench_path(results_dir, "w4a8").read_text())
+    d["linear"] |= {"fused_ms": 2.0, "fused_share": 0.25}
+    write_json_atomic(bench_path(results_dir, "w4a8"), d)
+    md = render_markdown(build_results(results_dir), [])
+    offline = [line for line in md.split("## Speed and memory")[1].split("\n## ")[0].splitlines()
+               if line.startswith("|")]
+    assert row_of(offline, "w8a8-dynamic")[column(offline, "Act-quant share")] == "fused"
+    assert row_of(offline, "w4a8")[column(offline, "Act-quant share")] == "25.0% + fused"
+    assert "quantized inside the GEMM call" in md

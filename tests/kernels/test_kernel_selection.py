@@ -139,6 +139,34 @@ def test_w8a8_on_cpu_takes_onednn_only_where_it_is_exact(monkeypatch, vllm_dist,
     assert _rel(layer(x)[0], xq @ w.t()) < 1e-2
 
 
+needs_amx_int8 = pytest.mark.skipif(not _amx_int8(), reason="no AMX int8 on this CPU")
+
+
+@needs_amx_int8
+def test_vllms_amx_int8_packer_still_refuses_what_its_check_admits(vllm_dist):
+    """Pins the upstream bug CpuAmxInt8Kernel steps around: check_cpu_sgl_kernel admits N=48, and
+    convert_weight_packed refuses it. When vLLM fixes one of them, relax AMX_INT8_BLOCK_N."""
+    import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
+    from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
+
+    assert check_cpu_sgl_kernel(48, 256, torch.int8)
+    with pytest.raises(RuntimeError, match="BLOCK_N"):
+        torch.ops._C.convert_weight_packed(torch.zeros(48, 256, dtype=torch.int8))
+
+
+@needs_amx_int8
+def test_dynamic_w8a8_whose_rows_are_not_a_whole_amx_block_stays_on_onednn(monkeypatch, vllm_dist):
+    from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
+
+    tensors = make_w8a8_tensors(48, 256)
+    layer = _layer(monkeypatch, "cpu", ct_config(*W8A8_DYNAMIC), tensors, 256, 48, torch.bfloat16)
+    expect = "CpuOneDnnInt8Kernel" if onednn_int8_is_exact() else "TorchInt8Kernel"
+    assert layer.scheme.kernel.name == expect
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    ref = quant_per_token(x.double()) @ (tensors["weight"].double() * tensors["weight_scale"].double()).t()
+    assert _rel(layer(x)[0], ref) < 1e-2
+
+
 def test_w8a8_on_the_cuda_list_runs_vllms_own_selection(monkeypatch, vllm_dist):
     """The CUDA/ROCm/XPU candidate asks vLLM's init_int8 selection; on this host vLLM answers with
     its CPU kernel, which then serves the layer exactly as vLLM's own compressed-tensors scheme."""

@@ -38,6 +38,9 @@ from vllm_ptq_ascend.eval.results import (
 LINEAR_LABEL = "ptq_ascend.linear"
 ACT_QUANT_LABEL = "ptq_ascend.act_quant"
 TRANSFORM_LABEL = "ptq_ascend.online_transform"  # FlatQuant's Kronecker transform, inside act_quant
+# kernels whose one call quantizes the activations and multiplies (vLLM-CPU's AMX int8 kernel): the
+# quantization has no time of its own to measure, only the fused call's
+FUSED_LABEL = "ptq_ascend.fused_quant_gemm"
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,19 @@ def _activation_quantizers() -> list[type]:
     return found
 
 
+def _fused_quantizers() -> list[type]:
+    """Every kernel class that quantizes its input inside its GEMM call (``fuses_input_quantization``)."""
+    from vllm_ptq_ascend.kernels.base import LinearKernel
+
+    found, todo = [], [LinearKernel]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls.__dict__.get("fuses_input_quantization"):
+            found.append(cls)
+    return found
+
+
 @contextmanager
 def _labelled_linear_calls():
     """Wrap our linear layers' forward and activation quantization in profiler labels."""
@@ -149,6 +165,7 @@ def _labelled_linear_calls():
     patches = [
         (PtqLinearMethod, "apply", LINEAR_LABEL),
         *((cls, "quantize_input", ACT_QUANT_LABEL) for cls in _activation_quantizers()),
+        *((cls, "apply", FUSED_LABEL) for cls in _fused_quantizers()),
         (torch_ops, "kronecker_transform", TRANSFORM_LABEL),
     ]
     originals = [getattr(owner, name) for owner, name, _ in patches]
@@ -173,19 +190,16 @@ def _linear_profile(llm, config: BenchConfig) -> dict | None:
         llm.generate(prompts, params, use_tqdm=False)  # warm-up
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             llm.generate(prompts, params, use_tqdm=False)
-    labels = (LINEAR_LABEL, ACT_QUANT_LABEL, TRANSFORM_LABEL)
+    labels = (LINEAR_LABEL, ACT_QUANT_LABEL, TRANSFORM_LABEL, FUSED_LABEL)
     totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key in labels}
-    if not totals.get(ACT_QUANT_LABEL):
-        return None
+    if not (totals.get(ACT_QUANT_LABEL) or totals.get(FUSED_LABEL)):
+        return None  # no dynamic activation quantization in these layers
     linear_us = totals[LINEAR_LABEL]
-    out = {
-        "act_quant_ms": totals[ACT_QUANT_LABEL] / 1000,
-        "linear_ms": linear_us / 1000,
-        "act_quant_share": totals[ACT_QUANT_LABEL] / linear_us,
-    }
-    if totals.get(TRANSFORM_LABEL):
-        transform_us = totals[TRANSFORM_LABEL]
-        out |= {"transform_ms": transform_us / 1000, "transform_share": transform_us / linear_us}
+    out = {"linear_ms": linear_us / 1000, "act_quant_ms": None, "act_quant_share": None}
+    measured = ((ACT_QUANT_LABEL, "act_quant"), (TRANSFORM_LABEL, "transform"), (FUSED_LABEL, "fused"))
+    for label, key in measured:
+        if totals.get(label):
+            out |= {f"{key}_ms": totals[label] / 1000, f"{key}_share": totals[label] / linear_us}
     return out
 
 

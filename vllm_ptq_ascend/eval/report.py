@@ -287,6 +287,14 @@ def _pct(fraction) -> str:
     return _fmt(None if fraction is None else 100 * fraction, ".1f", "%")
 
 
+def _act_quant_share(row) -> str:
+    """The measured share, and "fused" where layers quantize inside their GEMM (no time of its own)."""
+    share, fused = row.get("linear_act_quant_share"), row.get("linear_fused_share") is not None
+    if share is None:
+        return "fused" if fused else DASH
+    return _pct(share) + (" + fused" if fused else "")
+
+
 def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -443,7 +451,7 @@ def _speed_section(results: dict) -> list[str]:
             _fmt(r.get("memory_weights_mib"), ",.1f"),
             _fmt(r.get("memory_kv_cache_mib"), ",.1f"),
             _fmt(r.get("memory_peak_rss_mib"), ",.1f"),
-            _pct(r.get("linear_act_quant_share")),
+            _act_quant_share(r),
         ]
         if transform:
             line.append(_pct(r.get("linear_transform_share")))
@@ -458,7 +466,8 @@ def _speed_section(results: dict) -> list[str]:
     if ref:
         note += f"; speedups are tok/s relative to the unquantized entry {ref}"
     out += [
-        note + ". Act-quant share: time in dynamic activation quantization / linear-layer time."
+        note + ". Act-quant share: time in dynamic activation quantization / linear-layer time"
+        " (fused: quantized inside the GEMM call, so it has no time of its own)."
         + (" Transform share: FlatQuant's online Kronecker transform (in act-quant)." if transform else "")
         + " Weights MiB: the checkpoint's tensor bytes (kernels such as vLLM-CPU's oneDNN GEMMs keep repacked"
         " copies outside"

@@ -34,8 +34,10 @@ bench/<model>.json (``BENCH_SCHEMA``)::
      "offline": {"prefill_tok_s", "decode_tok_s", "ttft_ms", "tpot_ms", "batch", "prompt_len", "gen_len"},
      "serve": {"ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "output_tok_s", "requests"} | null,
      "memory": {"weights_mib", "kv_cache_mib", "peak_rss_mib", "torch_tensors_mib"},  # weights: on disk
-     "linear": {"act_quant_ms", "linear_ms", "act_quant_share"[, "transform_ms", "transform_share"]} | null}
-                                                      # null: no dynamic act. quant; transform: FlatQuant
+     "linear": {"act_quant_ms", "linear_ms", "act_quant_share"[, "transform_ms", "transform_share"]
+                [, "fused_ms", "fused_share"]} | null}
+      # null: no dynamic act. quant; transform: FlatQuant; fused: calls that quantize inside the GEMM
+      # (their quantization has no time of its own; act_quant_* is null when every layer fuses it)
 """
 
 from __future__ import annotations

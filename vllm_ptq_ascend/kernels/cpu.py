@@ -67,11 +67,16 @@ class CpuOneDnnInt8Kernel(Int8Kernel):
         return out
 
 
+AMX_INT8_BLOCK_N = 32
+
+
 class CpuAmxInt8Kernel(VllmInt8Kernel):
     """Dynamic symmetric W8A8 in bf16/fp16 on AMX CPUs: vLLM's CPUInt8ScaledMMLinearKernel as vLLM
     runs it, whose AMX kernel (``int8_scaled_mm_with_quant``) quantizes each token and multiplies in
     one call (measured here: about 1.9x faster per call than oneDNN's two steps at one token). Static
     scales and float32 stay on oneDNN: that kernel ignores the first and refuses the second."""
+
+    fuses_input_quantization = True  # eval.bench times its calls as fused quantization + GEMM
 
     @classmethod
     def can_implement(cls, config):
@@ -86,6 +91,11 @@ class CpuAmxInt8Kernel(VllmInt8Kernel):
             return False, f"{config.params_dtype} activations (the AMX kernel takes bfloat16/float16)"
         if not check_cpu_sgl_kernel(config.out_features, config.in_features, torch.int8):
             return False, "no AMX on this CPU, or the shape is not a multiple of 16 x 32"
+        # vLLM's check admits N % 16, but its int8 packer (convert_weight_packed) refuses any N that is
+        # not a whole 32-row block ("Expected N == BLOCK_N"; measured at N = 16, 48, 80, 144).
+        if config.out_features % AMX_INT8_BLOCK_N:
+            n = config.out_features
+            return False, f"N={n} is not a multiple of {AMX_INT8_BLOCK_N} (vLLM's int8 packer)"
         return super().can_implement(config)
 
 
