@@ -3,7 +3,8 @@
 Used by the end-to-end tests through a subprocess, so a crashing engine cannot
 take the test process with it and Python/vLLM start-up is paid once per batch.
 Input (stdin): {"jobs": [{"model", "quantization", "dtype", "prompts", "max_tokens", "env"}]}.
-Output (last stdout line): {"results": [{"quantization_used", "prompt_logprobs", "texts"} | {"error"}]}.
+Output (last stdout line): {"results": [{"quantization_used", "kv_cache_dtype", "prompt_logprobs",
+"output_token_ids"} | {"error"}]}.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def run_job(job: dict) -> dict:
         outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
         return {
             "quantization_used": llm.llm_engine.vllm_config.model_config.quantization,
+            "kv_cache_dtype": llm.llm_engine.vllm_config.cache_config.cache_dtype,
             # logprob of each actual prompt token (the first token has none)
             "prompt_logprobs": [
                 [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:])]

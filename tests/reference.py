@@ -129,6 +129,51 @@ class OnlineRotations:
         return found["input"], found["output"]
 
 
+FP8_E4M3_MAX = 448.0
+KV_FP8_ATTENTION = "ptq_reference_kv_fp8"
+
+
+def _e4m3_magnitudes() -> torch.Tensor:
+    """Every finite non-negative float8_e4m3fn value, ascending (from the 256 codes)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).double()
+    return codes[torch.isfinite(codes) & (codes >= 0)].unique().sort().values
+
+
+def fake_quant_fp8(x: torch.Tensor, scale: float, rounding: str = "nearest") -> torch.Tensor:
+    """x on the float8_e4m3fn grid with a static scale, times the scale: x / s clamped to ±448 and
+    rounded to the nearest e4m3 value (ties to even), or toward zero (what vLLM-CPU's cache write does)."""
+    y = (x / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    if rounding == "nearest":
+        return y.to(torch.float8_e4m3fn).to(x.dtype) * scale
+    assert rounding == "toward_zero", rounding
+    grid = _e4m3_magnitudes().to(x.dtype)
+    below = grid[torch.searchsorted(grid, y.abs().contiguous(), right=True) - 1]  # largest value <= |y|
+    return torch.sign(y) * below * scale
+
+
+def _kv_fp8_attention(module, query, key, value, *args, **kwargs):
+    """transformers' sdpa attention on keys and values read back from an fp8 cache (the module's
+    ``kv_fp8``: scales and rounding), as an fp8 KV cache serves every token, the prompt's included."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kv = getattr(module, "kv_fp8", None)
+    if kv is not None:
+        (k_scale, v_scale), rounding = kv
+        key, value = fake_quant_fp8(key, k_scale, rounding), fake_quant_fp8(value, v_scale, rounding)
+    return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+
+def _use_kv_fp8(model, sd: dict, rounding: str) -> None:
+    """Attach each attention block's checkpoint k_scale / v_scale and switch to the fp8-cache attention."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(KV_FP8_ATTENTION, _kv_fp8_attention)
+    for name, module in model.named_modules():
+        if f"{name}.k_scale" in sd:
+            module.kv_fp8 = (tuple(float(sd[f"{name}.{t}_scale"].double()) for t in "kv"), rounding)
+    model.config._attn_implementation = KV_FP8_ATTENTION
+
+
 def _compose(rotate, quant):
     """A forward pre-hook: rotate the input, then quantize it (either may be None)."""
 
@@ -142,7 +187,9 @@ def _compose(rotate, quant):
 class FakeQuantModel:
     """The checkpoint's architecture in float64 with dequantized weights and quantized activations."""
 
-    def __init__(self, ckpt: str | Path, asymmetric_tokens: bool = False):
+    def __init__(
+        self, ckpt: str | Path, asymmetric_tokens: bool = False, kv_cache: bool = True, kv_rounding="nearest"
+    ):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         ckpt = Path(ckpt)
@@ -180,6 +227,8 @@ class FakeQuantModel:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         assert not unexpected, unexpected
         assert all("rotary" in m for m in missing), missing
+        if kv_cache and qcfg.get("kv_cache_scheme"):  # kv_cache=False: the same weights, a bf16 cache
+            _use_kv_fp8(self.model, sd, kv_rounding)
 
     @staticmethod
     def _act_hook(sd, name, acts, asymmetric_tokens=False):

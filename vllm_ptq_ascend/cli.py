@@ -112,7 +112,7 @@ def _quantize(args: argparse.Namespace) -> int:
         )
     given_calib = [f for f in CALIB_FLAGS if getattr(args, f) is not _UNSET]
     calibration = None
-    if preset.needs_calibration:
+    if preset.needs_calibration or args.kv_cache is not None:  # KV scales are calibrated too
         from vllm_ptq_ascend.recipes.calibration import CalibrationSpec
 
         fields = {
@@ -126,7 +126,7 @@ def _quantize(args: argparse.Namespace) -> int:
         calibration = CalibrationSpec(**{k: getattr(args, v) for k, v in fields.items() if v in given_calib})
     elif given_calib:
         flags = ", ".join("--" + f.replace("_", "-") for f in given_calib)
-        raise UsageError(f"recipe {args.recipe!r} uses no calibration data; drop {flags}")
+        raise UsageError(f"recipe {args.recipe!r} uses no calibration data (nor --kv-cache); drop {flags}")
 
     mixed = {}
     if args.budget is not None:
@@ -156,6 +156,7 @@ def _quantize(args: argparse.Namespace) -> int:
             calibration=calibration,
             overwrite=args.overwrite,
             calibration_dtype=args.calibration_dtype,
+            kv_cache=args.kv_cache,
             **check,
             **mixed,
             **options,
@@ -441,7 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="FlatQuant: weights round-to-nearest (default) or GPTQ on the transformed activations",
     )
     r.add_argument("--iters", type=int, default=_UNSET, help="w4a16-autoround: tuning steps per block (200)")
-    c = q.add_argument_group("calibration data (presets that calibrate)")
+    q.add_argument(
+        "--kv-cache",
+        choices=["fp8", "int8"],
+        help="also quantize the KV cache: fp8 with one calibrated scale per attention layer for keys and "
+        "values (vLLM serves it with an fp8 cache; calibrates even round-to-nearest presets). int8 (Ascend's "
+        "C8) is not offered yet",
+    )
+    c = q.add_argument_group("calibration data (presets that calibrate, and --kv-cache)")
     c.add_argument(
         "--calib",
         default=_UNSET,

@@ -28,6 +28,7 @@ msModelSlim W8A8 ``deq_scale``/``quant_bias`` consistency, act-order ``g_idx`` b
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,6 +390,36 @@ def _check_shard(
     return problems
 
 
+def _kv_cache_problems(ckpt: Checkpoint, qcfg: dict[str, Any]) -> list[str]:
+    """A quantized KV cache needs one finite, positive k_scale and v_scale per attention block."""
+    from vllm_ptq_ascend.formats.kv_cache import KV_SCALE_NAMES, plan_kv_cache
+
+    try:
+        if plan_kv_cache(qcfg.get("kv_cache_scheme")) is None:
+            return []
+    except CheckpointError as e:
+        return [str(e)]
+    # attention blocks, found by their key projection
+    blocks = sorted({n.split(".k_proj.")[0] for n in ckpt.tensors if ".k_proj." in n}, key=_natural)
+    problems = []
+    for block in blocks:
+        for name in KV_SCALE_NAMES:
+            at = where(ckpt.files, block, name)
+            info = ckpt.tensors.get(f"{block}.{name}")
+            if info is None:
+                problems.append(f"{at}: missing (the kv_cache_scheme needs one scale per attention block)")
+            elif math.prod(info.shape) != 1:
+                problems.append(
+                    f"{at}: shape {list(info.shape)}; the kv_cache_scheme has one scale per block"
+                )
+            else:
+                try:
+                    require_positive_finite(block, name, ckpt.load(f"{block}.{name}"), ckpt.files)
+                except CheckpointError as e:
+                    problems.append(str(e))
+    return problems
+
+
 def inspect(path: str | Path) -> Report:
     """Inspect a checkpoint directory; raises InspectUsageError for bad arguments."""
     root = Path(path)
@@ -515,6 +546,8 @@ def inspect(path: str | Path) -> Report:
                 )
 
     report.problems.extend(_rotation_problems(ckpt, rotations, geometries))
+    if kind != "msModelSlim":
+        report.problems.extend(_kv_cache_problems(ckpt, qcfg or {}))
     if config.modelslim is None:
         names = [s for shards in layers.values() for s in shards]
         if "lm_head" not in names and model_cfg.get("tie_word_embeddings"):

@@ -335,6 +335,13 @@ def test_bench_measures_ptq_ascend_and_stock_paths(make_ckpt, tmp_path):
         assert d["serve"]["ttft_ms_p50"] <= d["serve"]["ttft_ms_p90"]
         assert mem["weights_mib"] > 0 and mem["peak_rss_mib"] > mem["weights_mib"]
         assert mem["kv_cache_mib"] == pytest.approx(1024, rel=0.05)  # VLLM_CPU_KVCACHE_SPACE=1 (GiB)
+        # keys and values, every layer and KV head, in the bf16 cache: 2 bytes each
+        cfg = json.loads((make_ckpt("w8a8-dynamic") / "config.json").read_text())
+        head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+        assert mem["kv_cache_dtype"] == "bfloat16"
+        kv_heads = cfg["num_key_value_heads"]
+        assert mem["kv_bytes_per_token"] == 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * 2
+        assert mem["traces_4k"] == mem["kv_cache_tokens"] // 4096 > 0
     # the profiler saw our dynamic activation quantization inside our linear layers: its own time, or
     # (vLLM-CPU's AMX int8 kernel, bf16 on AMX CPUs) calls that quantize inside the GEMM
     linear = ours["linear"]

@@ -418,3 +418,18 @@ def test_speed_table_says_fused_where_the_gemm_quantizes_its_own_input(results_d
     assert row_of(offline, "w8a8-dynamic")[column(offline, "Act-quant share")] == "fused"
     assert row_of(offline, "w4a8")[column(offline, "Act-quant share")] == "25.0% + fused"
     assert "quantized inside the GEMM call" in md
+
+
+def test_speed_table_shows_kv_cache_columns_when_measured(results_dir):
+    path = bench_path(results_dir, "w8a8-dynamic")
+    d = json.loads(path.read_text())
+    kv = {"kv_cache_dtype": "fp8", "kv_bytes_per_token": 23040, "kv_cache_tokens": 46592, "traces_4k": 11}
+    d["memory"] |= kv
+    write_json_atomic(path, d)
+    md = render_markdown(build_results(results_dir), [])
+    offline = [line for line in md.split("## Speed and memory")[1].split("\n## ")[0].splitlines()
+               if line.startswith("|")]
+    row = row_of(offline, "w8a8-dynamic")
+    assert [row[column(offline, c)] for c in ("KV dtype", "KV bytes/token", "4k-token traces")] == [
+        "fp8", "23,040", "11"]
+    assert row_of(offline, "bf16")[column(offline, "KV dtype")] == "–"  # older files: not measured

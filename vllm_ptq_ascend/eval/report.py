@@ -436,6 +436,9 @@ def _speed_section(results: dict) -> list[str]:
     transform = any(r.get("linear_transform_share") is not None for r in rows)
     if transform:
         header.append("Transform share")
+    kv = any(r.get("memory_kv_bytes_per_token") is not None for r in rows)
+    if kv:  # KV-cache quantization: what one token costs, and how many long traces fit the budget
+        header += ["KV dtype", "KV bytes/token", "4k-token traces"]
     if ref:
         header += ["Prefill speedup", "Decode speedup"]
     table = []
@@ -455,6 +458,12 @@ def _speed_section(results: dict) -> list[str]:
         ]
         if transform:
             line.append(_pct(r.get("linear_transform_share")))
+        if kv:
+            line += [
+                r.get("memory_kv_cache_dtype") or DASH,
+                _fmt(r.get("memory_kv_bytes_per_token"), ",d"),
+                _fmt(r.get("memory_traces_4k"), ",d"),
+            ]
         if ref:
             line += [_fmt(r.get("prefill_speedup"), ".2f", "×"), _fmt(r.get("decode_speedup"), ".2f", "×")]
         table.append(line)
@@ -469,6 +478,7 @@ def _speed_section(results: dict) -> list[str]:
         note + ". Act-quant share: time in dynamic activation quantization / linear-layer time"
         " (fused: quantized inside the GEMM call, so it has no time of its own)."
         + (" Transform share: FlatQuant's online Kronecker transform (in act-quant)." if transform else "")
+        + (" 4k-token traces: 4096-token sequences the allocated KV cache holds at once." if kv else "")
         + " Weights MiB: the checkpoint's tensor bytes (kernels such as vLLM-CPU's oneDNN GEMMs keep repacked"
         " copies outside"
         " torch); peak RSS is the whole measuring process.",

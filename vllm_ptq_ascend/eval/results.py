@@ -33,7 +33,9 @@ bench/<model>.json (``BENCH_SCHEMA``)::
      "machine": "...", "created": "ISO time",
      "offline": {"prefill_tok_s", "decode_tok_s", "ttft_ms", "tpot_ms", "batch", "prompt_len", "gen_len"},
      "serve": {"ttft_ms_p50", "ttft_ms_p90", "tpot_ms_p50", "output_tok_s", "requests"} | null,
-     "memory": {"weights_mib", "kv_cache_mib", "peak_rss_mib", "torch_tensors_mib"},  # weights: on disk
+     "memory": {"weights_mib", "kv_cache_mib", "peak_rss_mib", "torch_tensors_mib",  # weights: on disk
+                "kv_cache_dtype", "kv_bytes_per_token", "kv_cache_tokens", "traces_4k"},
+      # traces_4k: 4096-token sequences the allocated KV cache holds at once
      "linear": {"act_quant_ms", "linear_ms", "act_quant_share"[, "transform_ms", "transform_share"]
                 [, "fused_ms", "fused_share"]} | null}
       # null: no dynamic act. quant; transform: FlatQuant; fused: calls that quantize inside the GEMM

@@ -22,6 +22,7 @@ from vllm_ptq_ascend.atomic import atomic_directory
 from vllm_ptq_ascend.recipes import compute_dtype
 from vllm_ptq_ascend.recipes import self_check as sc
 from vllm_ptq_ascend.recipes.calibration import CalibrationSpec, build_calibration
+from vllm_ptq_ascend.recipes.kv_cache import card_entry, kv_scale_names
 from vllm_ptq_ascend.recipes.presets import build_recipe, get_preset
 from vllm_ptq_ascend.recipes.recipe_yaml import make_recipe_file_plain
 
@@ -135,6 +136,12 @@ def model_card(info: dict[str, Any]) -> str:
         )
     if info.get("calibration_dtype"):
         lines.append(f"- computed in {info['calibration_dtype']}, written in bfloat16")
+    kv = info.get("kv_cache")
+    if kv:
+        lines.append(
+            f"- KV cache: {kv['kind']} ({kv['format']}), one static scale per attention layer for keys and "
+            f"for values ({kv['observer']} over the calibration set); vLLM serves it with an fp8 cache"
+        )
     mixed = info.get("mixed_precision")
     if mixed:
         final = mixed["checkpoint"]
@@ -192,6 +199,7 @@ def quantize(
     max_ppl_ratio: float | None = None,
     force: bool = False,
     calibration_dtype: str = "auto",
+    kv_cache: str | None = None,
     **recipe_options,
 ) -> Path:
     """Quantize ``model_dir`` with preset ``recipe`` into ``out_dir``; returns ``out_dir``.
@@ -208,7 +216,9 @@ def quantize(
     unless ``force``: then it is written and its card records the failure. ``self_check=False``
     skips the check (recorded on the card). ``calibration_dtype`` (auto, float32, bfloat16): auto is
     float32 on a CPU without native bf16, where bf16 is emulated and far slower (``compute_dtype.py``);
-    the checkpoint is written in bf16 either way.
+    the checkpoint is written in bf16 either way. ``kv_cache`` ("fp8") also calibrates one scale per
+    attention layer for keys and values (``recipes/kv_cache.py``); it needs calibration data, so a
+    preset that calibrates nothing gets the default set.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
@@ -217,7 +227,16 @@ def quantize(
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     preset = get_preset(recipe)
     modifiers = build_recipe(recipe, **recipe_options)
-    if preset.needs_calibration:
+    if kv_cache is not None:
+        from vllm_ptq_ascend.recipes.kv_cache import with_kv_cache
+
+        if budget is not None:
+            raise ValueError(
+                "--kv-cache with --budget is not supported yet: the mixed-precision plan rebuilds the "
+                "recipe per layer; quantize without one of them"
+            )
+        modifiers = with_kv_cache(modifiers, kv_cache, recipe)
+    if preset.needs_calibration or kv_cache is not None:
         calibration = calibration or CalibrationSpec()
     elif calibration is not None:
         raise ValueError(
@@ -290,10 +309,12 @@ def quantize(
             oneshot(model=model, recipe=modifiers, **data_kwargs)
         model.save_pretrained(tmp, save_compressed=True)
         if dtype != compute_dtype.CHECKPOINT_DTYPE:
-            compute_dtype.cast_checkpoint(tmp, keep=compute_dtype.transform_tensor_names(model))
+            # KV scales stay float32, the dtype vLLM loads them into (bf16 would move them by up to 0.4%)
+            keep = compute_dtype.transform_tensor_names(model) | kv_scale_names(model)
+            compute_dtype.cast_checkpoint(tmp, keep=keep)
         tokenizer.save_pretrained(tmp)
         make_recipe_file_plain(tmp / "recipe.yaml")
-        mark_checkpoint(tmp, {"recipe": recipe, "recipe_options": recipe_options})
+        mark_checkpoint(tmp, {"recipe": recipe, "recipe_options": recipe_options, "kv_cache": kv_cache})
         del model  # the checks below load what was written
         gc.collect()
         if mixed is not None:
@@ -312,6 +333,7 @@ def quantize(
             "source_model": str(model_dir.resolve()),
             "calibration": calib_summary,
             "calibration_dtype": str(dtype).removeprefix("torch."),
+            "kv_cache": card_entry(kv_cache) if kv_cache else None,
             "mixed_precision": mixed,
             "flatquant": flatquant_summary(modifiers),
             "self_check": check,

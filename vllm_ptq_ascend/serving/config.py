@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from compressed_tensors.quantization import QuantizationConfig as CTQuantizationConfig
+from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
@@ -38,6 +39,7 @@ from vllm_ptq_ascend.formats.compressed_tensors import (
     plan_groups,
     servable_by_us,
 )
+from vllm_ptq_ascend.formats.kv_cache import KvCachePlan, plan_kv_cache
 from vllm_ptq_ascend.formats.msmodelslim import DESCRIPTION_FILE, ModelSlimDescription, is_description
 from vllm_ptq_ascend.formats.plan import LayerPlan
 from vllm_ptq_ascend.formats.transforms import (
@@ -50,6 +52,17 @@ from vllm_ptq_ascend.schemes.registry import build_scheme
 from vllm_ptq_ascend.validation import CheckpointError, agreed_by_shards, tensor_file_index
 
 logger = logging.getLogger(__name__)
+
+
+def _require_fp8_kv_platform() -> None:
+    from vllm_ptq_ascend.kernels import current_platform_name
+
+    if current_platform_name() == "npu":
+        raise CheckpointError(
+            "config.json: quantization_config.kv_cache_scheme: an fp8 KV cache is not served on Ascend "
+            "(Atlas A2/A3 NPUs have no fp8, and vLLM-Ascend's int8 C8 cache is not mapped by ptq_ascend "
+            "yet); serve this checkpoint on CPU or CUDA, or quantize it without --kv-cache"
+        )
 
 
 class PtqAscendConfig(QuantizationConfig):
@@ -78,6 +91,13 @@ class PtqAscendConfig(QuantizationConfig):
         # online transforms: FlatQuant's, and Hadamard rotations (compressed-tensors' config ignores them)
         self.transforms: CheckpointTransforms = parse_transform_config((raw or {}).get("transform_config"))
         self.rotation_cache: dict = {}  # one normalised matrix per shared rotation tensor (online_transforms)
+        # vLLM's Attention reads ``kv_cache_scheme`` (a dict, as on its compressed-tensors config): when
+        # set, an ``auto`` cache becomes fp8 and the layers load k_scale / v_scale through our method
+        kv_scheme = (raw or {}).get("kv_cache_scheme") if ct_config else None
+        self.kv_cache: KvCachePlan | None = plan_kv_cache(kv_scheme)
+        self.kv_cache_scheme: dict | None = dict(kv_scheme) if self.kv_cache else None
+        if self.kv_cache is not None:
+            _require_fp8_kv_platform()
 
     # -- vLLM's QuantizationConfig API ---------------------------------------
     def get_name(self) -> str:
@@ -135,6 +155,10 @@ class PtqAscendConfig(QuantizationConfig):
         self.files = tensor_file_index(model_name)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if self.kv_cache is not None and isinstance(layer, Attention):
+            from vllm_ptq_ascend.serving.kv_cache_method import PtqKVCacheMethod
+
+            return PtqKVCacheMethod(self, prefix)
         if not isinstance(layer, LinearBase):
             return None
         scheme = self.scheme_for(prefix, layer)
