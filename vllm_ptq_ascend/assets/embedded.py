@@ -8,6 +8,7 @@ grid (which flatters weight-only 4-bit schemes: say so next to their numbers).
 
 from __future__ import annotations
 
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def embedded_model_dir(cache_root: str | Path | None = None) -> Path:
 
     src = gguf_path()
     with atomic_directory(out) as tmp:
-        print(f"[embedded] converting {src.name} to a bf16 Hugging Face directory (once)", flush=True)
+        # stderr: scripts capture the directory this returns from stdout (benchmarks/*.sh)
+        print(f"[embedded] converting {src.name} to a bf16 HF directory (once)", file=sys.stderr, flush=True)
         tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
         model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.bfloat16)
         # The GGUF's quantization state describes the file we just dequantized, not this
