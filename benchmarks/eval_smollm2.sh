@@ -23,16 +23,8 @@ PRESETS=(
   "w4a8-g64|w4a8|--group-size 64"
   "w4a16-rtn-g64|w4a16-rtn|--group-size 64"
 )
-MODELS=("bf16=$BASE")
-for p in "${PRESETS[@]}"; do
-  IFS='|' read -r name recipe flags <<<"$p"
-  dir=$CK/smollm2-$name
-  if [ ! -f "$dir/config.json" ]; then
-    # shellcheck disable=SC2086
-    $CLI quantize "$BASE" --recipe "$recipe" $flags --out "$dir"
-  fi
-  MODELS+=("$name=$dir")
-done
+source benchmarks/checkpoints.sh
+make_checkpoints
 $CLI eval "${MODELS[@]}" --results "$OUT" --limit gsm8k=50,humaneval=50 --chunk 50 --no-report
 $CLI bench "${MODELS[@]}" --results "$OUT" --no-report
 # stock vLLM on the same checkpoint: one W8A8 and one W4A16 preset (it has CPU kernels for both)

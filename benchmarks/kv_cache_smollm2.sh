@@ -20,16 +20,8 @@ PRESETS=(
   "w4a8-g64|w4a8|--group-size 64"
   "w4a8-g64-kv-fp8|w4a8|--group-size 64 --kv-cache fp8"
 )
-MODELS=("bf16=$BASE")
-for p in "${PRESETS[@]}"; do
-  IFS='|' read -r name recipe flags <<<"$p"
-  dir=$CK/smollm2-$name
-  if [ ! -f "$dir/config.json" ]; then
-    # shellcheck disable=SC2086
-    $CLI quantize "$BASE" --recipe "$recipe" $flags --out "$dir"
-  fi
-  MODELS+=("$name=$dir")
-done
+source benchmarks/checkpoints.sh
+make_checkpoints
 $CLI eval "${MODELS[@]}" --results "$OUT" --tasks gsm8k,hellaswag --limit gsm8k=20,hellaswag=100 \
   --max-tokens 2048 --chunk 20 --no-report
 $CLI bench "${MODELS[@]}" --results "$OUT" --prompt-len 2048 --gen-len 64 --batch 4 --max-model-len 4096 \
