@@ -44,7 +44,14 @@ def run_one(model: str, quantization: str | None, repeats: int) -> dict:
 
     from vllm_ptq_ascend.eval.basic import peak_rss_mib, throughput
 
-    llm = LLM(model, quantization=quantization, dtype="bfloat16", max_model_len=1024, enforce_eager=True)
+    llm = LLM(
+        model,
+        quantization=quantization,
+        dtype="bfloat16",
+        max_model_len=1024,
+        enforce_eager=True,
+        enable_prefix_caching=False,  # else the measured prompts are cache hits of the warm-up
+    )
     used = llm.llm_engine.vllm_config.model_config.quantization
     runs = [throughput(llm, n_prompts=8, prompt_len=256, gen_len=64) for _ in range(repeats)]
     return {

@@ -32,7 +32,10 @@ def measure(model_dir: str, questions: list[str], texts: list[str], dtype: str) 
 
     from vllm_ptq_ascend.eval.basic import generate_answers, perplexity, throughput
 
-    llm = LLM(model_dir, dtype=dtype, max_model_len=1024, enforce_eager=True, seed=0)
+    # no prefix caching: the throughput's warm-up would cache the prompts it then measures
+    llm = LLM(
+        model_dir, dtype=dtype, max_model_len=1024, enforce_eager=True, seed=0, enable_prefix_caching=False
+    )
     try:
         method = llm.llm_engine.vllm_config.model_config.quantization
         answers = generate_answers(llm, questions)

@@ -456,3 +456,16 @@ def test_every_mode_of_a_hybrid_thinking_model_is_evaluated(tiny_model, tmp_path
         assert fast[item_id]["prompt_tokens"] > slow[item_id]["prompt_tokens"]
     report = (results / "report.md").read_text()
     assert "slow_think" in report and "no_think" in report
+
+
+def test_throughput_refuses_an_engine_with_prefix_caching():
+    """Its warm-up runs the measured prompts first: with prefix caching on, "prefill" would time a
+    cache hit (bench and the demo build their engines without it)."""
+    from types import SimpleNamespace
+
+    from vllm_ptq_ascend.eval.basic import throughput
+
+    cache = SimpleNamespace(enable_prefix_caching=True)
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(cache_config=cache)))
+    with pytest.raises(ValueError, match="without prefix caching"):
+        throughput(llm)

@@ -67,8 +67,17 @@ def throughput(llm, n_prompts: int = 8, prompt_len: int = 256, gen_len: int = 64
     time just measured is subtracted, and the tokens after the first are divided by
     what remains. Both calls are first run once, unmeasured, at full size (the
     first call of a shape pays for allocations and kernel selection).
+
+    The engine must run without prefix caching (``LLM(..., enable_prefix_caching=False)``): with it,
+    every measured prompt was cached by the warm-up, and "prefill" times a cache hit.
     """
     from vllm import SamplingParams
+
+    if llm.llm_engine.vllm_config.cache_config.enable_prefix_caching:
+        raise ValueError(
+            "throughput() needs an engine without prefix caching (LLM(..., enable_prefix_caching=False)): "
+            "its warm-up would cache the measured prompts, and prefill would time a cache hit"
+        )
 
     vocab = llm.get_tokenizer().vocab_size
     prompts = [

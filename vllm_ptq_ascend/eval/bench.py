@@ -279,6 +279,8 @@ def measure(info: ModelInfo, config: BenchConfig, serving_path: str, log_dir: Pa
         enforce_eager=True,
         seed=0,
         quantization=quantization,
+        # offline numbers rerun prompts after a warm-up: with prefix caching they would time cache hits
+        enable_prefix_caching=False,
     )
     try:
         chosen = llm.llm_engine.vllm_config.model_config.quantization
