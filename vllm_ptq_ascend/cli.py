@@ -126,7 +126,9 @@ def _quantize(args: argparse.Namespace) -> int:
         calibration = CalibrationSpec(**{k: getattr(args, v) for k, v in fields.items() if v in given_calib})
     elif given_calib:
         flags = ", ".join("--" + f.replace("_", "-") for f in given_calib)
-        raise UsageError(f"recipe {args.recipe!r} uses no calibration data (nor --kv-cache); drop {flags}")
+        raise UsageError(
+            f"recipe {args.recipe!r} uses no calibration data; drop {flags} (--kv-cache would calibrate)"
+        )
 
     mixed = {}
     if args.budget is not None:
