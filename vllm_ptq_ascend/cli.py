@@ -422,7 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--smoothing-strength", type=float, default=_UNSET, help="SmoothQuant alpha (default 0.8)")
     r.add_argument("--epochs", type=int, default=_UNSET, help="FlatQuant: epochs per block (default 15)")
-    r.add_argument("--lr", type=float, default=_UNSET, help="FlatQuant: transform lr (default 5e-3)")
+    r.add_argument(
+        "--lr",
+        type=float,
+        default=_UNSET,
+        help="FlatQuant: transform lr (default 5e-3); w4a16-autoround: rounding lr (default 1/iters)",
+    )
     r.add_argument("--clip-lr", type=float, default=_UNSET, help="FlatQuant: clipping lr (default 5e-2)")
     r.add_argument(
         "--init",

@@ -147,6 +147,7 @@ def test_interrupted_run_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch
         (["--recipe", "w4a8-flatquant", "--parametrization", "cayley"], "invalid choice: 'cayley'"),
         (["--recipe", "w4a8", "--weights", "gptq"], "recipe 'w4a8' takes no --weights"),
         (["--recipe", "w4a16-autoround", "--iters", "0"], "iters must be a positive integer, got 0"),
+        (["--recipe", "w4a16-autoround", "--lr", "-1"], "lr must be a positive number, got -1.0"),
         (["--recipe", "w4a4-quip", "--iters", "5"], "recipe 'w4a4-quip' takes no --iters"),
     ],
 )

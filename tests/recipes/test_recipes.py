@@ -116,6 +116,9 @@ def test_knobs_reach_the_config_groups():
     assert gptq.config_groups["group_0"].input_activations.strategy == "token"
     (qm,) = build_recipe("w4a16-rtn", group_size=32)
     assert qm.config_groups["group_0"].weights.group_size == 32
+    (ar,) = build_recipe("w4a16-autoround", iters=50, lr=5e-3)  # auto-round's "light" recipe
+    assert (ar.iters, ar.lr) == (50, 5e-3)
+    assert build_recipe("w4a16-autoround")[0].lr is None  # auto-round's own 1 / iters
 
 
 @pytest.mark.parametrize(

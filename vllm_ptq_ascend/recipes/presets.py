@@ -267,16 +267,21 @@ def w4a4_mixed(
 
 
 @preset("w4a16-autoround", needs_calibration=True)
-def w4a16_autoround(ignore: list[str] | None = None, group_size: int | None = 128, iters: int = 200) -> list:
-    """W4A16 AutoRound: signed-gradient tuned rounding; int4 symmetric weights per group of 128."""
+def w4a16_autoround(
+    ignore: list[str] | None = None, group_size: int | None = 128, iters: int = 200, lr: float | None = None
+) -> list:
+    """W4A16 AutoRound: signed-gradient tuned rounding; int4 symmetric weights per group of 128.
+    ``lr`` None is auto-round's own rule (1 / iters); its "light" recipe is 50 steps at lr 5e-3."""
     from llmcompressor.modifiers.autoround import AutoRoundModifier
 
     if type(iters) is not int or iters < 1:
         raise ValueError(f"iters must be a positive integer, got {iters!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
     groups = _groups(_weights(4, group_size), fmt="pack-quantized")
     # torch.compile off: inductor's CPU backend needs a C++ compiler, which quantize must not require
     modifier = AutoRoundModifier(
-        config_groups=groups, ignore=_ignore(ignore), iters=iters, enable_torch_compile=False
+        config_groups=groups, ignore=_ignore(ignore), iters=iters, lr=lr, enable_torch_compile=False
     )
     return [modifier]
 
