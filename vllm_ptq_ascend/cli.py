@@ -452,9 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--kv-cache",
         choices=["fp8", "int8"],
-        help="also quantize the KV cache: fp8 with one calibrated scale per attention layer for keys and "
-        "values (vLLM serves it with an fp8 cache; calibrates even round-to-nearest presets). int8 (Ascend's "
-        "C8) is not offered yet",
+        help="also quantize the KV cache (calibrates even round-to-nearest presets): fp8, one calibrated "
+        "scale per attention layer for keys and values, served with vLLM's fp8 cache on CPU and CUDA; int8, "
+        "one scale per KV head, served with vLLM-Ascend's int8 (C8) cache on Ascend only",
     )
     c = q.add_argument_group("calibration data (presets that calibrate, and --kv-cache)")
     c.add_argument(

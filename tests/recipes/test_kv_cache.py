@@ -1,6 +1,6 @@
-"""``quantize --kv-cache fp8``: llmcompressor calibrates one scale per attention layer for keys and
-values; checked against an independent float64 computation, and bad combinations refused before
-any model is loaded."""
+"""``quantize --kv-cache fp8|int8``: llmcompressor calibrates scales for keys and values (fp8: one per
+attention layer; int8: one per KV head); checked against an independent float64 computation, and bad
+combinations refused before any model is loaded."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from vllm_ptq_ascend.recipes.calibration import CalibrationSpec
 
 FP8_E4M3_MAX = 448.0
+INT8_HALF_RANGE = 127.5  # compressed-tensors' symmetric int scale: max|x| / ((q_max - q_min) / 2)
 CALIB = CalibrationSpec(num_samples=8, max_seq_length=64)
 
 
@@ -33,16 +34,36 @@ def kv_ckpt(tiny_model, tmp_path_factory):
     )
 
 
-def float64_kv_maxima(model_dir, samples) -> dict[int, tuple[float, float]]:
-    """max |k| (after RoPE) and max |v| per layer over the samples, from the float64 model."""
+@pytest.fixture(scope="module")
+def int8_kv_ckpt(tiny_model, tmp_path_factory):
+    """The same weights with an int8 KV cache (one scale per KV head), for vLLM-Ascend's C8 cache."""
+    from vllm_ptq_ascend.recipes.quantize import quantize
+
+    out = tmp_path_factory.mktemp("kv") / "w8a8-kv-int8"
+    return quantize(
+        tiny_model,
+        out,
+        "w8a8-dynamic",
+        kv_cache="int8",
+        calibration=CALIB,
+        calibration_dtype="float32",
+        progress=False,
+    )
+
+
+def float64_kv_maxima(model_dir, samples, per_head: bool = False) -> dict[int, tuple]:
+    """max |k| (after RoPE) and max |v| per layer over the samples, from the float64 model: floats, or
+    with ``per_head`` a tensor over the KV heads each."""
     from transformers import AttentionInterface, AutoModelForCausalLM
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    maxima: dict[int, tuple[float, float]] = {}
+    maxima: dict[int, tuple] = {}
 
     def observe(module, query, key, value, *args, **kwargs):
-        k, v = maxima.get(module.layer_idx, (0.0, 0.0))
-        maxima[module.layer_idx] = (max(k, float(key.abs().max())), max(v, float(value.abs().max())))
+        # key, value: [batch, kv heads, tokens, head_dim]
+        k_new, v_new = (t.abs().amax(dim=(0, 2, 3)) for t in (key, value))
+        k, v = maxima.get(module.layer_idx, (torch.zeros_like(k_new), torch.zeros_like(v_new)))
+        maxima[module.layer_idx] = (torch.maximum(k, k_new), torch.maximum(v, v_new))
         return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
 
     AttentionInterface.register("observe_kv", observe)
@@ -52,7 +73,9 @@ def float64_kv_maxima(model_dir, samples) -> dict[int, tuple[float, float]]:
     with torch.no_grad():
         for s in samples:
             model(torch.tensor([s.input_ids]))
-    return maxima
+    if per_head:
+        return maxima
+    return {i: (float(k.max()), float(v.max())) for i, (k, v) in maxima.items()}
 
 
 def test_kv_scales_are_the_calibration_maxima_over_448(kv_ckpt, tiny_model):
@@ -71,6 +94,43 @@ def test_kv_scales_are_the_calibration_maxima_over_448(kv_ckpt, tiny_model):
         assert k_scale.dtype == v_scale.dtype == torch.float32  # not cast to the checkpoint's bf16
         assert float(k_scale) == pytest.approx(k_max / FP8_E4M3_MAX, rel=1e-5)
         assert float(v_scale) == pytest.approx(v_max / FP8_E4M3_MAX, rel=1e-5)
+
+
+def test_int8_kv_scales_are_the_per_head_maxima_over_127_5(int8_kv_ckpt, tiny_model):
+    """attn_head: one scale per KV head, shape [heads, 1, 1], from that head's largest |k| and |v|."""
+    from transformers import AutoTokenizer
+
+    from vllm_ptq_ascend.recipes.calibration import build_samples
+
+    samples, _ = build_samples(tiny_model, AutoTokenizer.from_pretrained(tiny_model), CALIB, None)
+    maxima = float64_kv_maxima(tiny_model, samples, per_head=True)
+    sd = load_file(int8_kv_ckpt / "model.safetensors")
+    heads = json.loads((tiny_model / "config.json").read_text())["num_key_value_heads"]
+    for i, (k_max, v_max) in maxima.items():
+        for name, peak in (("k", k_max), ("v", v_max)):
+            scale = sd[f"model.layers.{i}.self_attn.{name}_scale"]
+            assert scale.dtype == torch.float32 and tuple(scale.shape) == (heads, 1, 1)
+            torch.testing.assert_close(scale.flatten().double(), peak / INT8_HALF_RANGE, rtol=1e-5, atol=0)
+        assert not torch.equal(k_max[0], k_max[1])  # the heads do get scales of their own
+
+
+def test_int8_kv_cache_is_recorded_for_ascend(int8_kv_ckpt):
+    qcfg = json.loads((int8_kv_ckpt / "config.json").read_text())["quantization_config"]
+    scheme = qcfg["kv_cache_scheme"]
+    assert (scheme["type"], scheme["num_bits"], scheme["strategy"], scheme["symmetric"]) == (
+        "int",
+        8,
+        "attn_head",
+        True,
+    )
+    card = json.loads((int8_kv_ckpt / "ptq_ascend_card.json").read_text())
+    assert card["kv_cache"] == {
+        "kind": "int8",
+        "strategy": "attn_head",
+        "observer": "static_minmax",
+        "format": "int8",
+    }
+    assert "int8 (C8) cache, on Ascend only" in (int8_kv_ckpt / "README.md").read_text()
 
 
 def test_kv_cache_is_recorded_in_config_card_and_recipe(kv_ckpt):
@@ -101,8 +161,8 @@ def test_kv_cache_goes_on_the_last_quantization_modifier():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"kv_cache": "int8"}, "int8 is not offered yet"),
-        ({"kv_cache": "fp4"}, "--kv-cache must be one of fp8"),
+        ({"kv_cache": "fp4"}, "--kv-cache must be one of fp8, int8"),
+        ({"kv_cache": "int8", "budget": "kl=0.1"}, "--kv-cache with --budget is not supported"),
         ({"kv_cache": "fp8", "budget": "kl=0.1"}, "--kv-cache with --budget is not supported"),
     ],
 )
@@ -114,9 +174,12 @@ def test_bad_kv_cache_requests_are_refused_before_loading(tiny_model, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_refuses_int8_kv_cache_by_name(tiny_model, tmp_path, capsys):
+def test_cli_refuses_an_unknown_kv_cache_by_name(tiny_model, tmp_path, capsys):
     from vllm_ptq_ascend.cli import main
 
-    assert main(["quantize", str(tiny_model), "--out", str(tmp_path / "o"), "--kv-cache", "int8"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(tiny_model), "--out", str(tmp_path / "o"), "--kv-cache", "fp4"])
+    assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "int8 is not offered yet" in err and "C8" in err
+    assert "--kv-cache: invalid choice: 'fp4'" in err and "int8" in err
+    assert not (tmp_path / "o").exists()

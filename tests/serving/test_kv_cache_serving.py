@@ -157,7 +157,9 @@ def test_inspect_reports_broken_kv_scales(kv_ckpts, name, expect):
 @pytest.mark.parametrize(
     "scheme,message",
     [
-        ({"num_bits": 8, "type": "int", "strategy": "tensor"}, "int8 KV cache is not served"),
+        ({"num_bits": 8, "type": "int", "strategy": "tensor"}, "int8 KV cache is served on Ascend only"),
+        ({"num_bits": 4, "type": "int", "strategy": "tensor"}, "type 'int' with num_bits 4 is not served"),
+        ({"num_bits": 8, "type": "int", "strategy": "channel"}, "'channel' is not served for an int8"),
         ({"num_bits": 4, "type": "float", "strategy": "tensor"}, "num_bits 4 is not served"),
         ({"num_bits": 8, "type": "float", "strategy": "attn_head"}, "strategy 'attn_head' is not served"),
         ({"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": True}, "dynamic KV-cache scales"),
@@ -182,5 +184,6 @@ def test_fp8_kv_checkpoint_is_refused_on_ascend(kv_ckpts, monkeypatch):
     qcfg = json.loads((kv_ckpts["good"] / "config.json").read_text())["quantization_config"]
     assert PtqAscendConfig.from_config(qcfg).kv_cache_scheme["type"] == "float"
     monkeypatch.setenv(BACKEND_ENV, "npu")
-    with pytest.raises(CheckpointError, match="not served on Ascend"):
+    with pytest.raises(CheckpointError, match="not served on Ascend") as e:
         PtqAscendConfig.from_config(qcfg)
+    assert "--kv-cache int8" in str(e.value)

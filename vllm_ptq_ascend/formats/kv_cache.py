@@ -1,10 +1,17 @@
 """compressed-tensors' ``kv_cache_scheme`` -> what the attention layers must load, or a refusal.
 
-A checkpoint that quantizes its KV cache stores one static scale per attention layer for keys
-and one for values (``<block>.self_attn.k_scale`` / ``v_scale``): the cache holds k / k_scale
-in fp8 (e4m3), read back as fp8 · k_scale. vLLM's attention backends serve exactly that on
-CPU (vLLM-CPU, x86 with AVX-512 or AMX) and CUDA. Everything else is refused here by name,
-before any weight is read, instead of being served with a bf16 cache the user did not ask for.
+A checkpoint that quantizes its KV cache stores static scales per attention layer for keys and
+for values (``<block>.self_attn.k_scale`` / ``v_scale``). Two layouts are served:
+
+- fp8 (e4m3), one scale per layer (strategy ``tensor``): the cache holds k / k_scale, read back as
+  fp8 · k_scale. vLLM's attention backends serve exactly that on CPU (vLLM-CPU, x86 with AVX-512 or
+  AMX) and CUDA.
+- int8, symmetric, one scale per KV head (strategy ``attn_head``, shape [heads, 1, 1]) or per layer:
+  vLLM-Ascend's C8 cache (``AscendC8KVCacheAttentionMethod``), which quantizes round(k / scale +
+  offset) per channel, with offset 0 here. vLLM has no int8 cache on CPU or CUDA.
+
+Everything else is refused here by name, before any weight is read, instead of being served with a
+bf16 cache the user did not ask for. Which platform may serve which kind is ``serving.config``'s.
 """
 
 from __future__ import annotations
@@ -20,13 +27,18 @@ FP8_E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value: scale = max|k| /
 
 @dataclass(frozen=True)
 class KvCachePlan:
-    """A served KV-cache quantization: fp8 (e4m3) with one static scale per layer and tensor."""
+    """A served KV-cache quantization: ``kind`` "fp8" (e4m3) or "int8", static symmetric scales, one per
+    layer (``strategy`` "tensor") or per KV head ("attn_head")."""
 
     kind: str = "fp8"
     strategy: str = "tensor"
 
+    def scales_per_layer(self, num_kv_heads: int) -> int:
+        return num_kv_heads if self.strategy == "attn_head" else 1
+
     def describe(self) -> str:
-        return f"KV cache {self.kind}, one scale per layer for keys and for values"
+        per = "KV head" if self.strategy == "attn_head" else "layer"
+        return f"KV cache {self.kind}, one scale per {per} for keys and for values"
 
 
 def _field(scheme: dict, key: str, default: Any = None) -> Any:
@@ -44,31 +56,35 @@ def plan_kv_cache(scheme: Any) -> KvCachePlan | None:
     if not isinstance(scheme, dict):
         raise CheckpointError(f"{where} must be a JSON object, found {type(scheme).__name__}")
     kind, bits = _field(scheme, "type"), _field(scheme, "num_bits")
-    if kind == "int" and bits == 8:
+    served = {("float", 8): "fp8", ("int", 8): "int8"}
+    if (kind, bits) not in served:
         raise CheckpointError(
-            f"{where}: an int8 KV cache is not served: vLLM's CPU and CUDA attention backends store "
-            "fp8 caches only, and vLLM-Ascend's int8 (C8) attention is not mapped by ptq_ascend yet; "
-            "quantize with --kv-cache fp8, or without KV-cache quantization"
+            f"{where}: type {kind!r} with num_bits {bits!r} is not served; the served KV caches are "
+            "fp8 (type 'float', num_bits 8) and int8 (type 'int', num_bits 8, on Ascend)"
         )
-    if (kind, bits) != ("float", 8):
-        raise CheckpointError(
-            f"{where}: type {kind!r} with num_bits {bits!r} is not served; the served KV cache is "
-            "fp8 (type 'float', num_bits 8)"
-        )
+    kind = served[kind, bits]
     if _field(scheme, "symmetric", True) is not True:
-        raise CheckpointError(f"{where}: an asymmetric KV cache is not served (fp8 has no zero point)")
+        raise CheckpointError(
+            f"{where}: an asymmetric KV cache is not served (fp8 has no zero point, and ptq_ascend's "
+            "int8 cache is symmetric)"
+        )
     if _field(scheme, "dynamic", False) not in (False, None):
         raise CheckpointError(
             f"{where}: dynamic KV-cache scales are not served; the checkpoint must store static "
             "k_scale / v_scale per attention layer"
         )
     strategy = _field(scheme, "strategy", "tensor") or "tensor"
-    if strategy != "tensor":
+    strategies = {"fp8": ("tensor",), "int8": ("tensor", "attn_head")}[kind]
+    if strategy not in strategies:
+        why = {
+            "fp8": "vLLM's CPU and CUDA attention read one k_scale and one v_scale per layer",
+            "int8": "vLLM-Ascend's C8 cache takes a scale per layer or per channel",
+        }[kind]
         raise CheckpointError(
-            f"{where}: strategy {strategy!r} is not served; vLLM's CPU and CUDA attention read one "
-            "k_scale and one v_scale per layer (strategy 'tensor')"
+            f"{where}: strategy {strategy!r} is not served for an {kind} cache; {why} (strategy "
+            f"{' or '.join(repr(s) for s in strategies)})"
         )
-    return KvCachePlan()
+    return KvCachePlan(kind=kind, strategy=strategy)
 
 
 def attention_block(scale_name: str) -> str | None:

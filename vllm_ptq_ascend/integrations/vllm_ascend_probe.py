@@ -29,6 +29,9 @@ def vllm_ascend_cannot_serve(hf_quant_cfg: dict[str, Any]) -> str | None:
 
     if parse_transform_config(hf_quant_cfg.get("transform_config")):
         return "vLLM-Ascend's compressed-tensors config ignores its online transform_config"
+    if hf_quant_cfg.get("kv_cache_scheme") is not None:
+        # its get_quant_method gives attention layers no method: the cache would stay bf16, unscaled
+        return "vLLM-Ascend's compressed-tensors config ignores its kv_cache_scheme"
     try:
         config = cls.from_config(copy.deepcopy(hf_quant_cfg))
     except Exception as e:  # its parser (compressed-tensors) refuses the config

@@ -1,5 +1,11 @@
-"""``--kv-cache fp8``: calibrated KV-cache scales on any preset, through llmcompressor's own
+"""``--kv-cache fp8|int8``: calibrated KV-cache scales on any preset, through llmcompressor's own
 ``kv_cache_scheme``.
+
+- fp8 (e4m3): one scale per attention layer for keys and one for values, what vLLM's CPU and CUDA
+  attention read.
+- int8: symmetric, one scale per KV head (compressed-tensors' ``attn_head``), for vLLM-Ascend's C8
+  cache, which ptq_ascend maps it onto on Ascend (``integrations/vllm_ascend_kv.py``). int8's grid
+  is uniform, so a scale per head keeps a quiet head's keys off the few codes a loud head leaves it.
 
 The scheme is set on the preset's last quantization modifier (QuantizationModifier, GPTQ or
 AWQ all carry llmcompressor's ``kv_cache_scheme``), so the keys (after RoPE) and values are
@@ -12,24 +18,25 @@ range (448) makes the full range cheap to keep.
 
 from __future__ import annotations
 
-KV_CACHE_KINDS = ("fp8",)
+KV_CACHE_KINDS = ("fp8", "int8")
 KV_OBSERVER = "static_minmax"
+# kind -> (compressed-tensors type, strategy, the cache's storage format)
+KV_LAYOUTS = {
+    "fp8": ("float", "tensor", "float8_e4m3fn"),
+    "int8": ("int", "attn_head", "int8"),
+}
 
 
 def kv_cache_args(kind: str) -> dict:
     """compressed-tensors QuantizationArgs (as a dict) for a KV cache of ``kind``."""
-    if kind == "int8":
-        raise ValueError(
-            "--kv-cache int8 is not offered yet: vLLM's CPU and CUDA attention store fp8 caches only, "
-            "and vLLM-Ascend's int8 (C8) attention is not mapped by ptq_ascend yet; use --kv-cache fp8"
-        )
     if kind not in KV_CACHE_KINDS:
         raise ValueError(f"--kv-cache must be one of {', '.join(KV_CACHE_KINDS)}, got {kind!r}")
+    kind_type, strategy, _ = KV_LAYOUTS[kind]
     return {
         "num_bits": 8,
-        "type": "float",
+        "type": kind_type,
         "symmetric": True,
-        "strategy": "tensor",
+        "strategy": strategy,
         "dynamic": False,
         "observer": KV_OBSERVER,
     }
@@ -66,4 +73,5 @@ def kv_scale_names(model) -> set[str]:
 
 
 def card_entry(kind: str) -> dict:
-    return {"kind": kind, "strategy": "tensor", "observer": KV_OBSERVER, "format": "float8_e4m3fn"}
+    _, strategy, storage = KV_LAYOUTS[kind]
+    return {"kind": kind, "strategy": strategy, "observer": KV_OBSERVER, "format": storage}

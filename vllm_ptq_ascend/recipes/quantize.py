@@ -138,9 +138,13 @@ def model_card(info: dict[str, Any]) -> str:
         lines.append(f"- computed in {info['calibration_dtype']}, written in bfloat16")
     kv = info.get("kv_cache")
     if kv:
+        per = "KV head" if kv.get("strategy") == "attn_head" else "attention layer"
+        served = {"fp8": "vLLM serves it with an fp8 cache on CPU and CUDA"}.get(
+            kv["kind"], "vLLM-Ascend serves it with its int8 (C8) cache, on Ascend only"
+        )
         lines.append(
-            f"- KV cache: {kv['kind']} ({kv['format']}), one static scale per attention layer for keys and "
-            f"for values ({kv['observer']} over the calibration set); vLLM serves it with an fp8 cache"
+            f"- KV cache: {kv['kind']} ({kv['format']}), one static scale per {per} for keys and "
+            f"for values ({kv['observer']} over the calibration set); {served}"
         )
     mixed = info.get("mixed_precision")
     if mixed:
@@ -216,9 +220,9 @@ def quantize(
     unless ``force``: then it is written and its card records the failure. ``self_check=False``
     skips the check (recorded on the card). ``calibration_dtype`` (auto, float32, bfloat16): auto is
     float32 on a CPU without native bf16, where bf16 is emulated and far slower (``compute_dtype.py``);
-    the checkpoint is written in bf16 either way. ``kv_cache`` ("fp8") also calibrates one scale per
-    attention layer for keys and values (``recipes/kv_cache.py``); it needs calibration data, so a
-    preset that calibrates nothing gets the default set.
+    the checkpoint is written in bf16 either way. ``kv_cache`` ("fp8", "int8") also calibrates KV-cache
+    scales for keys and values (``recipes/kv_cache.py``); it needs calibration data, so a preset that
+    calibrates nothing gets the default set.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():

@@ -54,14 +54,22 @@ from vllm_ptq_ascend.validation import CheckpointError, agreed_by_shards, tensor
 logger = logging.getLogger(__name__)
 
 
-def _require_fp8_kv_platform() -> None:
+def _require_kv_platform(plan: KvCachePlan) -> None:
+    """fp8 caches on CPU and CUDA (vLLM's), int8 on Ascend (vLLM-Ascend's C8); nothing falls back to bf16."""
     from vllm_ptq_ascend.kernels import current_platform_name
 
-    if current_platform_name() == "npu":
+    where = "config.json: quantization_config.kv_cache_scheme"
+    on_npu = current_platform_name() == "npu"
+    if plan.kind == "fp8" and on_npu:
         raise CheckpointError(
-            "config.json: quantization_config.kv_cache_scheme: an fp8 KV cache is not served on Ascend "
-            "(Atlas A2/A3 NPUs have no fp8, and vLLM-Ascend's int8 C8 cache is not mapped by ptq_ascend "
-            "yet); serve this checkpoint on CPU or CUDA, or quantize it without --kv-cache"
+            f"{where}: an fp8 KV cache is not served on Ascend (Atlas A2/A3 NPUs have no fp8; "
+            "vLLM-Ascend's cache is int8, C8); quantize with --kv-cache int8 for Ascend, or serve this "
+            "checkpoint on CPU or CUDA"
+        )
+    if plan.kind == "int8" and not on_npu:
+        raise CheckpointError(
+            f"{where}: an int8 KV cache is served on Ascend only (vLLM-Ascend's C8 attention); vLLM's "
+            "CPU and CUDA attention store fp8 caches: quantize with --kv-cache fp8 for them"
         )
 
 
@@ -92,12 +100,13 @@ class PtqAscendConfig(QuantizationConfig):
         self.transforms: CheckpointTransforms = parse_transform_config((raw or {}).get("transform_config"))
         self.rotation_cache: dict = {}  # one normalised matrix per shared rotation tensor (online_transforms)
         # vLLM's Attention reads ``kv_cache_scheme`` (a dict, as on its compressed-tensors config): when
-        # set, an ``auto`` cache becomes fp8 and the layers load k_scale / v_scale through our method
+        # set, an ``auto`` cache becomes fp8 and the layers load k_scale / v_scale through our method.
+        # An int8 cache is vLLM-Ascend's C8: its attention reads ``enable_c8_quant`` instead.
         kv_scheme = (raw or {}).get("kv_cache_scheme") if ct_config else None
         self.kv_cache: KvCachePlan | None = plan_kv_cache(kv_scheme)
-        self.kv_cache_scheme: dict | None = dict(kv_scheme) if self.kv_cache else None
-        if self.kv_cache is not None:
-            _require_fp8_kv_platform()
+        fp8 = self.kv_cache is not None and self.kv_cache.kind == "fp8"
+        self.kv_cache_scheme: dict | None = dict(kv_scheme) if fp8 else None
+        self.enable_c8_quant = self.kv_cache is not None and self.kv_cache.kind == "int8"
 
     # -- vLLM's QuantizationConfig API ---------------------------------------
     def get_name(self) -> str:
@@ -126,7 +135,10 @@ class PtqAscendConfig(QuantizationConfig):
         if is_description(config):
             return cls(None, {}, config, ModelSlimDescription(config))
         ct, config, g_idx_groups = parse_ct_config(config)
-        return cls(ct, plan_groups(ct, g_idx_groups), config)
+        served = cls(ct, plan_groups(ct, g_idx_groups), config)
+        if served.kv_cache is not None:  # here, not in __init__: `inspect` checks any platform's cache
+            _require_kv_platform(served.kv_cache)
+        return served
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
@@ -150,12 +162,26 @@ class PtqAscendConfig(QuantizationConfig):
                 return QUANT_METHOD
         return None
 
+    def get_cache_scale_mapper(self):
+        """vLLM's checkpoint -> layer names of KV scales; an int8 cache's go to vLLM-Ascend's C8
+        parameters (``k_cache_scale``), ahead of vLLM's own rules."""
+        mapper = super().get_cache_scale_mapper()
+        if not self.enable_c8_quant:
+            return mapper
+        from vllm_ptq_ascend.integrations.vllm_ascend_kv import cache_scale_mapper
+
+        return cache_scale_mapper() | mapper
+
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None):
         # Index tensor -> file so load errors can name the file at fault.
         self.files = tensor_file_index(model_name)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if self.kv_cache is not None and isinstance(layer, Attention):
+            if self.enable_c8_quant:
+                from vllm_ptq_ascend.integrations.vllm_ascend_kv import c8_kv_cache_method
+
+                return c8_kv_cache_method(self, self.kv_cache, prefix)
             from vllm_ptq_ascend.serving.kv_cache_method import PtqKVCacheMethod
 
             return PtqKVCacheMethod(self, prefix)
