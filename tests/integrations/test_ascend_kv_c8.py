@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import msmodelslim_real as mr
 from tests.integrations.ascend_env import ascend_config
-from vllm_ptq_ascend.recipes.calibration import CalibrationSpec
 from vllm_ptq_ascend.validation import CheckpointError
 
 C8_METHODS = ("_prepare_c8_scales", "_quantize_kv_to_int8")
@@ -31,30 +31,36 @@ BLOCK = "model.layers.{}.self_attn"
 
 
 @pytest.fixture(scope="module")
-def int8_ckpt(tiny_model, tmp_path_factory):
-    from vllm_ptq_ascend.recipes.quantize import quantize
+def int8_ckpt(make_ckpt):
+    """W8A8 with an int8 KV cache (``--kv-cache int8``: one scale per KV head), from tests/conftest.py."""
+    return make_ckpt("w8a8-dynamic-kv-int8")
 
-    out = tmp_path_factory.mktemp("c8") / "w8a8-kv-int8"
-    calib = CalibrationSpec(num_samples=8, max_seq_length=64)
-    return quantize(
-        tiny_model,
-        out,
-        "w8a8-dynamic",
-        kv_cache="int8",
-        calibration=calib,
-        calibration_dtype="float32",
-        progress=False,
-    )
+
+@pytest.fixture(scope="module")
+def modelslim_c8(tmp_path_factory):
+    """A real msModelSlim 26.1.0 W8A8C8 checkpoint of the tiny float32 Llama (cached; msmodelslim_real)."""
+    if mr.msmodelslim_version() is None:
+        pytest.skip("msmodelslim is not installed (make venv installs it)")
+    model = mr.build_tiny_fp32(tmp_path_factory.mktemp("mms-tiny") / "tiny-llama-fp32")
+    return mr.produce("W8A8C8", model, mr.tree_hash(model), prompts=mr.prompt_ids(model))
 
 
 def qcfg_of(ckpt) -> dict:
+    """config.json's quantization_config, or msModelSlim's description."""
+    if (ckpt / mr.DESCRIPTION).is_file():
+        return json.loads((ckpt / mr.DESCRIPTION).read_text())
     return json.loads((ckpt / "config.json").read_text())["quantization_config"]
 
 
+KV_TENSORS = ("k_scale", "v_scale", "kv_cache_scale", "kv_cache_offset")
+
+
 def kv_scales(ckpt) -> dict[str, torch.Tensor]:
-    return {
-        n: t for n, t in load_file(ckpt / "model.safetensors").items() if n.endswith(("k_scale", "v_scale"))
-    }
+    """The KV-cache tensors of the checkpoint (ours: k_scale / v_scale; msModelSlim's: kv_cache_*)."""
+    tensors = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return {n: t for n, t in tensors.items() if n.endswith(KV_TENSORS)}
 
 
 def upstream_methods(path, class_name: str, names, namespace: dict) -> dict:
@@ -122,16 +128,18 @@ class Model(torch.nn.Module):
         return self.model.layers[i].self_attn.attn
 
 
-def served(ckpt, dtype, tp: int = 1, scales: dict | None = None, on_rank=None):
-    """Build, load (vLLM's AutoWeightsLoader, the checkpoint's KV scales) and finish loading the
-    attention layers of each rank, as vLLM-Ascend would serve them; one Model per rank."""
+def served(ckpt, dtype, tp: int = 1, scales: dict | None = None, on_rank=None, config=None):
+    """Build, load (vLLM's AutoWeightsLoader, the checkpoint's KV tensors) and finish loading the
+    attention layers of each rank, as vLLM-Ascend would serve them; one Model per rank. ``config``:
+    the quantization config (default: ptq_ascend's, from the checkpoint)."""
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
     from vllm.model_executor.models.utils import AutoWeightsLoader
 
     from vllm_ptq_ascend.serving.config import PtqAscendConfig
 
-    config = PtqAscendConfig.from_config(qcfg_of(ckpt))
-    config.maybe_update_config(str(ckpt))
+    if config is None:
+        config = PtqAscendConfig.from_config(qcfg_of(ckpt))
+        config.maybe_update_config(str(ckpt))
     hf = json.loads((ckpt / "config.json").read_text())
     models = []
     for rank in range(tp):
@@ -215,7 +223,7 @@ def test_its_cache_write_stores_compressed_tensors_int8_grid(va, c8_backend, int
         ),
         (
             lambda s: s.update({f"{BLOCK.format(0)}.k_scale": torch.tensor(0.1)}),
-            "tensor 'k_scale': shape (), but the kv_cache_scheme (strategy 'attn_head') has 2 scale(s)",
+            "tensor 'k_scale': shape (), but the KV-cache scheme (strategy 'attn_head') has 2 value(s)",
         ),
     ],
 )
@@ -268,3 +276,110 @@ def test_inspect_checks_per_head_kv_scales(int8_ckpt, tmp_path):
         "layer 'model.layers.1.self_attn', tensor 'v_scale': shape [1, 1, 1]" in p and "2 scale(s)" in p
         for p in problems
     ), problems
+
+
+# -- msModelSlim's own C8 checkpoints ----------------------------------------------------------------
+def modelslim_reference(ckpt, block: str, t: str, x: torch.Tensor) -> torch.Tensor:
+    """msModelSlim's OWN fake quantization of ``x`` [tokens, heads, head_dim] with the saved C8
+    tensors (its IR ``FakeQuantDynamicCache``, per channel, asymmetric), in float64."""
+    from msmodelslim.ir.attention import FakeQuantDynamicCache
+    from msmodelslim.ir.qal import QDType, QParam, QScheme, QScope
+
+    sd = kv_scales(ckpt)
+    scale, offset = (sd[f"{block}.{t}_proj.kv_cache_{n}"].double() for n in ("scale", "offset"))
+    param = QParam(QScheme(QScope.PER_CHANNEL, QDType.INT8, False), ext={"scale": scale, "offset": offset})
+    # it reads [batch, heads, tokens, head_dim], as transformers' DynamicCache holds keys
+    return FakeQuantDynamicCache(param)(x.double().transpose(0, 1).unsqueeze(0)).squeeze(0).transpose(0, 1)
+
+
+def test_modelslim_c8_description_is_read(modelslim_c8):
+    from vllm_ptq_ascend.formats.msmodelslim import ModelSlimDescription
+
+    desc = ModelSlimDescription(qcfg_of(modelslim_c8))
+    assert desc.kv_cache == "C8" and desc.c8_blocks() == {BLOCK.format(0), BLOCK.format(1)}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_modelslim_c8_cache_write_matches_msmodelslims_own_fake_quant(va, c8_backend, modelslim_c8, tp):
+    """msModelSlim's C8 scales and offsets reach vLLM-Ascend's C8 parameters under ptq_ascend, and the
+    codes its cache write stores dequantize to what msModelSlim's own fake-quantized cache computes."""
+    torch.manual_seed(0)
+    heads, head_dim, tokens = 2, 64, 48
+    sd = kv_scales(modelslim_c8)
+
+    def on_rank(rank, world):
+        c8_backend.rank, c8_backend.world = rank, world
+
+    config, models = served(modelslim_c8, torch.float32, tp, on_rank=on_rank)
+    assert config.enable_c8_quant and config.kv_cache_scheme is None
+    per_rank = heads // tp
+    for rank, model in enumerate(models):
+        c8_backend.rank, c8_backend.world = rank, tp
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        for i in range(2):
+            attn, block = model.attention(i), BLOCK.format(i)
+            assert type(attn.quant_method.quant_method).__module__ == "vllm_ascend.quantization.methods.kv_c8"
+            attn.impl._prepare_c8_scales(attn, torch.device("cpu"))
+            spread = {t: sd[f"{block}.{t}_proj.kv_cache_scale"].view(1, heads, head_dim) * 60 for t in "kv"}
+            x = {t: torch.randn(tokens, heads, head_dim) * spread[t] for t in "kv"}
+            k_int8, v_int8 = attn.impl._quantize_kv_to_int8(x["k"][:, mine], x["v"][:, mine], attn, tokens)
+            for t, got in (("k", k_int8), ("v", v_int8)):
+                scale, offset = (getattr(attn, f"_c8_{t}_{n}").double() for n in ("scale", "offset"))
+                ref = modelslim_reference(modelslim_c8, block, t, x[t])[:, mine]
+                torch.testing.assert_close((got.double() - offset) * scale, ref, rtol=0, atol=1e-6)
+
+
+def test_modelslim_c8_loads_as_vllm_ascends_own_modelslim_config_loads_it(va, c8_backend, modelslim_c8):
+    """The same checkpoint through vLLM-Ascend's own AscendModelSlimConfig (its get_quant_method and
+    its C8 name mapper) ends in the same C8 parameters as through ptq_ascend."""
+    own = va.modelslim_config.AscendModelSlimConfig.from_config(qcfg_of(modelslim_c8))
+    if "get_cache_scale_mapper" not in type(own).__dict__:
+        pytest.skip(f"vLLM-Ascend {va.version}'s ModelSlim config has no C8 name mapper of its own")
+    _, (theirs,) = served(modelslim_c8, torch.float32, config=own)
+    _, (ours,) = served(modelslim_c8, torch.float32)
+    for i in range(2):
+        for p in ("k_cache_scale", "k_cache_offset", "v_cache_scale", "v_cache_offset"):
+            torch.testing.assert_close(
+                getattr(ours.attention(i), p), getattr(theirs.attention(i), p), rtol=0, atol=0
+            )
+
+
+def test_modelslim_c8_is_refused_off_ascend_by_name(modelslim_c8, monkeypatch):
+    from vllm_ptq_ascend.kernels import BACKEND_ENV
+    from vllm_ptq_ascend.serving.config import PtqAscendConfig
+
+    monkeypatch.setenv(BACKEND_ENV, "cpu")
+    with pytest.raises(
+        CheckpointError, match=r"'kv_cache_type' is 'C8' \(an int8 KV cache\), which is served on"
+    ):
+        PtqAscendConfig.from_config(qcfg_of(modelslim_c8))
+
+
+def test_broken_modelslim_c8_offsets_are_refused_naming_the_layer(va, c8_backend, modelslim_c8):
+    scales = {n: t.clone() for n, t in kv_scales(modelslim_c8).items()}
+    scales[f"{BLOCK.format(1)}.k_proj.kv_cache_offset"][3] = 300.0
+    with pytest.raises(
+        CheckpointError, match=r"layer 'model.layers.1.self_attn', tensor 'k_proj.kv_cache_offset'"
+    ):
+        served(modelslim_c8, torch.float32, scales=scales)
+
+
+def test_inspect_accepts_modelslim_c8_and_names_a_broken_scale(modelslim_c8, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from vllm_ptq_ascend.inspect_checkpoint import inspect
+
+    assert not inspect(modelslim_c8).all_problems()
+    broken = tmp_path / "broken"
+    shutil.copytree(modelslim_c8, broken)
+    (st,) = broken.glob("*.safetensors")
+    sd = load_file(st)
+    sd[f"{BLOCK.format(0)}.v_proj.kv_cache_scale"][5] = 0.0
+    save_file(sd, st, metadata={"format": "pt"})
+    problems = inspect(broken).all_problems()
+    assert len(problems) == 1, problems
+    assert (
+        "layer 'model.layers.0.self_attn', tensor 'v_proj.kv_cache_scale': 1 scale(s) are zero" in problems[0]
+    )

@@ -10,45 +10,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import KV_CALIBRATION
 from vllm_ptq_ascend.recipes.calibration import CalibrationSpec
 
 FP8_E4M3_MAX = 448.0
 INT8_HALF_RANGE = 127.5  # compressed-tensors' symmetric int scale: max|x| / ((q_max - q_min) / 2)
-CALIB = CalibrationSpec(num_samples=8, max_seq_length=64)
+CALIB = CalibrationSpec(**KV_CALIBRATION)  # make_ckpt's
 
 
 @pytest.fixture(scope="module")
-def kv_ckpt(tiny_model, tmp_path_factory):
-    """Round-to-nearest W8A8 weights plus an fp8 KV cache, calibrated in float32."""
-    from vllm_ptq_ascend.recipes.quantize import quantize
-
-    out = tmp_path_factory.mktemp("kv") / "w8a8-kv-fp8"
-    return quantize(
-        tiny_model,
-        out,
-        "w8a8-dynamic",
-        kv_cache="fp8",
-        calibration=CALIB,
-        calibration_dtype="float32",
-        progress=False,
-    )
+def kv_ckpt(make_ckpt):
+    """Round-to-nearest W8A8 weights plus an fp8 KV cache, calibrated in float32 (on CALIB)."""
+    return make_ckpt("w8a8-dynamic-kv-fp8")
 
 
 @pytest.fixture(scope="module")
-def int8_kv_ckpt(tiny_model, tmp_path_factory):
+def int8_kv_ckpt(make_ckpt):
     """The same weights with an int8 KV cache (one scale per KV head), for vLLM-Ascend's C8 cache."""
-    from vllm_ptq_ascend.recipes.quantize import quantize
-
-    out = tmp_path_factory.mktemp("kv") / "w8a8-kv-int8"
-    return quantize(
-        tiny_model,
-        out,
-        "w8a8-dynamic",
-        kv_cache="int8",
-        calibration=CALIB,
-        calibration_dtype="float32",
-        progress=False,
-    )
+    return make_ckpt("w8a8-dynamic-kv-int8")
 
 
 def float64_kv_maxima(model_dir, samples, per_head: bool = False) -> dict[int, tuple]:

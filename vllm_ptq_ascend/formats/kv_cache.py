@@ -31,13 +31,13 @@ class KvCachePlan:
     layer (``strategy`` "tensor") or per KV head ("attn_head")."""
 
     kind: str = "fp8"
-    strategy: str = "tensor"
+    strategy: str = "tensor"  # also "channel": msModelSlim's C8, a scale and an offset per channel
 
-    def scales_per_layer(self, num_kv_heads: int) -> int:
-        return num_kv_heads if self.strategy == "attn_head" else 1
+    def scales_per_layer(self, num_kv_heads: int, head_dim: int) -> int:
+        return {"attn_head": num_kv_heads, "channel": num_kv_heads * head_dim}.get(self.strategy, 1)
 
     def describe(self) -> str:
-        per = "KV head" if self.strategy == "attn_head" else "layer"
+        per = {"attn_head": "KV head", "channel": "channel"}.get(self.strategy, "layer")
         return f"KV cache {self.kind}, one scale per {per} for keys and for values"
 
 

@@ -80,15 +80,23 @@ OTHER = ("C8", "FAQuant", "FAKQuant", "INT8_DYNAMIC")
 # every non-tensor key msModelSlim 26.1.0 writes (docs/sources.md); those in SERVED_KEYS are read,
 # the others must be absent (or null)
 SERVED_KEYS = ("model_quant_type", "version", "group_size", "metadata", "optional")
+# KV-cache quantization: C8 (int8, a scale and offset per channel) is served on Ascend; others are not
+KV_KEYS = ("kv_cache_type", "kv_quant_type")
+C8 = "C8"
+# the C8 tensors of an attention block, as msModelSlim's AscendV1Saver.on_dynamic_cache writes them
+C8_TENSORS = (
+    "k_proj.kv_cache_scale",
+    "k_proj.kv_cache_offset",
+    "v_proj.kv_cache_scale",
+    "v_proj.kv_cache_offset",
+)
 UNSERVED_KEYS = {
-    "kv_cache_type": "KV-cache quantization",
-    "kv_quant_type": "KV-cache quantization",
     "fa_quant_type": "attention (FlashAttention) quantization",
     "reduce_quant_type": "communication (all-reduce) quantization of simulated tensor parallelism",
     "indexer_quant_type": "lightning-indexer quantization (DeepSeek-V3.2 / GLM-5)",
     "is_rot_used": "online rotation (GLM-5)",
 }
-DESCRIPTION_KEYS = (*SERVED_KEYS, *UNSERVED_KEYS)
+DESCRIPTION_KEYS = (*SERVED_KEYS, *KV_KEYS, *UNSERVED_KEYS)
 META_KEYS = DESCRIPTION_KEYS  # (the name inspect_checkpoint.py used)
 FA3_SUFFIX = ".quant_type"  # <attention block>.quant_type: FA3 activation quantization (update_fa_quant_type)
 
@@ -159,6 +167,9 @@ class ModelSlimDescription:
                     f"quantization ('{key}': {label!r}), which ptq_ascend does not serve"
                 )
                 continue
+            if label == C8 and self.kv_cache == C8 and key.endswith(C8_TENSORS):
+                self.c8_tensors.add(key)
+                continue
             if label in OTHER:  # KV-cache (C8) and attention (FAQuant) tensors
                 layer = key.rsplit(".", 1)[0]
                 what = "KV-cache quantization" if label == "C8" else "attention (FlashAttention) quantization"
@@ -175,10 +186,53 @@ class ModelSlimDescription:
                     f"label {label!r}; served labels: {', '.join(SERVED)}"
                 )
             self.labels[key] = label
+        self._check_c8_tensors()
         if strict and self.problems:
             raise CheckpointError("; ".join(self.problems))
 
+    def _check_c8_tensors(self) -> None:
+        """A C8 description has, in each C8 block, the four tensors vLLM-Ascend's C8 method loads."""
+        if self.kv_cache != C8:
+            return
+        blocks = self.c8_blocks()
+        if not blocks:
+            self.problems.append(
+                f"{WHERE}: 'kv_cache_type' is 'C8', but no tensor '<block>.k_proj.kv_cache_scale' is "
+                "labelled C8 (msModelSlim writes a scale and an offset per channel for keys and values)"
+            )
+        for block in sorted(blocks):
+            missing = [f"{block}.{t}" for t in C8_TENSORS if f"{block}.{t}" not in self.c8_tensors]
+            if missing:
+                self.problems.append(
+                    f"{WHERE}: 'kv_cache_type' is 'C8', but attention block '{block}' lacks "
+                    f"{', '.join(repr(m) for m in missing)} (labelled C8)"
+                )
+
+    def _check_kv_cache(self, config: dict[str, Any]) -> None:
+        """``kv_cache_type`` / ``kv_quant_type``: absent, or C8 (what vLLM-Ascend's C8 method serves)."""
+        self.kv_cache: str | None = None
+        self.c8_tensors: set[str] = set()
+        values = {k: config.get(k) for k in KV_KEYS if config.get(k) not in (None, False)}
+        if not values:
+            return
+        if all(v == C8 for v in values.values()):
+            self.kv_cache = C8
+            return
+        self.problems.append(
+            f"{WHERE}: KV-cache quantization {values} is not served; ptq_ascend serves C8 (int8, on Ascend)"
+        )
+
+    def c8_blocks(self) -> set[str]:
+        """The attention blocks whose KV cache is C8 ('model.layers.0.self_attn'), as vLLM-Ascend decides
+        them: the blocks with a ``k_proj.kv_cache_scale``."""
+        return {
+            key.removesuffix(".k_proj.kv_cache_scale")
+            for key in self.c8_tensors
+            if ".k_proj.kv_cache_scale" in key
+        }
+
     def _check_meta(self, config: dict[str, Any]) -> None:
+        self._check_kv_cache(config)
         for key, what in UNSERVED_KEYS.items():
             value = config.get(key)
             if value is not None and value is not False:

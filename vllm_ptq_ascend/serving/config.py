@@ -54,22 +54,27 @@ from vllm_ptq_ascend.validation import CheckpointError, agreed_by_shards, tensor
 logger = logging.getLogger(__name__)
 
 
-def _require_kv_platform(plan: KvCachePlan) -> None:
+def _require_kv_platform(plan: KvCachePlan, modelslim: bool = False) -> None:
     """fp8 caches on CPU and CUDA (vLLM's), int8 on Ascend (vLLM-Ascend's C8); nothing falls back to bf16."""
     from vllm_ptq_ascend.kernels import current_platform_name
 
-    where = "config.json: quantization_config.kv_cache_scheme"
     on_npu = current_platform_name() == "npu"
     if plan.kind == "fp8" and on_npu:
         raise CheckpointError(
-            f"{where}: an fp8 KV cache is not served on Ascend (Atlas A2/A3 NPUs have no fp8; "
-            "vLLM-Ascend's cache is int8, C8); quantize with --kv-cache int8 for Ascend, or serve this "
-            "checkpoint on CPU or CUDA"
+            "config.json: quantization_config.kv_cache_scheme: an fp8 KV cache is not served on Ascend "
+            "(Atlas A2/A3 NPUs have no fp8; vLLM-Ascend's cache is int8, C8); quantize with --kv-cache int8 "
+            "for Ascend, or serve this checkpoint on CPU or CUDA"
         )
     if plan.kind == "int8" and not on_npu:
+        if modelslim:
+            raise CheckpointError(
+                f"{DESCRIPTION_FILE}: 'kv_cache_type' is 'C8' (an int8 KV cache), which is served on Ascend "
+                "only (vLLM-Ascend's C8 attention); vLLM's CPU and CUDA attention have no int8 cache"
+            )
         raise CheckpointError(
-            f"{where}: an int8 KV cache is served on Ascend only (vLLM-Ascend's C8 attention); vLLM's "
-            "CPU and CUDA attention store fp8 caches: quantize with --kv-cache fp8 for them"
+            "config.json: quantization_config.kv_cache_scheme: an int8 KV cache is served on Ascend only "
+            "(vLLM-Ascend's C8 attention); vLLM's CPU and CUDA attention store fp8 caches: quantize with "
+            "--kv-cache fp8 for them"
         )
 
 
@@ -106,6 +111,10 @@ class PtqAscendConfig(QuantizationConfig):
         self.kv_cache: KvCachePlan | None = plan_kv_cache(kv_scheme)
         fp8 = self.kv_cache is not None and self.kv_cache.kind == "fp8"
         self.kv_cache_scheme: dict | None = dict(kv_scheme) if fp8 else None
+        # msModelSlim's C8: a scale and an offset per channel, in the blocks that have them
+        self.c8_blocks: set[str] | None = None
+        if modelslim is not None and modelslim.kv_cache is not None:
+            self.kv_cache, self.c8_blocks = KvCachePlan("int8", "channel"), modelslim.c8_blocks()
         self.enable_c8_quant = self.kv_cache is not None and self.kv_cache.kind == "int8"
 
     # -- vLLM's QuantizationConfig API ---------------------------------------
@@ -133,7 +142,10 @@ class PtqAscendConfig(QuantizationConfig):
                 f"config.json: quantization_config must be a JSON object, found {type(config).__name__}"
             )
         if is_description(config):
-            return cls(None, {}, config, ModelSlimDescription(config))
+            served = cls(None, {}, config, ModelSlimDescription(config))
+            if served.kv_cache is not None:
+                _require_kv_platform(served.kv_cache, modelslim=True)
+            return served
         ct, config, g_idx_groups = parse_ct_config(config)
         served = cls(ct, plan_groups(ct, g_idx_groups), config)
         if served.kv_cache is not None:  # here, not in __init__: `inspect` checks any platform's cache
@@ -168,9 +180,10 @@ class PtqAscendConfig(QuantizationConfig):
         mapper = super().get_cache_scale_mapper()
         if not self.enable_c8_quant:
             return mapper
-        from vllm_ptq_ascend.integrations.vllm_ascend_kv import cache_scale_mapper
+        from vllm_ptq_ascend.integrations import vllm_ascend_kv as kv
 
-        return cache_scale_mapper() | mapper
+        tensors = kv.CT_TENSORS if self.c8_blocks is None else kv.MODELSLIM_TENSORS
+        return kv.cache_scale_mapper(tensors) | mapper
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None):
         # Index tensor -> file so load errors can name the file at fault.
@@ -179,9 +192,13 @@ class PtqAscendConfig(QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if self.kv_cache is not None and isinstance(layer, Attention):
             if self.enable_c8_quant:
-                from vllm_ptq_ascend.integrations.vllm_ascend_kv import c8_kv_cache_method
+                from vllm_ptq_ascend.integrations import vllm_ascend_kv as kv
 
-                return c8_kv_cache_method(self, self.kv_cache, prefix)
+                if self.c8_blocks is None:
+                    return kv.c8_kv_cache_method(self, self.kv_cache, prefix, kv.CT_TENSORS)
+                if kv.checkpoint_block(prefix) not in self.c8_blocks:  # as vLLM-Ascend's is_c8_quant_layer
+                    return None
+                return kv.c8_kv_cache_method(self, self.kv_cache, prefix, kv.MODELSLIM_TENSORS)
             from vllm_ptq_ascend.serving.kv_cache_method import PtqKVCacheMethod
 
             return PtqKVCacheMethod(self, prefix)
