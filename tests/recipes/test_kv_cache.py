@@ -141,8 +141,6 @@ def test_kv_cache_goes_on_the_last_quantization_modifier():
     "kwargs,message",
     [
         ({"kv_cache": "fp4"}, "--kv-cache must be one of fp8, int8"),
-        ({"kv_cache": "int8", "budget": "kl=0.1"}, "--kv-cache with --budget is not supported"),
-        ({"kv_cache": "fp8", "budget": "kl=0.1"}, "--kv-cache with --budget is not supported"),
     ],
 )
 def test_bad_kv_cache_requests_are_refused_before_loading(tiny_model, tmp_path, kwargs, message):
@@ -151,6 +149,29 @@ def test_bad_kv_cache_requests_are_refused_before_loading(tiny_model, tmp_path, 
     with pytest.raises(ValueError, match=message):
         quantize(tiny_model, tmp_path / "out", "w8a8-dynamic", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_kv_cache_under_a_budget_keeps_both(tiny_model, tmp_path):
+    """--budget with --kv-cache: the kept units get the fallback group, the KV scales are calibrated
+    as without a budget, and the written checkpoint (KV quantization included) meets the budget."""
+    from vllm_ptq_ascend.recipes.quantize import quantize
+
+    scan = CalibrationSpec(num_samples=2, max_seq_length=64)
+    options = dict(calibration_dtype="float32", group_size=32, progress=False)
+    out = quantize(tiny_model, tmp_path / "o", "w4a8", kv_cache="fp8", budget="kl=0.02", calibration=CALIB,
+                   scan_calibration=scan, **options)  # fmt: skip
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    card = json.loads((out / "ptq_ascend_card.json").read_text())
+    assert card["mixed_precision"]["met"] and card["mixed_precision"]["kept_units"]
+    (fallback,) = [g for g in qcfg["config_groups"].values() if g["targets"] != ["Linear"]]
+    assert fallback["targets"] == card["mixed_precision"]["kept_layers"]
+    assert fallback["weights"]["num_bits"] == 8  # the W8A8 fallback group
+    assert qcfg["kv_cache_scheme"]["type"] == "float" and card["kv_cache"]["kind"] == "fp8"
+    sd = load_file(out / "model.safetensors")
+    for i in range(2):
+        for t in "kv":
+            scale = sd[f"model.layers.{i}.self_attn.{t}_scale"]
+            assert scale.dtype == torch.float32 and float(scale) > 0
 
 
 def test_cli_refuses_an_unknown_kv_cache_by_name(tiny_model, tmp_path, capsys):

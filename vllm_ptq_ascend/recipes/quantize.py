@@ -234,11 +234,6 @@ def quantize(
     if kv_cache is not None:
         from vllm_ptq_ascend.recipes.kv_cache import with_kv_cache
 
-        if budget is not None:
-            raise ValueError(
-                "--kv-cache with --budget is not supported yet: the mixed-precision plan rebuilds the "
-                "recipe per layer; quantize without one of them"
-            )
         modifiers = with_kv_cache(modifiers, kv_cache, recipe)
     if preset.needs_calibration or kv_cache is not None:
         calibration = calibration or CalibrationSpec()
