@@ -96,6 +96,21 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
+def upstream_code(path: Path, names, namespace: dict, class_name: str | None = None) -> dict:
+    """Functions (or, with ``class_name``, that class's methods) of a vLLM-Ascend source file, compiled
+    alone in ``namespace``: upstream's own code where its module cannot be imported here."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    body = tree.body
+    if class_name is not None:
+        body = next(n for n in body if isinstance(n, ast.ClassDef) and n.name == class_name).body
+    nodes = [n for n in body if isinstance(n, ast.FunctionDef) and n.name in names]
+    assert sorted(n.name for n in nodes) == sorted(names), f"{path}: {class_name or 'module'} changed"
+    exec(compile(ast.Module(nodes, []), str(path), "exec"), namespace)
+    return {n: namespace[n] for n in names}
+
+
 QUANTIZATION_MODULES = (
     "vllm_ascend.quantization.methods",
     "vllm_ascend.quantization.method_adapters",

@@ -42,7 +42,7 @@ from vllm_ptq_ascend.validation import (
     CheckpointError,
     TensorSpec,
     dtype_problem,
-    require_finite_within,
+    require_kv_cache_values,
     require_nonzero_finite,
     require_positive_finite,
     where,
@@ -391,6 +391,32 @@ def _check_shard(
     return problems
 
 
+def _kv_geometry(model_cfg: dict[str, Any]) -> tuple[int, int]:
+    """(KV heads, head_dim) from config.json, for the sizes of per-head and per-channel KV scales."""
+    heads = model_cfg.get("num_attention_heads") or 1
+    head_dim = model_cfg.get("head_dim") or (model_cfg.get("hidden_size") or 0) // heads
+    return model_cfg.get("num_key_value_heads") or heads, head_dim
+
+
+def _kv_tensor_problems(ckpt: Checkpoint, entries, expected: int, missing: str, misshapen: str) -> list[str]:
+    """Each (attention block, tensor name) of ``entries``: present, ``expected`` values, and values
+    (``validation.require_kv_cache_values``) that vLLM can use; ``missing`` / ``misshapen`` say why."""
+    problems = []
+    for block, name in entries:
+        at = where(ckpt.files, block, name)
+        info = ckpt.tensors.get(f"{block}.{name}")
+        if info is None:
+            problems.append(f"{at}: {missing}")
+        elif math.prod(info.shape) != expected:
+            problems.append(f"{at}: shape {list(info.shape)}; {misshapen}")
+        else:
+            try:
+                require_kv_cache_values(block, name, ckpt.load(f"{block}.{name}"), ckpt.files)
+            except CheckpointError as e:
+                problems.append(str(e))
+    return problems
+
+
 def _kv_cache_problems(ckpt: Checkpoint, qcfg: dict[str, Any], model_cfg: dict[str, Any]) -> list[str]:
     """A quantized KV cache needs finite, positive k_scale and v_scale in every attention block: one
     each, or one per KV head."""
@@ -402,29 +428,16 @@ def _kv_cache_problems(ckpt: Checkpoint, qcfg: dict[str, Any], model_cfg: dict[s
         return [str(e)]
     if plan is None:
         return []
-    # scales per block: one, or one per KV head (config.json's num_key_value_heads)
-    heads = model_cfg.get("num_key_value_heads") or model_cfg.get("num_attention_heads") or 1
-    expected = plan.scales_per_layer(heads, 1)  # compressed-tensors: per layer or per head
+    expected = plan.scales_per_layer(_kv_geometry(model_cfg)[0], 1)  # per layer or per KV head
     # attention blocks, found by their key projection
     blocks = sorted({n.split(".k_proj.")[0] for n in ckpt.tensors if ".k_proj." in n}, key=_natural)
-    problems = []
-    for block in blocks:
-        for name in KV_SCALE_NAMES:
-            at = where(ckpt.files, block, name)
-            info = ckpt.tensors.get(f"{block}.{name}")
-            if info is None:
-                problems.append(f"{at}: missing (the kv_cache_scheme needs scales in every attention block)")
-            elif math.prod(info.shape) != expected:
-                problems.append(
-                    f"{at}: shape {list(info.shape)}; the kv_cache_scheme (strategy {plan.strategy!r}) "
-                    f"has {expected} scale(s) per block"
-                )
-            else:
-                try:
-                    require_positive_finite(block, name, ckpt.load(f"{block}.{name}"), ckpt.files)
-                except CheckpointError as e:
-                    problems.append(str(e))
-    return problems
+    return _kv_tensor_problems(
+        ckpt,
+        [(block, name) for block in blocks for name in KV_SCALE_NAMES],
+        expected,
+        "missing (the kv_cache_scheme needs scales in every attention block)",
+        f"the kv_cache_scheme (strategy {plan.strategy!r}) has {expected} scale(s) per block",
+    )
 
 
 def _c8_problems(ckpt: Checkpoint, desc, model_cfg: dict[str, Any]) -> list[str]:
@@ -432,31 +445,15 @@ def _c8_problems(ckpt: Checkpoint, desc, model_cfg: dict[str, Any]) -> list[str]
     and positive, offsets finite and within int8."""
     from vllm_ptq_ascend.formats.msmodelslim import DESCRIPTION_FILE
 
-    heads = model_cfg.get("num_key_value_heads") or model_cfg.get("num_attention_heads") or 1
-    head_dim = model_cfg.get("head_dim") or (model_cfg.get("hidden_size") or 0) // (
-        model_cfg.get("num_attention_heads") or 1
+    heads, head_dim = _kv_geometry(model_cfg)
+    entries = [key.split(".self_attn.") for key in sorted(desc.c8_tensors, key=_natural)]
+    return _kv_tensor_problems(
+        ckpt,
+        [(f"{block}.self_attn", name) for block, name in entries],
+        heads * head_dim,
+        f"labelled C8 in {DESCRIPTION_FILE}, but in no safetensors file",
+        f"C8 has one value per channel ({heads * head_dim})",
     )
-    problems = []
-    for key in sorted(desc.c8_tensors, key=_natural):
-        block, _, name = key.partition(".self_attn.")
-        block, at = f"{block}.self_attn", where(ckpt.files, f"{block}.self_attn", name)
-        info = ckpt.tensors.get(key)
-        if info is None:
-            problems.append(f"{at}: labelled C8 in {DESCRIPTION_FILE}, but in no safetensors file")
-        elif math.prod(info.shape) != heads * head_dim:
-            problems.append(
-                f"{at}: shape {list(info.shape)}; C8 has one value per channel ({heads * head_dim})"
-            )
-        else:
-            values = ckpt.load(key)
-            try:
-                if name.endswith("offset"):
-                    require_finite_within(block, name, values, ckpt.files, 128)
-                else:
-                    require_positive_finite(block, name, values, ckpt.files)
-            except CheckpointError as e:
-                problems.append(str(e))
-    return problems
 
 
 def inspect(path: str | Path) -> Report:

@@ -200,6 +200,14 @@ def require_finite_within(
     )
 
 
+def require_kv_cache_values(layer_name: str, name: str, t: torch.Tensor, files: dict[str, str]) -> None:
+    """KV-cache tensors: scales finite and positive, offsets (msModelSlim's C8) finite and within int8."""
+    if name.endswith("offset"):
+        require_finite_within(layer_name, name, t, files, 128)
+    else:
+        require_positive_finite(layer_name, name, t, files)
+
+
 def _require_scales(layer_name, name, t, files, shards, refused: torch.Tensor, what: str) -> None:
     """CheckpointError naming the file, layer and tensor if any scale is non-finite or ``refused``."""
     bad = ~torch.isfinite(t.float()) | refused

@@ -13,7 +13,6 @@ upstream methods on it. The NPU attention kernels that read the cache are not ru
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests import msmodelslim_real as mr
+from tests import vllm_ascend_real
 from tests.integrations.ascend_env import ascend_config
 from vllm_ptq_ascend.validation import CheckpointError
 
@@ -63,16 +63,6 @@ def kv_scales(ckpt) -> dict[str, torch.Tensor]:
     return {n: t for n, t in tensors.items() if n.endswith(KV_TENSORS)}
 
 
-def upstream_methods(path, class_name: str, names, namespace: dict) -> dict:
-    """Methods of a class in a vLLM-Ascend source file, compiled alone in ``namespace``."""
-    tree = ast.parse(path.read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
-    nodes = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in names]
-    assert sorted(n.name for n in nodes) == sorted(names), f"{path}: {class_name} changed"
-    exec(compile(ast.Module(nodes, []), str(path), "exec"), namespace)
-    return {n: namespace[n] for n in names}
-
-
 @pytest.fixture
 def c8_backend(va, monkeypatch):
     """``vllm_ascend.attention.attention_v1`` as far as the C8 method and the cache write reach it."""
@@ -89,7 +79,7 @@ def c8_backend(va, monkeypatch):
         "get_tensor_model_parallel_world_size": lambda: ranks.world,
     }
     path = va.src / "vllm_ascend" / "attention" / "attention_v1.py"
-    methods = upstream_methods(path, "AscendC8AttentionBackendImpl", C8_METHODS, namespace)
+    methods = vllm_ascend_real.upstream_code(path, C8_METHODS, namespace, "AscendC8AttentionBackendImpl")
     impl = type("AscendC8AttentionBackendImpl", (CPUAttentionBackendImpl,), methods)
     module = types.ModuleType("vllm_ascend.attention.attention_v1")
     module.AscendC8AttentionBackendImpl = impl

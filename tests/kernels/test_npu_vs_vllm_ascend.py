@@ -44,7 +44,6 @@ bfloat16 run and match float64.
 
 from __future__ import annotations
 
-import ast
 import importlib
 import importlib.util
 import io
@@ -81,14 +80,6 @@ VLLM_MODULES = (
 )
 
 
-def upstream_function(path, name: str, namespace: dict):
-    """One function of a vLLM-Ascend source file, compiled alone in ``namespace``."""
-    tree = ast.parse(path.read_text())
-    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    exec(compile(ast.Module([node], []), str(path), "exec"), namespace)
-    return namespace[name]
-
-
 class NoPrefetch:
     """vLLM-Ascend 0.23's WeightPrefetchMethod for a layer it does not prefetch (see the module doc)."""
 
@@ -120,11 +111,11 @@ def va(request, monkeypatch, vllm_dist, model_config):
             info = types.ModuleType("vllm_ascend._build_info", "stub: the sdist writes this at build time")
             info.__device_type__ = emu.chip_family()
             monkeypatch.setitem(sys.modules, "vllm_ascend._build_info", info)
-        quantize = upstream_function(
+        (quantize,) = vllm_ascend_real.upstream_code(
             mods.src / "vllm_ascend" / "ops" / "register_custom_ops.py",
-            "_quantize_impl",
+            ["_quantize_impl"],
             {"torch": torch, "torch_npu": emu},
-        )
+        ).values()
         monkeypatch.setattr(torch.ops.vllm, "quantize", quantize, raising=False)
         utils = sys.modules["vllm_ascend.utils"]
         if hasattr(utils, "_WEIGHT_PREFETCH_METHOD"):

@@ -87,6 +87,11 @@ def plan_kv_cache(scheme: Any) -> KvCachePlan | None:
     return KvCachePlan(kind=kind, strategy=strategy)
 
 
+def checkpoint_block(prefix: str) -> str:
+    """vLLM's attention layer 'model.layers.0.self_attn.attn' -> the checkpoint's block name."""
+    return prefix.removesuffix(".attn")
+
+
 def attention_block(scale_name: str) -> str | None:
     """'model.layers.3.self_attn' for 'model.layers.3.self_attn.k_scale' (None for other tensors)."""
     block, _, leaf = scale_name.rpartition(".")

@@ -26,8 +26,8 @@ import importlib
 
 import torch
 
-from vllm_ptq_ascend.formats.kv_cache import KvCachePlan
-from vllm_ptq_ascend.validation import CheckpointError, require_finite_within, require_positive_finite, where
+from vllm_ptq_ascend.formats.kv_cache import KvCachePlan, checkpoint_block
+from vllm_ptq_ascend.validation import CheckpointError, require_kv_cache_values, where
 
 C8_MODULE = "vllm_ascend.quantization.methods.kv_c8"
 ADAPTERS_MODULE = "vllm_ascend.quantization.method_adapters"
@@ -39,11 +39,6 @@ MODELSLIM_TENSORS = {
     "v_proj.kv_cache_scale": "v_cache_scale",
     "v_proj.kv_cache_offset": "v_cache_offset",
 }
-
-
-def checkpoint_block(prefix: str) -> str:
-    """vLLM's attention layer 'model.layers.0.self_attn.attn' -> the checkpoint's block name."""
-    return prefix.removesuffix(".attn")
 
 
 def cache_scale_mapper(tensors: dict[str, str]):
@@ -110,10 +105,7 @@ def _checked_method(base: type) -> type:
                         f"{where(self.files, self.block, name)}: shape {tuple(loaded_weight.shape)}, but the "
                         f"KV-cache scheme (strategy {self.plan.strategy!r}) has {expected} value(s) per layer"
                     )
-                if name.endswith("offset"):
-                    require_finite_within(self.block, name, loaded_weight, self.files, 128)
-                else:
-                    require_positive_finite(self.block, name, loaded_weight, self.files)
+                require_kv_cache_values(self.block, name, loaded_weight, self.files)
                 values = loaded_weight.flatten()
                 if self.plan.strategy == "attn_head":  # one per KV head -> one per channel, as C8 reads
                     values = values.repeat_interleave(head_size)

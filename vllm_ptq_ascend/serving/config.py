@@ -39,7 +39,7 @@ from vllm_ptq_ascend.formats.compressed_tensors import (
     plan_groups,
     servable_by_us,
 )
-from vllm_ptq_ascend.formats.kv_cache import KvCachePlan, plan_kv_cache
+from vllm_ptq_ascend.formats.kv_cache import KvCachePlan, checkpoint_block, plan_kv_cache
 from vllm_ptq_ascend.formats.msmodelslim import DESCRIPTION_FILE, ModelSlimDescription, is_description
 from vllm_ptq_ascend.formats.plan import LayerPlan
 from vllm_ptq_ascend.formats.transforms import (
@@ -143,13 +143,11 @@ class PtqAscendConfig(QuantizationConfig):
             )
         if is_description(config):
             served = cls(None, {}, config, ModelSlimDescription(config))
-            if served.kv_cache is not None:
-                _require_kv_platform(served.kv_cache, modelslim=True)
-            return served
-        ct, config, g_idx_groups = parse_ct_config(config)
-        served = cls(ct, plan_groups(ct, g_idx_groups), config)
+        else:
+            ct, config, g_idx_groups = parse_ct_config(config)
+            served = cls(ct, plan_groups(ct, g_idx_groups), config)
         if served.kv_cache is not None:  # here, not in __init__: `inspect` checks any platform's cache
-            _require_kv_platform(served.kv_cache)
+            _require_kv_platform(served.kv_cache, modelslim=served.modelslim is not None)
         return served
 
     @classmethod
@@ -180,10 +178,15 @@ class PtqAscendConfig(QuantizationConfig):
         mapper = super().get_cache_scale_mapper()
         if not self.enable_c8_quant:
             return mapper
+        from vllm_ptq_ascend.integrations.vllm_ascend_kv import cache_scale_mapper
+
+        return cache_scale_mapper(self._c8_tensors()) | mapper
+
+    def _c8_tensors(self) -> dict[str, str]:
+        """The checkpoint's C8 tensors -> vLLM-Ascend's C8 parameters, for this checkpoint's format."""
         from vllm_ptq_ascend.integrations import vllm_ascend_kv as kv
 
-        tensors = kv.CT_TENSORS if self.c8_blocks is None else kv.MODELSLIM_TENSORS
-        return kv.cache_scale_mapper(tensors) | mapper
+        return kv.CT_TENSORS if self.c8_blocks is None else kv.MODELSLIM_TENSORS
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None):
         # Index tensor -> file so load errors can name the file at fault.
@@ -192,13 +195,11 @@ class PtqAscendConfig(QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if self.kv_cache is not None and isinstance(layer, Attention):
             if self.enable_c8_quant:
-                from vllm_ptq_ascend.integrations import vllm_ascend_kv as kv
+                from vllm_ptq_ascend.integrations.vllm_ascend_kv import c8_kv_cache_method
 
-                if self.c8_blocks is None:
-                    return kv.c8_kv_cache_method(self, self.kv_cache, prefix, kv.CT_TENSORS)
-                if kv.checkpoint_block(prefix) not in self.c8_blocks:  # as vLLM-Ascend's is_c8_quant_layer
-                    return None
-                return kv.c8_kv_cache_method(self, self.kv_cache, prefix, kv.MODELSLIM_TENSORS)
+                if self.c8_blocks is not None and checkpoint_block(prefix) not in self.c8_blocks:
+                    return None  # msModelSlim: this block's cache stays unquantized (its is_c8_quant_layer)
+                return c8_kv_cache_method(self, self.kv_cache, prefix, self._c8_tensors())
             from vllm_ptq_ascend.serving.kv_cache_method import PtqKVCacheMethod
 
             return PtqKVCacheMethod(self, prefix)

@@ -16,13 +16,8 @@ from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tenso
     CompressedTensorsKVCacheMethod,
 )
 
-from vllm_ptq_ascend.formats.kv_cache import KV_SCALE_NAMES
+from vllm_ptq_ascend.formats.kv_cache import KV_SCALE_NAMES, checkpoint_block
 from vllm_ptq_ascend.validation import CheckpointError, require_positive_finite, where
-
-
-def checkpoint_block(prefix: str) -> str:
-    """vLLM's attention layer 'model.layers.0.self_attn.attn' -> the checkpoint's block name."""
-    return prefix.removesuffix(".attn")
 
 
 class PtqKVCacheMethod(CompressedTensorsKVCacheMethod):
