@@ -280,9 +280,8 @@ def test_bad_flatquant_tensors_are_rejected_naming_the_tensor(label, change, mat
         layer.quant_method.process_weights_after_loading(layer)
 
 
-def test_flatquant_dispatch_versions_and_tensor_parallel_refusal():
-    from vllm_ptq_ascend.schemes.base import LayerShape
-    from vllm_ptq_ascend.schemes.msmodelslim_flatquant import ModelSlimFlatQuant, modelslim_factor_sizes
+def test_flatquant_dispatch_and_versions():
+    from vllm_ptq_ascend.schemes.msmodelslim_flatquant import modelslim_factor_sizes
     from vllm_ptq_ascend.validation import CheckpointError
 
     c = _config(
@@ -296,11 +295,6 @@ def test_flatquant_dispatch_versions_and_tensor_parallel_refusal():
     c = _desc_config({"version": "0", f"{DOWN}.weight": "W4A8_FLATQUANT_DYNAMIC"})
     with pytest.raises(CheckpointError, match=r"'W4A8_FLATQUANT_DYNAMIC' with description version '0'"):
         c.scheme_for(DOWN, torch.nn.Module())
-    with pytest.raises(CheckpointError, match=r"cannot be split along their input.*tensor_parallel_size=1"):
-        shape = LayerShape(128, 48, 64, (48,), torch.float32)
-        ModelSlimFlatQuant(DOWN, label="W4A4_FLATQUANT_DYNAMIC").create_weights(
-            torch.nn.Module(), shape, lambda *a: None
-        )
     # msModelSlim's and vLLM-Ascend's get_decompose_dim (which never ends for n = 2 mod 4)
     for n in range(1, 2049):
         if n % 4 != 2:

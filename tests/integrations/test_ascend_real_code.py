@@ -631,7 +631,7 @@ def test_modelslim_flatquant_fused_layer_keeps_the_last_shards_clip_ratio(va, ca
     assert rel_err(layer.quant_method.apply(layer, x).double(), ref) < 3e-3
 
 
-def test_modelslim_flatquant_refuses_split_inputs_and_unknown_versions(va, as_rank):
+def test_modelslim_flatquant_refuses_unknown_versions(va):
     prefix = "model.layers.0.mlp.down_proj"
     desc, _, _, _, _ = _flatquant("W4A8_FLATQUANT_DYNAMIC", prefix)
     with pytest.raises(CheckpointError, match=r"'W4A8_FLATQUANT_DYNAMIC' with description version '0'"):
@@ -643,14 +643,54 @@ def test_modelslim_flatquant_refuses_split_inputs_and_unknown_versions(va, as_ra
             torch.bfloat16,
             prefix,
         )
-    as_rank(0, TP)
-    desc, _, _, _, _ = _flatquant("W8A8_FLATQUANT_DYNAMIC", prefix)
-    with pytest.raises(CheckpointError, match=r"row-parallel layers cannot be split .* 2 tensor-parallel"):
-        build(
-            "RowParallelLinear",
-            va.modelslim_config.AscendModelSlimConfig(desc),
-            128,
-            48,
-            torch.bfloat16,
-            prefix,
-        )
+
+
+@pytest.mark.parametrize("quant_type", ["W8A8_FLATQUANT_DYNAMIC", "W4A8_FLATQUANT_DYNAMIC"])
+@pytest.mark.parametrize(
+    "prefix,left_only", [("model.layers.0.mlp.down_proj", False), ("model.layers.0.self_attn.o_proj", True)]
+)
+def test_modelslim_flatquant_row_parallel_ranks_through_vllm_ascend(
+    va, as_rank, quant_type, prefix, left_only
+):
+    """vLLM-Ascend's own create_weights and row loader at two ranks: each rank loads the whole transform
+    and keeps its diagonal block of a block-diagonal left_trans; a dense one is refused by name."""
+    from tests.msmodelslim_reference import FQ_BITS, flatquant_tensors, fq_dense, fq_factor
+
+    g = torch.Generator().manual_seed(3)
+    left = torch.block_diag(fq_factor(4, g), fq_factor(4, g))  # get_decompose_dim(128) = (8, 16)
+    right = None if left_only else fq_factor(16, g)
+    w = torch.randn(48, 128, generator=g, dtype=torch.float64)
+    tensors, deq = flatquant_tensors(quant_type, w, left, right, 0.9, name=prefix)
+    desc = {
+        "model_quant_type": quant_type,
+        "version": "1.0.0",
+        "group_size": 0,
+        f"{prefix}.weight": quant_type,
+    }
+    quant_config = va.modelslim_config.AscendModelSlimConfig(desc)
+    x = torch.randn(5, 128, generator=g).to(torch.float16)
+    out = run_ranks(
+        as_rank,
+        lambda: build("RowParallelLinear", quant_config, 128, 48, torch.float16, prefix),
+        {None: tensors},
+        x,
+        "RowParallelLinear",
+        TP,
+    )
+    bits = FQ_BITS[quant_type][1]
+    rotated = x.double() @ fq_dense(left, right, 128)
+    ref = sum(
+        quant_per_token(rotated[:, c], bits, 0.9) @ deq[:, c].t() for c in (slice(0, 64), slice(64, 128))
+    )
+    assert rel_err(out, ref) < 3e-3
+    tensors["left_trans"] = fq_factor(8, g).float()  # dense, as msModelSlim learns it
+    as_rank(1, TP)
+    layer = build("RowParallelLinear", quant_config, 128, 48, torch.float16, prefix)
+    load(layer, tensors)
+    with (
+        ascend_config(quant_config),
+        pytest.raises(
+            CheckpointError, match=rf"layer '{prefix}', tensor 'left_trans'.*not block-diagonal over 2"
+        ),
+    ):
+        layer.quant_method.process_weights_after_loading(layer)

@@ -66,6 +66,45 @@ def check_factors(left: torch.Tensor, right: torch.Tensor, in_features: int, whe
             )
 
 
+def _off_blocks(n: int, blocks: int) -> torch.Tensor:
+    """Mask of an n x n matrix's entries outside its ``blocks`` equal diagonal blocks."""
+    owner = torch.arange(n) // (n // blocks)
+    return owner[:, None] != owner[None, :]
+
+
+def diagonal_blocks(left: torch.Tensor) -> int:
+    """The most equal diagonal blocks ``left`` splits into with exact zeros outside them: the largest
+    tensor-parallel size whose ranks each apply their own block of a row-parallel layer's transform."""
+    n = left.shape[0]
+    for blocks in range(n, 1, -1):
+        if n % blocks == 0 and not bool(left[_off_blocks(n, blocks)].any()):
+            return blocks
+    return 1
+
+
+def diagonal_block(left: torch.Tensor, index: int, blocks: int, where: str) -> torch.Tensor:
+    """Block ``index`` of ``left`` split into ``blocks`` diagonal blocks: what a row-parallel rank,
+    which holds only its slice of the rows of X, applies. ValueError unless every entry outside those
+    blocks is zero (the rank's transform would need inputs that other ranks hold)."""
+    n = left.shape[0]
+    if n % blocks:
+        raise ValueError(
+            f"{where}: the left Kronecker factor ({n} x {n}) cannot be split into {blocks} diagonal blocks, "
+            "one per tensor-parallel rank"
+        )
+    if blocks > 1:
+        outside = left[_off_blocks(n, blocks)]
+        if bool(outside.any()):
+            raise ValueError(
+                f"{where}: the left Kronecker factor is not block-diagonal over {blocks} tensor-parallel "
+                f"ranks (largest entry outside the diagonal blocks: {float(outside.abs().max()):.3g}; it "
+                f"splits into at most {diagonal_blocks(left)} blocks). Quantize with --tp {blocks}, or "
+                "serve with a tensor_parallel_size its blocks allow"
+            )
+    b = n // blocks
+    return left[index * b : (index + 1) * b, index * b : (index + 1) * b]
+
+
 def transform_activations(
     x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, clip_ratio
 ) -> torch.Tensor:

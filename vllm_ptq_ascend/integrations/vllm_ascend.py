@@ -142,6 +142,7 @@ class _MsModelSlimLinearAdapter:
             input_size_per_partition=s.input_size_per_partition,
             output_partition_sizes=tuple(getattr(layer, "output_partition_sizes", None) or [out_f]),
             params_dtype=s.params_dtype,
+            input_shard=getattr(layer, "tp_rank", 0) if self.row_tp > 1 else 0,
         )
         int_weights.setup_layer(layer, shape)
         if self.row_whole:  # keep this rank's columns, as the row loader kept its input columns
@@ -247,16 +248,16 @@ class _FlatQuantAdapter:
     TRANSFORM = ("left_trans", "right_trans", "clip_ratio")
 
     def get_pertensor_param(self, params_dtype: torch.dtype, **kwargs: Any) -> dict[str, Any]:
-        if kwargs.get("layer_type") == "row":
-            from vllm_ptq_ascend.validation import CheckpointError
+        tp = self.tp_size()
+        if kwargs.get("layer_type") == "row" and tp > 1:
+            from vllm_ptq_ascend.schemes.msmodelslim_flatquant import modelslim_factor_sizes
 
-            tp = self.tp_size()
-            if tp > 1:
-                raise CheckpointError(
-                    f"quant_model_description.json: {self.quant_type} row-parallel layers cannot be split "
-                    f"along their input over {tp} tensor-parallel ranks (the transform mixes every input "
-                    "channel); serve this checkpoint with tensor_parallel_size=1"
-                )
+            # vLLM's row loader loads these whole on every rank (vLLM-Ascend gives them no input_dim):
+            # sized for the whole layer; the scheme keeps this rank's diagonal block of left_trans
+            self.row_tp = tp
+            sizes = modelslim_factor_sizes(self.scratch.input_size_per_partition * tp)
+            for name, n in zip(("left_trans", "right_trans"), sizes):
+                getattr(self.scratch, name).data = torch.zeros(n, n, dtype=torch.float32)
         return self._hand_over({n: getattr(self.scratch, n).data for n in self.TRANSFORM})
 
     def _arrived(self, layer: torch.nn.Module, name: str) -> bool:

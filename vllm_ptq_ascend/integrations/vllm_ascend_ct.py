@@ -126,6 +126,7 @@ class CompressedTensorsLinear:
             input_size_per_partition=input_size,
             output_partition_sizes=tuple(layer.output_partition_sizes),
             params_dtype=params_dtype,
+            input_shard=getattr(layer, "tp_rank", 0) if input_size < layer.input_size else 0,
         )
         self.scheme.create_weights(self.scratch, shape, noop_loader)
         hooks: dict[str, dict[str, Any]] = {

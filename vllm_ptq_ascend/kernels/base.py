@@ -29,11 +29,18 @@ class LayerShape:
     input_size_per_partition: int
     output_partition_sizes: tuple[int, ...]  # one per fused shard (q/k/v, gate/up)
     params_dtype: torch.dtype
+    #: which of the input's equal slices this rank holds (a row-parallel layer's tensor-parallel rank)
+    input_shard: int = 0
 
     @property
     def out_features(self) -> int:
         """This rank's output features, every shard together."""
         return sum(self.output_partition_sizes)
+
+    @property
+    def input_shards(self) -> int:
+        """Into how many slices the input is split across ranks (1: this rank sees all of it)."""
+        return self.input_size // self.input_size_per_partition
 
 
 @dataclass(frozen=True)

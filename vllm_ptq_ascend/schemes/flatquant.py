@@ -6,13 +6,18 @@ weights of ``weight_bits`` (4 or 8) that already hold the folded inverse transfo
 ``kronecker.py``). The transform's tensors come from the checkpoint's ``<group>_input``
 submodule of each layer (compressed-tensors ``transform_config``); the shards of a fused
 layer (q/k/v, gate/up) read one input, so their transforms must be identical.
+
+Under tensor parallelism a row-parallel rank (o_proj, down_proj) holds one slice of the input
+rows of X: it applies its diagonal block of L with all of R, which is exact only if L is
+block-diagonal over the ranks (``FlatQuantModifier(tp=N)`` learns it so; anything else is refused
+at load), and it quantizes its slice per token, as vLLM's row-parallel W8A8 layers do.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vllm_ptq_ascend.formats.kronecker import TRANSFORM_TENSORS, check_factors, factor_sizes
+from vllm_ptq_ascend.formats.kronecker import TRANSFORM_TENSORS, check_factors, diagonal_block, factor_sizes
 from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import IntDynamicSpec, OnlineKronecker
 from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, LayerShape, PtqScheme
@@ -20,13 +25,13 @@ from vllm_ptq_ascend.schemes.int_weights import IntWeightTensors
 from vllm_ptq_ascend.validation import CheckpointError, TensorSpec, checked_loader, same_on_every_shard
 
 
-def require_whole_input(where: str, input_size: int, input_size_per_partition: int) -> None:
-    """The transform mixes every input channel; a row-parallel shard holds only some."""
-    if input_size_per_partition != input_size:
+def require_splittable(where: str, left_size: int, shape: LayerShape) -> None:
+    """A row-parallel rank applies its own diagonal block of the left factor: it must split evenly."""
+    if left_size % shape.input_shards:
         raise CheckpointError(
-            f"{where}: FlatQuant layers cannot be split along their input "
-            f"(tensor parallelism gives this rank {input_size_per_partition} of {input_size} inputs); "
-            "serve this checkpoint with tensor_parallel_size=1"
+            f"{where}: the transform's left factor ({left_size} x {left_size}) cannot be split over "
+            f"{shape.input_shards} tensor-parallel ranks of this row-parallel layer; serve this checkpoint "
+            f"with a tensor_parallel_size dividing {left_size}"
         )
 
 
@@ -42,6 +47,7 @@ class FlatQuantScheme(PtqScheme):
         packed: bool,
         transform_group: str = "flatquant",
         kronecker: tuple[int, int] | None = None,
+        left_name: str | None = None,
         files=None,
         shards=None,
     ):
@@ -50,6 +56,8 @@ class FlatQuantScheme(PtqScheme):
         self.weights = IntWeightTensors(weight_bits, packed)
         self.kronecker = kronecker  # the factor sizes, where they are not ours (factor_sizes)
         self.transform_module = f"{transform_group}_input"
+        # the checkpoint's name for the left factor, which errors name (msModelSlim: left_trans)
+        self.left_name = left_name or f"{self.transform_module}.left"
         self.tensor_names = self.weights.tensor_names + tuple(
             f"{self.transform_module}.{t}" for t in TRANSFORM_TENSORS
         )
@@ -61,8 +69,9 @@ class FlatQuantScheme(PtqScheme):
         )
 
     def kernel_spec(self, shape):
-        sizes = self.kronecker or factor_sizes(shape.input_size_per_partition)
-        return IntDynamicSpec(self.weight_bits, self.act_bits, sizes)
+        n1, n2 = self.kronecker or factor_sizes(shape.input_size)
+        # a row-parallel rank transforms its slice of the input with its diagonal block of the left factor
+        return IntDynamicSpec(self.weight_bits, self.act_bits, (n1 // shape.input_shards, n2))
 
     def checkpoint_tensors(self, out_features, in_features):
         n1, n2 = factor_sizes(in_features)
@@ -74,9 +83,9 @@ class FlatQuantScheme(PtqScheme):
         }
 
     def create_weights(self, layer, shape: LayerShape, weight_loader):
-        require_whole_input(self.where("weight"), shape.input_size, shape.input_size_per_partition)
-        self.weights.register(layer, self, shape, weight_loader)
         n1, n2 = factor_sizes(shape.input_size)
+        require_splittable(self.where(self.left_name), n1, shape)
+        self.weights.register(layer, self, shape, weight_loader)
         holder = torch.nn.Module()
         for name, dims in (("left", (n1, n1)), ("right", (n2, n2)), ("clip_ratio", (1,))):
             param = torch.nn.Parameter(torch.empty(dims, dtype=torch.float32), requires_grad=False)
@@ -103,13 +112,15 @@ class FlatQuantScheme(PtqScheme):
     def validate_loaded(self, layer):
         self.weights.validate(self, layer)
         holder = getattr(layer, self.transform_module)
-        try:
+        shape = self.kernel.config.shape
+        try:  # the whole transform, as every rank loads it; then this rank's block of it
             check_factors(
                 holder.left.data,
                 holder.right.data,
-                layer.input_size_per_partition,
+                shape.input_size,
                 self.where(f"{self.transform_module}.left/right"),
             )
+            self._rank_left(holder.left.data)
         except ValueError as e:
             raise CheckpointError(str(e)) from e
         clip = holder.clip_ratio.data
@@ -119,10 +130,16 @@ class FlatQuantScheme(PtqScheme):
                 f"got {clip.reshape(-1).tolist()[:4]}"
             )
 
+    def _rank_left(self, left: torch.Tensor) -> torch.Tensor:
+        """This rank's diagonal block of the left factor (all of it without row parallelism)."""
+        shape = self.kernel.config.shape
+        where = self.where(self.left_name)
+        return diagonal_block(left, shape.input_shard, shape.input_shards, where)
+
     def prepare(self, layer):
         holder = getattr(layer, self.transform_module)
         clip = float(holder.clip_ratio.data.reshape(-1)[0])
-        transform = OnlineKronecker(holder.left.data, holder.right.data, clip)
+        transform = OnlineKronecker(self._rank_left(holder.left.data).contiguous(), holder.right.data, clip)
         delattr(layer, self.transform_module)
         self.kernel.set_transform(transform)
         super().prepare(layer)

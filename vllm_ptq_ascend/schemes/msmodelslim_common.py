@@ -75,6 +75,7 @@ class _ModelSlimScheme(PtqScheme):
 
     def serve_translated(self, layer: torch.nn.Module, shape: LayerShape) -> None:
         """Translate the loaded tensors, choose the inner scheme's kernel for ``shape``, prepare it."""
+        self.shape = shape  # the layer as served (vLLM-Ascend's adapters see it only now)
         self.inner = self.translate(layer)
         if isinstance(self.inner, PtqScheme):
             self.inner.choose_kernel(shape)

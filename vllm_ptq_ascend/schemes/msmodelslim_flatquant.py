@@ -14,7 +14,7 @@ from vllm_ptq_ascend.formats.msmodelslim import PACKED_VERSION
 from vllm_ptq_ascend.formats.plan import MODELSLIM_FORMAT
 from vllm_ptq_ascend.schemes import int_weights
 from vllm_ptq_ascend.schemes.base import LayerShape
-from vllm_ptq_ascend.schemes.flatquant import FlatQuantScheme, require_whole_input
+from vllm_ptq_ascend.schemes.flatquant import FlatQuantScheme
 from vllm_ptq_ascend.schemes.msmodelslim_common import drop, loaded
 from vllm_ptq_ascend.schemes.msmodelslim_w4a8 import ModelSlimW4A8Dynamic
 from vllm_ptq_ascend.schemes.msmodelslim_w8a8 import ModelSlimW8A8Dynamic
@@ -87,9 +87,10 @@ class _FlatQuant:
         }
 
     def create_weights(self, layer, shape: LayerShape, weight_loader):
-        require_whole_input(self.where("left_trans"), shape.input_size, shape.input_size_per_partition)
         super().create_weights(layer, shape, weight_loader)
-        n1, n2 = modelslim_factor_sizes(shape.input_size)  # the sizes vLLM-Ascend registers
+        # the sizes vLLM-Ascend registers; the whole layer's, which every rank loads (a row-parallel rank
+        # keeps its diagonal block of left_trans: FlatQuantScheme)
+        n1, n2 = modelslim_factor_sizes(shape.input_size)
         for name, dims in (("left_trans", (n1, n1)), ("right_trans", (n2, n2))):
             param = torch.nn.Parameter(torch.zeros(dims, dtype=torch.float32), requires_grad=False)
             param.weight_loader = self.loader(self._shared(name), name, FLOAT_DTYPES)
@@ -115,7 +116,8 @@ class _FlatQuant:
         param.data[int(index)] = value[0]
 
     def _factors(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
-        in_f = layer.input_size_per_partition
+        """The whole layer's factors (a row-parallel rank's block is cut by FlatQuantScheme)."""
+        in_f = self.shape.input_size
         left = layer.left_trans.data.float()
         if loaded(layer, "right_trans"):
             require_loaded(layer, self.layer_name, ("right_trans",), self.files, self.shards)
@@ -176,6 +178,7 @@ class _FlatQuant:
             packed=False,
             transform_group=GROUP,
             kronecker=kronecker,
+            left_name="left_trans",
             files=self.files,
             shards=shards,
         )
@@ -232,6 +235,7 @@ class _ClipBlocks:
         return f"{self.whole.describe()}; clip ratio per shard ({ratios})"
 
     def validate_loaded(self, layer):
+        self.whole.choose_kernel(self.outer.shape)  # the layer's geometry, which its checks read
         self.whole.validate_loaded(layer)  # weight range, scales, factors (clip ratios: translate)
 
     def prepare(self, layer):

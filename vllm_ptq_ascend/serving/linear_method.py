@@ -34,6 +34,9 @@ class PtqLinearMethod(LinearMethodBase):
             input_size_per_partition=input_size_per_partition,
             output_partition_sizes=tuple(output_partition_sizes),
             params_dtype=params_dtype,
+            # vLLM's row-parallel loader gives rank r the r-th slice of the input (the layer's own TP
+            # rank: vLLM-Ascend may run o_proj/down_proj on a TP group of their own)
+            input_shard=getattr(layer, "tp_rank", 0) if input_size_per_partition < input_size else 0,
         )
         layer.scheme.create_weights(layer, shape, extra_weight_attrs["weight_loader"])
 
