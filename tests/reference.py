@@ -44,6 +44,12 @@ def quant_per_token(x: torch.Tensor, bits: int = 8, clip: float = 1.0) -> torch.
     return torch.round(x / s).clamp(-qmax - 1, qmax) * s
 
 
+def quant_per_slice(x: torch.Tensor, bits: int, clip: float, slices: int) -> torch.Tensor:
+    """quant_per_token on each of ``slices`` equal slices of every row: what the ranks of a row-parallel
+    layer, each holding one slice of its input, quantize."""
+    return torch.cat([quant_per_token(part, bits, clip) for part in x.chunk(slices, dim=-1)], dim=-1)
+
+
 def kron_rows(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """x @ torch.kron(left, right), formed densely (independent of the package's factored form)."""
     return x @ torch.kron(left.double(), right.double())
@@ -188,8 +194,15 @@ class FakeQuantModel:
     """The checkpoint's architecture in float64 with dequantized weights and quantized activations."""
 
     def __init__(
-        self, ckpt: str | Path, asymmetric_tokens: bool = False, kv_cache: bool = True, kv_rounding="nearest"
+        self,
+        ckpt: str | Path,
+        asymmetric_tokens: bool = False,
+        kv_cache: bool = True,
+        kv_rounding="nearest",
+        tensor_parallel: int = 1,
     ):
+        """``tensor_parallel``: the row-parallel layers' (o_proj, down_proj) input is split over that many
+        ranks, which each quantize their slice of a FlatQuant layer's transformed activations."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         ckpt = Path(ckpt)
@@ -216,13 +229,17 @@ class FakeQuantModel:
                 continue
             state[f"{mname}.weight"] = dequant_weight(sd, mname, group["weights"])
             acts = group.get("input_activations")
-            quant = self._act_hook(sd, mname, acts, asymmetric_tokens) if acts else None
+            slices = tensor_parallel if mname.endswith(("o_proj", "down_proj")) else 1
+            quant = self._act_hook(sd, mname, acts, asymmetric_tokens, slices) if acts else None
             if rotate_in is not None or quant is not None:
                 module.register_forward_pre_hook(_compose(rotate_in, quant))
         for k, v in sd.items():
-            if k not in state and not any(
-                k.endswith(s) for s in ("_scale", "_zero_point", "_packed", "_shape", "_g_idx")
-            ) and ".flatquant_input." not in k and not rotations.owns(k):
+            if (
+                k not in state
+                and not any(k.endswith(s) for s in ("_scale", "_zero_point", "_packed", "_shape", "_g_idx"))
+                and ".flatquant_input." not in k
+                and not rotations.owns(k)
+            ):
                 state.setdefault(k, v.double())
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         assert not unexpected, unexpected
@@ -231,12 +248,12 @@ class FakeQuantModel:
             _use_kv_fp8(self.model, sd, kv_rounding)
 
     @staticmethod
-    def _act_hook(sd, name, acts, asymmetric_tokens=False):
+    def _act_hook(sd, name, acts, asymmetric_tokens=False, slices=1):
         if f"{name}.flatquant_input.left" in sd:  # FlatQuant: online transform, clip, quantize
             left, right = sd[f"{name}.flatquant_input.left"], sd[f"{name}.flatquant_input.right"]
             clip = float(sd[f"{name}.flatquant_input.clip_ratio"].double().reshape(-1)[0])
             bits = acts["num_bits"]
-            return lambda mod, args: (quant_per_token(kron_rows(args[0], left, right), bits, clip),)
+            return lambda mod, args: (quant_per_slice(kron_rows(args[0], left, right), bits, clip, slices),)
         if acts["dynamic"]:
             if asymmetric_tokens:
                 return lambda mod, args: (quant_per_token_asym(args[0]),)

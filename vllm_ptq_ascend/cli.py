@@ -43,6 +43,7 @@ RECIPE_FLAGS = {
     "parametrization": "parametrization",
     "weights": "weights",
     "iters": "iters",
+    "tp": "tp",
 }
 CALIB_FLAGS = ("calib", "calib_samples", "calib_seq_len", "calib_modes", "calib_max_new_tokens", "seed")
 
@@ -447,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["rtn", "gptq"],
         default=_UNSET,
         help="FlatQuant: weights round-to-nearest (default) or GPTQ on the transformed activations",
+    )
+    r.add_argument(
+        "--tp",
+        type=int,
+        default=_UNSET,
+        help="FlatQuant: the tensor-parallel size to serve at (default 1): o_proj/down_proj transforms are "
+        "learned block-diagonal over that many ranks (other presets serve at any size as they are)",
     )
     r.add_argument("--iters", type=int, default=_UNSET, help="w4a16-autoround: tuning steps per block (200)")
     q.add_argument(

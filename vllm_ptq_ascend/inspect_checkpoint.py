@@ -107,6 +107,7 @@ class Report:
     kind: str
     layers: list[LayerReport] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # not tied to one layer
+    notes: list[str] = field(default_factory=list)  # facts for serving it, not problems
 
     def all_problems(self) -> list[str]:
         return self.problems + [p for layer in self.layers for p in layer.problems]
@@ -130,6 +131,7 @@ class Report:
                 for lr in self.layers
             ],
             "problems": self.all_problems(),
+            "notes": self.notes,
             "ok": not self.all_problems(),
         }
 
@@ -456,6 +458,37 @@ def _c8_problems(ckpt: Checkpoint, desc, model_cfg: dict[str, Any]) -> list[str]
     )
 
 
+ROW_PARALLEL_LAYERS = ("o_proj", "down_proj")  # vLLM's RowParallelLinear layers of a decoder block
+LEFT_FACTORS = ("flatquant_input.left", "left_trans")  # ours, msModelSlim's
+
+
+def _tensor_parallel_notes(ckpt: Checkpoint) -> list[str]:
+    """At which tensor-parallel sizes the FlatQuant transforms of row-parallel layers can be served:
+    each rank applies its diagonal block of the left factor, so it must be block-diagonal over them."""
+    from vllm_ptq_ascend.formats.kronecker import diagonal_blocks
+
+    blocks = []
+    for name in ckpt.tensors:
+        layer = next((name[: -len(f) - 1] for f in LEFT_FACTORS if name.endswith(f".{f}")), None)
+        if layer is None or layer.rsplit(".", 1)[-1] not in ROW_PARALLEL_LAYERS:
+            continue
+        left = ckpt.load(name)
+        if left.dim() == 2 and left.shape[0] == left.shape[1]:
+            blocks.append(diagonal_blocks(left))
+    if not blocks:
+        return []
+    tp = math.gcd(*blocks)
+    if tp == 1:
+        return [
+            "tensor parallelism: the FlatQuant transforms of o_proj/down_proj are dense, so vLLM serves this "
+            "checkpoint at tensor_parallel_size 1 (quantize with --tp N to serve it at N)"
+        ]
+    return [
+        f"tensor parallelism: the FlatQuant transforms of o_proj/down_proj are block-diagonal over {tp} "
+        f"ranks, so vLLM serves this checkpoint at a tensor_parallel_size dividing {tp}"
+    ]
+
+
 def inspect(path: str | Path) -> Report:
     """Inspect a checkpoint directory; raises InspectUsageError for bad arguments."""
     root = Path(path)
@@ -588,6 +621,7 @@ def inspect(path: str | Path) -> Report:
                 )
 
     report.problems.extend(_rotation_problems(ckpt, rotations, geometries))
+    report.notes.extend(_tensor_parallel_notes(ckpt))
     if kind != "msModelSlim":
         report.problems.extend(_kv_cache_problems(ckpt, qcfg or {}, model_cfg or {}))
     if config.modelslim is None:
@@ -620,6 +654,7 @@ def format_report(report: Report) -> str:
             lines.append(f"  PROBLEM: {p}")
     for p in report.problems:
         lines.append(f"PROBLEM: {p}")
+    lines += [f"NOTE: {n}" for n in report.notes]
     n_unknown = sum(1 for lr in report.layers if lr.scheme.startswith("?"))
     n_float = sum(1 for lr in report.layers if lr.scheme == UNQUANTIZED)
     n_q = len(report.layers) - n_unknown - n_float

@@ -330,6 +330,7 @@ def _flatquant(
     init: str,
     parametrization: str,
     weights: str = "rtn",
+    tp: int = 1,
 ) -> list:
     """FlatQuant transforms, then per-channel weights on the transformed layers: round-to-nearest
     (FlatQuant's default) or GPTQ on the transformed, clipped activations (``weights="gptq"``)."""
@@ -348,6 +349,7 @@ def _flatquant(
         clip_lr=clip_lr,
         init=init,
         parametrization=parametrization,
+        tp=tp,
     )
     if weights == "gptq":
         return [flat, _gptq(groups, ignore, "static")]
@@ -370,8 +372,11 @@ def _flatquant_preset(name: str, weight_bits: int, act_bits: int, summary: str, 
         init: str = "identity",
         parametrization: str = "direct",
         weights: str = weights_default,
+        tp: int = 1,
     ) -> list:
-        return _flatquant(weight_bits, act_bits, ignore, epochs, lr, clip_lr, init, parametrization, weights)
+        return _flatquant(
+            weight_bits, act_bits, ignore, epochs, lr, clip_lr, init, parametrization, weights, tp
+        )
 
     build.__doc__ = summary
     preset(name, needs_calibration=True)(build)

@@ -162,6 +162,14 @@ def model_card(info: dict[str, Any]) -> str:
             f"- FlatQuant: {len(flat['blocks'])} blocks calibrated in {flat['seconds']} s; mean block MSE "
             f"{flat['initial_mse_mean']:.4g} (identity transforms) -> {flat['best_mse_mean']:.4g} (learned)"
         )
+        tp = flat.get("tp", 1)
+        lines.append(
+            f"- tensor parallelism: o_proj/down_proj transforms block-diagonal over {tp} ranks, so it serves "
+            f"at a tensor_parallel_size dividing {tp}"
+            if tp > 1
+            else "- tensor parallelism: o_proj/down_proj transforms are dense, so it serves at "
+            "tensor_parallel_size 1 (quantize with --tp N to serve at N)"
+        )
     if info.get("self_check"):
         lines.append(sc.card_line(info["self_check"]))
     lines.append("- libraries: " + ", ".join(f"{k} {v}" for k, v in info["libraries"].items()))
@@ -183,6 +191,7 @@ def flatquant_summary(modifiers: list) -> dict | None:
         "initial_mse_mean": mean("initial_mse"),
         "best_mse_mean": mean("best_mse"),
         "seconds": round(sum(b["seconds"] for b in blocks.values()), 1),
+        "tp": flat[0].tp,  # row-parallel transforms are block-diagonal over this many ranks
     }
 
 

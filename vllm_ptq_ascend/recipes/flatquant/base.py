@@ -42,7 +42,7 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 from torch.utils._pytree import tree_map
 
-from vllm_ptq_ascend.formats.kronecker import check_factors, fold_into_weight, transform_config
+from vllm_ptq_ascend.formats.kronecker import check_factors, factor_sizes, fold_into_weight, transform_config
 from vllm_ptq_ascend.recipes.families import Family, resolve_family
 from vllm_ptq_ascend.recipes.flatquant.structure import LinearGroup, block_groups, fold_into_norm
 from vllm_ptq_ascend.recipes.flatquant.trainable import FlatQuantLinear, TrainableTransform
@@ -70,6 +70,10 @@ class FlatQuantModifier(Modifier):
         (ruikangliu/FlatQuant ``get_init_weight``) starts them
     :param parametrization: "direct" (the factor itself), or "svd-cayley": U·diag·Vᵀ with U, V kept
         orthogonal by a Cayley map, the reference's default (``SVDDecomposeTransMatrix``)
+    :param tp: the largest tensor-parallel size the checkpoint is served at: the input transforms of
+        row-parallel layers (o_proj, down_proj), whose input vLLM splits over the ranks, are learned with
+        a left factor block-diagonal over ``tp`` ranks and activations quantized per rank slice, so each
+        rank applies its own block (served at any tensor-parallel size dividing ``tp``)
     :param family: the model family (``recipes/families.py``) whose block structure says which norm
         feeds which group; detected from the model's config if None
     """
@@ -89,6 +93,7 @@ class FlatQuantModifier(Modifier):
     family: str | None = None
     init: Literal["identity", "random-orthogonal"] = "identity"
     parametrization: Literal["direct", "svd-cayley"] = "direct"
+    tp: int = Field(default=1, ge=1)
 
     _family: Family | None = PrivateAttr(default=None)
     _blocks: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
@@ -117,10 +122,20 @@ class FlatQuantModifier(Modifier):
         for name, block in self._blocks.items():
             for group in block_groups(block, name, self._family):
                 layer_names += [f"{name}.{n}" for n in group.names]
+                self._check_splittable(name, group)
         apply_transform_config(model, transform_config(layer_names, TRANSFORM_GROUP))
         for _, param in model.named_parameters():
             param.requires_grad_(False)
         return True
+
+    def _check_splittable(self, block_name: str, group: LinearGroup) -> None:
+        n1 = factor_sizes(group.in_features)[0]
+        if group.row_parallel and n1 % self.tp:
+            raise ValueError(
+                f"FlatQuant: '{block_name}.{group.names[0]}' has {group.in_features} inputs, whose "
+                f"transform's left factor ({n1} x {n1}) cannot be split into tp={self.tp} diagonal blocks; "
+                f"choose a tp dividing {n1}"
+            )
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         # llmcompressor runs the QuantizationModifier after this one, in its own pass: until then
@@ -190,6 +205,7 @@ class FlatQuantModifier(Modifier):
                 init=self.init,
                 parametrization=self.parametrization,
                 generator=init_generator,
+                rank_slices=self.tp if g.row_parallel else 1,
             )
             for g in groups
         ]

@@ -50,6 +50,11 @@ class LinearGroup:
     def in_features(self) -> int:
         return self.linears[0].in_features
 
+    @property
+    def row_parallel(self) -> bool:
+        """vLLM splits this group's input over tensor-parallel ranks (RowParallelLinear)."""
+        return self.names in ((O_PROJ,), (DOWN_PROJ,))
+
 
 def block_groups(block: nn.Module, block_name: str, family: Family) -> list[LinearGroup]:
     """The transform groups of one decoder block; raises naming what the block lacks."""

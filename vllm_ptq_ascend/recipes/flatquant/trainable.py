@@ -2,7 +2,8 @@
 
 A :class:`TrainableTransform` per group of linears that share an input: Kronecker factors L, R
 (:class:`KroneckerFactor`: identity or random-orthogonal at the start, learned directly or as
-U·diag·Vᵀ with Cayley-orthogonal U, V), a per-channel smoothing scale s (where a norm can absorb
+U·diag·Vᵀ with Cayley-orthogonal U, V; the left one block-diagonal for a row-parallel layer served
+at tensor parallelism, :class:`BlockDiagonalFactor`), a per-channel smoothing scale s (where a norm can absorb
 it) and an activation clipping ratio; a :class:`FlatQuantLinear` per linear: the folded weight
 (W·s)·P⁻ᵀ fake-quantized with a learnable per-output-channel clipping ratio. Rounding uses
 the straight-through estimator. Weights are quantized on compressed-tensors' grid
@@ -76,14 +77,37 @@ class KroneckerFactor(nn.Module):
         return self.u.weight @ torch.diag(1 / self.d) @ self.v.weight.t()
 
 
+class BlockDiagonalFactor(nn.Module):
+    """A factor learned as ``blocks`` independent diagonal blocks (zeros elsewhere), so that each of
+    that many tensor-parallel ranks of a row-parallel layer applies its own block to its input slice."""
+
+    def __init__(
+        self, n: int, blocks: int, init: str, parametrization: str, generator: torch.Generator | None = None
+    ):
+        super().__init__()
+        if blocks < 1 or n % blocks:
+            raise ValueError(f"a Kronecker factor of size {n} cannot be split into {blocks} diagonal blocks")
+        self.blocks = nn.ModuleList(
+            KroneckerFactor(n // blocks, init, parametrization, generator) for _ in range(blocks)
+        )
+
+    def matrix(self) -> torch.Tensor:
+        return torch.block_diag(*(b.matrix() for b in self.blocks))
+
+    def inverse_t(self) -> torch.Tensor:
+        return torch.block_diag(*(b.inverse_t() for b in self.blocks))
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def fake_quant_activations(x: torch.Tensor, bits: int, clip: torch.Tensor) -> torch.Tensor:
+def fake_quant_activations(x: torch.Tensor, bits: int, clip: torch.Tensor, slices: int = 1) -> torch.Tensor:
+    """Per token, and per each of ``slices`` equal slices of it (what each row-parallel rank quantizes)."""
     qmax = 2 ** (bits - 1) - 1
-    scale = (x.abs().amax(dim=-1, keepdim=True) * clip / qmax).clamp(min=1e-8)
-    return torch.clamp(round_ste(x / scale), -qmax - 1, qmax) * scale
+    xs = x.reshape(*x.shape[:-1], slices, x.shape[-1] // slices)
+    scale = (xs.abs().amax(dim=-1, keepdim=True) * clip / qmax).clamp(min=1e-8)
+    return (torch.clamp(round_ste(xs / scale), -qmax - 1, qmax) * scale).reshape(x.shape)
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int, clip: torch.Tensor) -> torch.Tensor:
@@ -102,11 +126,20 @@ class TrainableTransform(nn.Module):
         init: str = "identity",
         parametrization: str = "direct",
         generator: torch.Generator | None = None,
+        rank_slices: int = 1,
     ):
+        """``rank_slices`` > 1: a row-parallel layer served at that tensor-parallel size, whose ranks
+        each hold one slice of the input; the left factor is learned block-diagonal over them and the
+        activations are quantized per slice, as the ranks quantize them."""
         super().__init__()
         n1, n2 = factor_sizes(n)
         self.act_bits = act_bits
-        self.left_factor = KroneckerFactor(n1, init, parametrization, generator)
+        self.rank_slices = rank_slices
+        self.left_factor = (
+            KroneckerFactor(n1, init, parametrization, generator)
+            if rank_slices == 1
+            else BlockDiagonalFactor(n1, rank_slices, init, parametrization, generator)
+        )
         self.right_factor = KroneckerFactor(n2, init, parametrization, generator)
         self.log_smooth = None
         if smooth_init is not None:
@@ -138,7 +171,7 @@ class TrainableTransform(nn.Module):
         if s is not None:
             x = x / s
         return fake_quant_activations(
-            kronecker_transform(x, self.left, self.right), self.act_bits, self.clip_ratio()
+            kronecker_transform(x, self.left, self.right), self.act_bits, self.clip_ratio(), self.rank_slices
         )
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
