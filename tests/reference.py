@@ -238,6 +238,7 @@ class FakeQuantModel:
                 k not in state
                 and not any(k.endswith(s) for s in ("_scale", "_zero_point", "_packed", "_shape", "_g_idx"))
                 and ".flatquant_input." not in k
+                and ".flatquant_heads_input." not in k
                 and not rotations.owns(k)
             ):
                 state.setdefault(k, v.double())
@@ -249,9 +250,13 @@ class FakeQuantModel:
 
     @staticmethod
     def _act_hook(sd, name, acts, asymmetric_tokens=False, slices=1):
-        if f"{name}.flatquant_input.left" in sd:  # FlatQuant: online transform, clip, quantize
-            left, right = sd[f"{name}.flatquant_input.left"], sd[f"{name}.flatquant_input.right"]
-            clip = float(sd[f"{name}.flatquant_input.clip_ratio"].double().reshape(-1)[0])
+        # FlatQuant: online transform, clip, quantize (o_proj's per-head transform: its own group)
+        holder = next(
+            (h for h in ("flatquant_input", "flatquant_heads_input") if f"{name}.{h}.left" in sd), None
+        )
+        if holder is not None:
+            left, right = sd[f"{name}.{holder}.left"], sd[f"{name}.{holder}.right"]
+            clip = float(sd[f"{name}.{holder}.clip_ratio"].double().reshape(-1)[0])
             bits = acts["num_bits"]
             return lambda mod, args: (quant_per_slice(kron_rows(args[0], left, right), bits, clip, slices),)
         if acts["dynamic"]:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from vllm_ptq_ascend import QUANT_METHOD
+from vllm_ptq_ascend.formats.kronecker import HEADS_GROUP, TRANSFORM_GROUP
 from vllm_ptq_ascend.validation import (
     FLOAT_DTYPES,
     CheckpointError,
@@ -459,7 +460,8 @@ def _c8_problems(ckpt: Checkpoint, desc, model_cfg: dict[str, Any]) -> list[str]
 
 
 ROW_PARALLEL_LAYERS = ("o_proj", "down_proj")  # vLLM's RowParallelLinear layers of a decoder block
-LEFT_FACTORS = ("flatquant_input.left", "left_trans")  # ours, msModelSlim's
+# ours (every layer's, o_proj's per-head one), msModelSlim's
+LEFT_FACTORS = (f"{TRANSFORM_GROUP}_input.left", f"{HEADS_GROUP}_input.left", "left_trans")
 
 
 def _tensor_parallel_notes(ckpt: Checkpoint) -> list[str]:

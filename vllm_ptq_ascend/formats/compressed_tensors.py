@@ -207,9 +207,12 @@ def _args(a: QuantizationArgs) -> str:
     return a.model_dump_json(include={"num_bits", "type", "symmetric", "strategy", "group_size", "dynamic"})
 
 
-def flatquant_plan(plan: LayerPlan | None, transform: str, prefix: str) -> LayerPlan:
+def flatquant_plan(
+    plan: LayerPlan | None, transform: str, prefix: str, head_dim: int | None = None
+) -> LayerPlan:
     """The plan of a layer with a FlatQuant input transform: its group must quantize activations
-    per token at run time and weights per channel (the transform mixes channels)."""
+    per token at run time and weights per channel (the transform mixes channels). ``head_dim``: a
+    per-head transform (formats/kronecker.py ``layer_factor_sizes``)."""
     options = plan.settings if plan else {}
     bits = None
     if plan is not None and plan.scheme == "W4A4":
@@ -237,6 +240,7 @@ def flatquant_plan(plan: LayerPlan | None, transform: str, prefix: str) -> Layer
         act_bits=bits[1],
         packed=bool(options.get("packed", False)),
         transform_group=transform,
+        **({"head_dim": head_dim} if head_dim else {}),
     )
 
 

@@ -24,6 +24,8 @@ from torch import nn
 
 TRANSFORM_TYPE = "flatquant-kronecker"
 TRANSFORM_TENSORS = ("left", "right", "clip_ratio")
+# transform_config groups FlatQuantModifier writes: every layer's, and o_proj's per-head one
+TRANSFORM_GROUP, HEADS_GROUP = "flatquant", "flatquant_heads"
 # inverting a factor worse conditioned than this loses the float32 activations' precision
 MAX_CONDITION = 1e6
 
@@ -43,6 +45,17 @@ def factor_sizes(n: int) -> tuple[int, int]:
     while n % n1:
         n1 -= 1
     return n1, n // n1
+
+
+def layer_factor_sizes(n: int, head_dim: int | None = None) -> tuple[int, int]:
+    """A layer's factor sizes: FlatQuant's nearest-square pair, or (n / head_dim, head_dim) for a
+    per-head transform (compressed-tensors' ``TransformScheme.head_dim``: o_proj, whose right factor
+    acts within each attention head and is folded into v_proj, so only the left one runs online)."""
+    if head_dim is None:
+        return factor_sizes(n)
+    if head_dim < 1 or n % head_dim:
+        raise ValueError(f"a per-head transform of size {n} needs a head_dim dividing it, got {head_dim}")
+    return n // head_dim, head_dim
 
 
 def check_factors(left: torch.Tensor, right: torch.Tensor, in_features: int, where: str) -> None:
@@ -134,14 +147,31 @@ def fold_into_weight(
     return kronecker_transform(w, inv_l.t(), inv_r.t())
 
 
+def fold_into_value_rows(
+    weight: torch.Tensor, bias: torch.Tensor | None, right: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """v_proj's weight and bias with o_proj's per-head right factor R folded in: each head's output v
+    becomes v·R (rows Rᵀ·W_h, bias b_h·R). Attention mixes each head's values linearly, so o_proj's
+    input arrives as x·(I ⊗ R) and only its left factor runs online."""
+    n2 = right.shape[0]
+    w = (right.t() @ weight.reshape(-1, n2, weight.shape[-1])).reshape(weight.shape)
+    return w, None if bias is None else (bias.reshape(-1, n2) @ right).reshape(bias.shape)
+
+
 class KroneckerTransform(TransformBase):
     """One layer's online input transform: ``left``, ``right`` and the activation ``clip_ratio``."""
 
     _dynamic_tied_weights_keys: list[str] = []
 
-    def __init__(self, in_features: int, args: TransformArgs, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        in_features: int,
+        args: TransformArgs,
+        dtype: torch.dtype = torch.float32,
+        head_dim: int | None = None,
+    ):
         super().__init__()
-        n1, n2 = factor_sizes(in_features)
+        n1, n2 = layer_factor_sizes(in_features, head_dim)
         self.args = args
         self.left = nn.Parameter(torch.eye(n1, dtype=dtype), requires_grad=False)
         self.right = nn.Parameter(torch.eye(n2, dtype=dtype), requires_grad=False)
@@ -166,12 +196,25 @@ class KroneckerFactory(TransformFactory):
             raise ValueError(
                 f"transform type {TRANSFORM_TYPE!r} targets Linear layers, not {type(module).__name__}"
             )
-        return KroneckerTransform(module.in_features, args, dtype=self.scheme.precision)
+        return KroneckerTransform(
+            module.in_features, args, dtype=self.scheme.precision, head_dim=self.scheme.head_dim
+        )
 
 
-def transform_config(targets: list[str], group: str = "flatquant"):
-    """The compressed-tensors TransformConfig attaching our transform to ``targets``' inputs."""
+def transform_config(
+    targets: list[str], group: str = TRANSFORM_GROUP, per_head: list[str] = (), head_dim: int | None = None
+):
+    """The compressed-tensors TransformConfig attaching our transform to ``targets``' inputs, and a
+    per-head one (factors of sizes n / head_dim and head_dim) to ``per_head``'s, as :data:`HEADS_GROUP`."""
     from compressed_tensors.transform import TransformConfig, TransformScheme
 
-    scheme = TransformScheme(type=TRANSFORM_TYPE, apply=[TransformArgs(targets=targets, location="input")])
-    return TransformConfig(config_groups={group: scheme})
+    groups = {
+        group: TransformScheme(type=TRANSFORM_TYPE, apply=[TransformArgs(targets=targets, location="input")])
+    }
+    if per_head:
+        groups[HEADS_GROUP] = TransformScheme(
+            type=TRANSFORM_TYPE,
+            apply=[TransformArgs(targets=list(per_head), location="input")],
+            head_dim=head_dim,
+        )
+    return TransformConfig(config_groups=groups)

@@ -41,6 +41,7 @@ class TransformPlan:
     group: str
     targets: tuple[str, ...]
     ignore: tuple[str, ...]
+    head_dim: int | None = None  # a per-head transform: factors of n / head_dim and head_dim
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def parse_transform_config(raw: dict[str, Any] | None) -> CheckpointTransforms:
                     f"{WHERE}.config_groups[{group!r}]: {TRANSFORM_TYPE!r} applies to layer inputs only "
                     f"(got location {args.location!r}, inverse={args.inverse})"
                 )
-            plans.append(TransformPlan(group, tuple(args.targets), tuple(args.ignore)))
+            plans.append(TransformPlan(group, tuple(args.targets), tuple(args.ignore), scheme.head_dim))
     if plans and rotations:
         raise CheckpointError(
             f"{WHERE}: FlatQuant transforms ({', '.join(sorted({p.group for p in plans}))}) and online "
@@ -119,9 +120,9 @@ def _check_rotation(group: str, scheme) -> None:
         )
 
 
-def transform_group_for(
+def transform_plan_for(
     plans: list[TransformPlan], shards: list[str], layer: torch.nn.Module, prefix: str
-) -> str | None:
+) -> TransformPlan | None:
     """The transform group whose input transform applies to this (possibly fused) layer."""
     per_shard = {}
     for shard in shards:
@@ -130,7 +131,7 @@ def transform_group_for(
             if should_ignore_layer(shard, ignore=list(plan.ignore)):
                 continue
             if find_matched_target(shard, layer, list(plan.targets)) is not None:
-                per_shard[shard] = plan.group
+                per_shard[shard] = plan
                 break
     problem = f"{WHERE}: fused layer '{prefix}' has an input transform on some shards only"
     return agreed_by_shards(per_shard, problem, "its shards read one input")

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from vllm_ptq_ascend.formats.kronecker import TRANSFORM_TENSORS, check_factors, diagonal_block, factor_sizes
+from vllm_ptq_ascend.formats.kronecker import (
+    TRANSFORM_TENSORS,
+    check_factors,
+    diagonal_block,
+    layer_factor_sizes,
+)
 from vllm_ptq_ascend.formats.plan import CT_FORMAT
 from vllm_ptq_ascend.kernels import IntDynamicSpec, OnlineKronecker
 from vllm_ptq_ascend.schemes.base import SCALE_DTYPES, LayerShape, PtqScheme
@@ -47,6 +52,7 @@ class FlatQuantScheme(PtqScheme):
         packed: bool,
         transform_group: str = "flatquant",
         kronecker: tuple[int, int] | None = None,
+        head_dim: int | None = None,
         left_name: str | None = None,
         files=None,
         shards=None,
@@ -55,6 +61,7 @@ class FlatQuantScheme(PtqScheme):
         self.weight_bits, self.act_bits = weight_bits, act_bits
         self.weights = IntWeightTensors(weight_bits, packed)
         self.kronecker = kronecker  # the factor sizes, where they are not ours (factor_sizes)
+        self.head_dim = head_dim  # a per-head transform (o_proj): factors of n / head_dim and head_dim
         self.transform_module = f"{transform_group}_input"
         # the checkpoint's name for the left factor, which errors name (msModelSlim: left_trans)
         self.left_name = left_name or f"{self.transform_module}.left"
@@ -68,13 +75,19 @@ class FlatQuantScheme(PtqScheme):
             f"{self.weights.describe()}; int{self.act_bits} dynamic per-token activations)"
         )
 
+    def factor_sizes(self, in_features: int) -> tuple[int, int]:
+        try:
+            return self.kronecker or layer_factor_sizes(in_features, self.head_dim)
+        except ValueError as e:
+            raise CheckpointError(f"{self.where(self.left_name)}: {e}") from e
+
     def kernel_spec(self, shape):
-        n1, n2 = self.kronecker or factor_sizes(shape.input_size)
+        n1, n2 = self.factor_sizes(shape.input_size)
         # a row-parallel rank transforms its slice of the input with its diagonal block of the left factor
         return IntDynamicSpec(self.weight_bits, self.act_bits, (n1 // shape.input_shards, n2))
 
     def checkpoint_tensors(self, out_features, in_features):
-        n1, n2 = factor_sizes(in_features)
+        n1, n2 = self.factor_sizes(in_features)
         prefix = self.transform_module
         return self.weights.checkpoint_tensors(self, out_features, in_features) | {
             f"{prefix}.left": TensorSpec(SCALE_DTYPES, ((n1, n1),)),
@@ -83,7 +96,7 @@ class FlatQuantScheme(PtqScheme):
         }
 
     def create_weights(self, layer, shape: LayerShape, weight_loader):
-        n1, n2 = factor_sizes(shape.input_size)
+        n1, n2 = self.factor_sizes(shape.input_size)
         require_splittable(self.where(self.left_name), n1, shape)
         self.weights.register(layer, self, shape, weight_loader)
         holder = torch.nn.Module()

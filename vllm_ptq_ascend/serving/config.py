@@ -45,7 +45,7 @@ from vllm_ptq_ascend.formats.plan import LayerPlan
 from vllm_ptq_ascend.formats.transforms import (
     CheckpointTransforms,
     parse_transform_config,
-    transform_group_for,
+    transform_plan_for,
 )
 from vllm_ptq_ascend.schemes import PtqScheme
 from vllm_ptq_ascend.schemes.registry import build_scheme
@@ -250,8 +250,10 @@ class PtqAscendConfig(QuantizationConfig):
         group = self.group_for(prefix, layer)
         plan = self.plans.get(group) if group else None
         flatquant = self.transforms.flatquant
-        transform = transform_group_for(flatquant, shards, layer, prefix) if flatquant else None
-        return flatquant_plan(plan, transform, prefix) if transform is not None else plan
+        transform = transform_plan_for(flatquant, shards, layer, prefix) if flatquant else None
+        if transform is None:
+            return plan
+        return flatquant_plan(plan, transform.group, prefix, transform.head_dim)
 
     def scheme_for(self, prefix: str, layer: torch.nn.Module) -> PtqScheme | None:
         plan = self.plan_for(prefix, layer)
