@@ -44,6 +44,7 @@ RECIPE_FLAGS = {
     "weights": "weights",
     "iters": "iters",
     "tp": "tp",
+    "o_proj_transform": "o_proj_transform",
 }
 CALIB_FLAGS = ("calib", "calib_samples", "calib_seq_len", "calib_modes", "calib_max_new_tokens", "seed")
 
@@ -455,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_UNSET,
         help="FlatQuant: the tensor-parallel size to serve at (default 1): o_proj/down_proj transforms are "
         "learned block-diagonal over that many ranks (other presets serve at any size as they are)",
+    )
+    r.add_argument(
+        "--o-proj-transform",
+        choices=["kronecker", "per-head"],
+        default=_UNSET,
+        help="FlatQuant: o_proj's input transform factored as any layer's (default), or per attention head "
+        "as the reference and msModelSlim do: the within-head factor folded into v_proj, the head one online",
     )
     r.add_argument("--iters", type=int, default=_UNSET, help="w4a16-autoround: tuning steps per block (200)")
     q.add_argument(

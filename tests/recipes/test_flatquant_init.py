@@ -87,6 +87,42 @@ def test_transform_keeps_the_linear_function_without_quantization_loss(parametri
     assert float((out - ref).norm() / ref.norm()) < 1e-3
 
 
+def test_per_head_o_proj_training_path_keeps_attention_without_quantization_loss():
+    """o_proj's per-head transform while training: v_proj's FlatQuantLinear carries the within-head
+    factor R on its output heads, attention mixes the (grouped-query) values, and o_proj's activations
+    get only L ⊗ I: with 16-bit fake quantization the block computes what it did (float64 reference)."""
+    from vllm_ptq_ascend.recipes.flatquant.trainable import FlatQuantLinear
+
+    g = torch.Generator().manual_seed(1)
+    heads, kv_heads, head_dim, tokens = 4, 2, 8, 6
+    kw = dict(act_clip=False, init="random-orthogonal", generator=g)
+    t_in = TrainableTransform(16, 16, None, **kw)
+    t_o = TrainableTransform(heads * head_dim, 16, None, head_dim=head_dim, **kw)
+    assert t_o.left.shape == (heads, heads) and not torch.allclose(t_o.right.detach(), torch.eye(head_dim))
+    v_lin, o_lin = nn.Linear(16, kv_heads * head_dim), nn.Linear(heads * head_dim, 20, bias=False)
+    v_lin.bias.data = torch.randn(kv_heads * head_dim, generator=g)
+    x = torch.randn(tokens, 16, generator=g)
+    attn = torch.softmax(torch.randn(heads, tokens, tokens, generator=g), dim=-1)
+
+    def block(v_proj, o_proj, dtype):
+        v = v_proj(x.to(dtype)).reshape(tokens, kv_heads, head_dim)
+        out = torch.cat([attn[h].to(dtype) @ v[:, h // (heads // kv_heads)] for h in range(heads)], dim=-1)
+        return o_proj(out).double()
+
+    ref = block(v_lin.double(), o_lin.double(), torch.float64)
+    v_lin.float(), o_lin.float()
+    got = block(
+        FlatQuantLinear(v_lin, t_in, 16, False, value_heads=t_o),
+        FlatQuantLinear(o_lin, t_o, 16, False),
+        torch.float32,
+    )
+    assert float((got - ref).norm() / ref.norm()) < 1e-3
+    # o_proj's activations: L ⊗ I only, R having been applied by v_proj
+    y = torch.randn(3, heads * head_dim, generator=g)
+    dense = torch.kron(t_o.left.detach().double().contiguous(), torch.eye(head_dim, dtype=torch.float64))
+    assert torch.allclose(t_o.activations(y).double(), y.double() @ dense, rtol=1e-3, atol=1e-4)
+
+
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="init must be one of identity, random-orthogonal"):
         KroneckerFactor(4, "hadamard-ish", "direct")

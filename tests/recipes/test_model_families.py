@@ -346,6 +346,18 @@ def test_flatquant_smoothing_fold_keeps_the_float_model(family_model, calib, fam
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_flatquant_per_head_o_proj_fold_keeps_the_float_model(family_model, calib, family):
+    """o_proj's per-head transform from random-orthogonal factors (untrained: the fold is what is
+    tested): the within-head factor folded into v_proj's rows (and Qwen2's v bias), through each
+    family's own attention (grouped-query, Qwen3's k/q norms, Gemma2's soft-capping and scaling)."""
+    recipe = build_recipe("w8a8-flatquant", epochs=0, init="random-orthogonal", o_proj_transform="per-head")
+    flat = recipe[0]
+    flat.act_clip = flat.weight_clip = False
+    folded = ["self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj"]
+    assert_fold_keeps_function(family_model(family), [flat], calib, folded)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_spinquant_rotations_keep_the_float_model_or_are_refused(family_model, calib, family):
     """R1 + R2 (llmcompressor's, folded into the weights with the norms fused first) leave the float
     function unchanged on every family whose block fits; Gemma's (1 + w) and sandwich norms are refused."""

@@ -132,12 +132,9 @@ def backend_dtype(request, monkeypatch):
     return request.param[1]
 
 
-def transform_config_dict(targets=("Linear",), kind=TRANSFORM_TYPE, location="input") -> dict:
-    return {
-        "config_groups": {
-            "flatquant": {"type": kind, "apply": [{"targets": list(targets), "location": location}]}
-        }
-    }
+def transform_config_dict(targets=("Linear",), kind=TRANSFORM_TYPE, location="input", head_dim=None) -> dict:
+    group = {"type": kind, "apply": [{"targets": list(targets), "location": location}]}
+    return {"config_groups": {"flatquant": group | ({"head_dim": head_dim} if head_dim else {})}}
 
 
 def flatquant_tensors(out_f, in_f, weight_bits, packed, gen, clip=0.9):
@@ -213,6 +210,31 @@ def test_flatquant_layer(vllm_dist, backend_dtype, bits, m):
         out, quant_per_token(x.double(), act_bits) @ w.t() + bias.double()
     )
     assert rel_err(out, ref) < 0.5 * rel_err(out, quant_per_token(xt, act_bits, 1.0) @ w.t() + bias.double())
+
+
+def test_per_head_transform_layer(vllm_dist, backend_dtype):
+    """A transform_config group with compressed-tensors' head_dim: factors of 96 / 16 = 6 heads and 16
+    within a head (o_proj's per-head transform), served on every backend against float64."""
+    dtype, (out_f, in_f) = backend_dtype, (40, 96)
+    config = ct_config(*FLATQUANT_CONFIGS[(4, 8)], fmt="int-quantized") | {
+        "transform_config": transform_config_dict(head_dim=16)
+    }
+    layer = build_layer("ReplicatedLinear", config, in_f, out_f, dtype, bias=False)
+    g = torch.Generator().manual_seed(6)
+    tensors = flatquant_tensors(out_f, in_f, 4, False, g)
+    tensors["flatquant_input.left"], tensors["flatquant_input.right"] = random_factor(6, g), torch.eye(16)
+    load_all(layer, tensors)
+    x = torch.randn(7, in_f, generator=g).to(dtype)
+    w = dequant_weight({f"L.{k}": v for k, v in tensors.items()}, "L", {"num_bits": 4})
+    xt = kron_rows(x.double(), tensors["flatquant_input.left"], torch.eye(16))
+    assert rel_err(run_layer(layer, x), quant_per_token(xt, 8, 0.9) @ w.t()) < REL_TOL[dtype]
+    odd = ct_config(*FLATQUANT_CONFIGS[(4, 8)], fmt="int-quantized") | {
+        "transform_config": transform_config_dict(head_dim=7)
+    }
+    with pytest.raises(
+        CheckpointError, match=r"flatquant_input\.left'.*size 96 needs a head_dim dividing it, got 7"
+    ):
+        build_layer("ReplicatedLinear", odd, in_f, out_f, torch.float32, bias=False)
 
 
 def fused_gate_up(dtype=torch.float32):
@@ -310,10 +332,20 @@ def calibrated(tiny_model, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("flatquant")
     calib = CalibrationSpec(**PRESET_CALIBRATION)
-    return {
+    out = {
         name: quantize(tiny_model, root / name, name, calibration=calib, epochs=4, progress=False)
         for name in ("w4a4-flatquant", "w4a8-flatquant")
     }
+    out["w4a8-flatquant-per-head"] = quantize(
+        tiny_model,
+        root / "w4a8-flatquant-per-head",
+        "w4a8-flatquant",
+        calibration=calib,
+        epochs=4,
+        o_proj_transform="per-head",
+        progress=False,
+    )
+    return out
 
 
 def test_calibration_lowers_every_block_mse(calibrated):
@@ -381,14 +413,16 @@ def test_served_checkpoints_match_fake_quant_references(calibrated, tiny_model):
         assert "error" not in res, res
         assert res["quantization_used"] == "ptq_ascend"  # detected from config.json, no flag
         assert sum(diffs(res["prompt_logprobs"], base)) / (3 * 47) > 0.05, name  # really quantized
-    served = results["w4a8-flatquant"]["prompt_logprobs"]
-    ours = FakeQuantModel(calibrated["w4a8-flatquant"])
-    d = diffs(served, [ours.prompt_logprobs(p) for p in prompts])
-    assert sum(d) / len(d) < 0.05 and max(d) < 0.3
-    # compressed-tensors' fake quantization rounds int8 activations on max/127.5 where the kernels use
-    # max/127 (see w4a4_int.py): the bounds of tests/recipes/test_presets_e2e.py
-    d = diffs(served, ct_fake_quant_logprobs(calibrated["w4a8-flatquant"], prompts))
-    assert sum(d) / len(d) < 0.1 and max(d) < 0.5
+    for name in ("w4a8-flatquant", "w4a8-flatquant-per-head"):
+        served = results[name]["prompt_logprobs"]
+        ours = FakeQuantModel(calibrated[name])
+        d = diffs(served, [ours.prompt_logprobs(p) for p in prompts])
+        assert sum(d) / len(d) < 0.05 and max(d) < 0.3, name
+        # compressed-tensors' fake quantization rounds int8 activations on max/127.5 where the kernels use
+        # max/127 (see w4a4_int.py): the bounds of tests/recipes/test_presets_e2e.py. Its transform factory
+        # sizes the per-head group's factors from the transform_config's head_dim.
+        d = diffs(served, ct_fake_quant_logprobs(calibrated[name], prompts))
+        assert sum(d) / len(d) < 0.1 and max(d) < 0.5, name
 
 
 def test_inspect_reports_missing_and_misshapen_transform_tensors(calibrated, tmp_path):
@@ -411,16 +445,52 @@ def test_inspect_reports_missing_and_misshapen_transform_tensors(calibrated, tmp
     assert not inspect(calibrated["w4a8-flatquant"]).all_problems()
 
 
+def test_per_head_o_proj_checkpoint_layout(calibrated, tmp_path):
+    """o_proj's per-head transform: its own transform_config group with compressed-tensors' head_dim,
+    the head factor [heads, heads] online and the identity within heads (the other factor is in v_proj);
+    `inspect` checks it at those shapes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vllm_ptq_ascend.inspect_checkpoint import inspect
+
+    ckpt = calibrated["w4a8-flatquant-per-head"]
+    groups = json.loads((ckpt / "config.json").read_text())["quantization_config"]["transform_config"]
+    heads = groups["config_groups"]["flatquant_heads"]
+    assert heads["head_dim"] == 64 and heads["type"] == TRANSFORM_TYPE
+    assert sorted(heads["apply"][0]["targets"]) == [f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)]
+    assert groups["config_groups"]["flatquant"].get("head_dim") is None
+    tensors = load_file(ckpt / "model.safetensors")
+    o_proj = "model.layers.1.self_attn.o_proj"
+    assert tensors[f"{o_proj}.flatquant_heads_input.left"].shape == (4, 4)
+    assert torch.equal(tensors[f"{o_proj}.flatquant_heads_input.right"].float(), torch.eye(64))
+    assert not any(k.startswith(f"{o_proj}.flatquant_input.") for k in tensors)
+    assert not inspect(ckpt).all_problems()
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    tensors[f"{o_proj}.flatquant_heads_input.left"] = torch.eye(16)
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    problems = "\n".join(inspect(broken).all_problems())
+    assert f"'{o_proj}', tensor 'flatquant_heads_input.left': shape [16, 16], expected [4, 4]" in problems
+
+
 @pytest.mark.parametrize(
-    "init,parametrization,epochs", [("identity", "direct", 3), ("random-orthogonal", "svd-cayley", 2)]
+    "init,parametrization,epochs,o_proj",
+    [
+        ("identity", "direct", 3, "kronecker"),
+        ("random-orthogonal", "svd-cayley", 2, "kronecker"),
+        ("random-orthogonal", "direct", 1, "per-head"),
+    ],
 )
 def test_modifier_without_clipping_leaves_the_model_function_unchanged(
-    tiny_model, tmp_path, init, parametrization, epochs
+    tiny_model, tmp_path, init, parametrization, epochs, o_proj
 ):
     """FlatQuantModifier alone (no quantizer), clipping off: the learned transforms, the smoothing
     folded into the norms and the inverse folded into the weights cancel; the float32 model's
     logits are unchanged to float32 precision although every weight and norm changed. Also with the
-    reference's random-orthogonal start and U·diag·Vᵀ factors."""
+    reference's random-orthogonal start and U·diag·Vᵀ factors, and with o_proj's transform per head
+    (its within-head factor folded into v_proj through transformers' own grouped-query attention)."""
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -443,14 +513,20 @@ def test_modifier_without_clipping_leaves_the_model_function_unchanged(
         weight_clip=False,
         init=init,
         parametrization=parametrization,
+        o_proj_transform=o_proj,
     )
     with cpu_without_pinned_memory(), single_process_calibration():
         oneshot(
             model=model, recipe=[modifier], dataset=ds, num_calibration_samples=len(ds), max_seq_length=64
         )
     after = model.state_dict()
-    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.post_attention_layernorm.weight"):
+    changed = ["model.layers.1.self_attn.q_proj.weight", "model.layers.0.post_attention_layernorm.weight"]
+    for name in changed + ["model.layers.0.self_attn.v_proj.weight"]:
         assert (after[name] - before[name]).abs().max() > 1e-3, name  # the fold really changed them
+    if o_proj == "per-head":  # 4 heads of 64: the head factor online, the identity within heads
+        online = "model.layers.0.self_attn.o_proj.flatquant_heads_input"
+        assert after[f"{online}.left"].shape == (4, 4)
+        assert torch.equal(after[f"{online}.right"], torch.eye(64))
     # the best snapshot is kept, so no block gets worse; training must have helped somewhere (a few
     # steps may not move a block: the AVX2 CI host left layer 0 at 1.28 -> 1.28 after one epoch)
     mse = [(s["best_mse"], s["initial_mse"]) for s in modifier.history.values()]

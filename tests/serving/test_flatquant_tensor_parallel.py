@@ -217,6 +217,7 @@ def tp2_checkpoint(tiny_model, tmp_path_factory):
         init="random-orthogonal",
         weights="rtn",
         tp=2,
+        o_proj_transform="per-head",  # o_proj's left factor over the 4 heads: 2 per rank
         progress=False,
     )
 
@@ -227,8 +228,8 @@ def test_modifier_learns_row_parallel_left_factors_block_diagonal(tp2_checkpoint
     card = json.loads((tp2_checkpoint / "ptq_ascend_card.json").read_text())
     assert card["recipe_options"]["tp"] == 2 and card["flatquant"]["tp"] == 2, card
     with safe_open(str(tp2_checkpoint / "model.safetensors"), "pt") as f:
-        lefts = {k: f.get_tensor(k) for k in f.keys() if k.endswith("flatquant_input.left")}
-    assert lefts
+        lefts = {k: f.get_tensor(k) for k in f.keys() if k.endswith("_input.left")}
+    assert lefts["model.layers.0.self_attn.o_proj.flatquant_heads_input.left"].shape == (4, 4)
     for name, left in lefts.items():
         row = ".o_proj." in name or ".down_proj." in name
         # random-orthogonal blocks: exactly two blocks on row-parallel layers, dense elsewhere
@@ -289,7 +290,7 @@ def test_inspect_says_at_which_tensor_parallel_sizes_it_serves(tp2_checkpoint, t
     dense = tmp_path / "dense"
     shutil.copytree(tp2_checkpoint, dense)
     tensors = load_file(dense / "model.safetensors")
-    name = "model.layers.0.self_attn.o_proj.flatquant_input.left"
+    name = "model.layers.0.self_attn.o_proj.flatquant_heads_input.left"
     tensors[name] = tensors[name] + 1e-3
     save_file(tensors, dense / "model.safetensors", metadata={"format": "pt"})
     assert "dense, so vLLM serves this checkpoint at tensor_parallel_size 1" in inspect(dense).notes[0]

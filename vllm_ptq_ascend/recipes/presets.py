@@ -320,20 +320,10 @@ def w4a8_quip(
     return _quip(8, group_size, ignore, actorder, rotations)
 
 
-def _flatquant(
-    weight_bits: int,
-    act_bits: int,
-    ignore,
-    epochs: int,
-    lr: float,
-    clip_lr: float,
-    init: str,
-    parametrization: str,
-    weights: str = "rtn",
-    tp: int = 1,
-) -> list:
+def _flatquant(weight_bits: int, act_bits: int, ignore, weights: str = "rtn", **options) -> list:
     """FlatQuant transforms, then per-channel weights on the transformed layers: round-to-nearest
-    (FlatQuant's default) or GPTQ on the transformed, clipped activations (``weights="gptq"``)."""
+    (FlatQuant's default) or GPTQ on the transformed, clipped activations (``weights="gptq"``).
+    ``options``: FlatQuantModifier's (epochs, lr, clip_lr, init, parametrization, tp, o_proj_transform)."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     from vllm_ptq_ascend.recipes.flatquant import FlatQuantModifier
@@ -341,16 +331,8 @@ def _flatquant(
     # int8 weights stay unpacked (int-quantized); int4 ones are packed 8 per int32
     fmt = "pack-quantized" if weight_bits == 4 else "int-quantized"
     groups = _groups(_weights(weight_bits, None), _activations("dynamic", bits=act_bits), fmt=fmt)
-    flat = FlatQuantModifier(  # its fields refuse an init or parametrization it does not know
-        weight_bits=weight_bits,
-        act_bits=act_bits,
-        epochs=epochs,
-        lr=lr,
-        clip_lr=clip_lr,
-        init=init,
-        parametrization=parametrization,
-        tp=tp,
-    )
+    # its fields refuse an init, parametrization or o_proj transform it does not know
+    flat = FlatQuantModifier(weight_bits=weight_bits, act_bits=act_bits, **options)
     if weights == "gptq":
         return [flat, _gptq(groups, ignore, "static")]
     if weights != "rtn":
@@ -373,9 +355,20 @@ def _flatquant_preset(name: str, weight_bits: int, act_bits: int, summary: str, 
         parametrization: str = "direct",
         weights: str = weights_default,
         tp: int = 1,
+        o_proj_transform: str = "kronecker",
     ) -> list:
         return _flatquant(
-            weight_bits, act_bits, ignore, epochs, lr, clip_lr, init, parametrization, weights, tp
+            weight_bits,
+            act_bits,
+            ignore,
+            weights,
+            epochs=epochs,
+            lr=lr,
+            clip_lr=clip_lr,
+            init=init,
+            parametrization=parametrization,
+            tp=tp,
+            o_proj_transform=o_proj_transform,
         )
 
     build.__doc__ = summary

@@ -170,6 +170,11 @@ def model_card(info: dict[str, Any]) -> str:
             else "- tensor parallelism: o_proj/down_proj transforms are dense, so it serves at "
             "tensor_parallel_size 1 (quantize with --tp N to serve at N)"
         )
+        if flat.get("o_proj_transform") == "per-head":
+            lines.append(
+                "- o_proj transform per attention head: the within-head factor folded into v_proj, the "
+                "head factor applied online"
+            )
     if info.get("self_check"):
         lines.append(sc.card_line(info["self_check"]))
     lines.append("- libraries: " + ", ".join(f"{k} {v}" for k, v in info["libraries"].items()))
@@ -192,6 +197,7 @@ def flatquant_summary(modifiers: list) -> dict | None:
         "best_mse_mean": mean("best_mse"),
         "seconds": round(sum(b["seconds"] for b in blocks.values()), 1),
         "tp": flat[0].tp,  # row-parallel transforms are block-diagonal over this many ranks
+        "o_proj_transform": flat[0].o_proj_transform,
     }
 
 

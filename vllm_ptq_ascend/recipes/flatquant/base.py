@@ -42,12 +42,17 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 from torch.utils._pytree import tree_map
 
-from vllm_ptq_ascend.formats.kronecker import check_factors, factor_sizes, fold_into_weight, transform_config
-from vllm_ptq_ascend.recipes.families import Family, resolve_family
+from vllm_ptq_ascend.formats.kronecker import (
+    HEADS_GROUP,
+    TRANSFORM_GROUP,
+    check_factors,
+    fold_into_value_rows,
+    fold_into_weight,
+    transform_config,
+)
+from vllm_ptq_ascend.recipes.families import V_PROJ, Family, resolve_family
 from vllm_ptq_ascend.recipes.flatquant.structure import LinearGroup, block_groups, fold_into_norm
 from vllm_ptq_ascend.recipes.flatquant.trainable import FlatQuantLinear, TrainableTransform
-
-TRANSFORM_GROUP = "flatquant"
 
 __all__ = ["FlatQuantModifier"]
 
@@ -74,6 +79,10 @@ class FlatQuantModifier(Modifier):
         row-parallel layers (o_proj, down_proj), whose input vLLM splits over the ranks, are learned with
         a left factor block-diagonal over ``tp`` ranks and activations quantized per rank slice, so each
         rank applies its own block (served at any tensor-parallel size dividing ``tp``)
+    :param o_proj_transform: "kronecker" (o_proj's input factored as any other layer's), or
+        "per-head" as the reference and msModelSlim do: L over the attention heads, online, and R within
+        each head, folded into v_proj's weight rows (attention mixes each head's values linearly), so
+        only the small L runs online; its left factor splits over tensor-parallel ranks by heads
     :param family: the model family (``recipes/families.py``) whose block structure says which norm
         feeds which group; detected from the model's config if None
     """
@@ -94,6 +103,7 @@ class FlatQuantModifier(Modifier):
     init: Literal["identity", "random-orthogonal"] = "identity"
     parametrization: Literal["direct", "svd-cayley"] = "direct"
     tp: int = Field(default=1, ge=1)
+    o_proj_transform: Literal["kronecker", "per-head"] = "kronecker"
 
     _family: Family | None = PrivateAttr(default=None)
     _blocks: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
@@ -118,18 +128,31 @@ class FlatQuantModifier(Modifier):
         self._blocks = {name: m for name, m in model.named_modules() if type(m).__name__ in targets}
         if not self._blocks:
             raise ValueError(f"FlatQuant: no decoder blocks of type {targets} in {type(model).__name__}")
-        layer_names = []
+        layer_names, per_head, head_dims = [], [], set()
         for name, block in self._blocks.items():
-            for group in block_groups(block, name, self._family):
-                layer_names += [f"{name}.{n}" for n in group.names]
+            for group in self._groups(block, name):
+                names = [f"{name}.{n}" for n in group.names]
+                if group.head_dim:
+                    per_head += names
+                    head_dims.add(group.head_dim)
+                else:
+                    layer_names += names
                 self._check_splittable(name, group)
-        apply_transform_config(model, transform_config(layer_names, TRANSFORM_GROUP))
+        if len(head_dims) > 1:  # one transform_config group holds one head_dim
+            raise ValueError(
+                f"FlatQuant: per-head o_proj transforms need one head_dim, found {sorted(head_dims)}"
+            )
+        config = transform_config(layer_names, TRANSFORM_GROUP, per_head, next(iter(head_dims), None))
+        apply_transform_config(model, config)
         for _, param in model.named_parameters():
             param.requires_grad_(False)
         return True
 
+    def _groups(self, block: torch.nn.Module, name: str) -> list[LinearGroup]:
+        return block_groups(block, name, self._family, per_head_o_proj=self.o_proj_transform == "per-head")
+
     def _check_splittable(self, block_name: str, group: LinearGroup) -> None:
-        n1 = factor_sizes(group.in_features)[0]
+        n1 = group.factor_sizes[0]
         if group.row_parallel and n1 % self.tp:
             raise ValueError(
                 f"FlatQuant: '{block_name}.{group.names[0]}' has {group.in_features} inputs, whose "
@@ -179,7 +202,7 @@ class FlatQuantModifier(Modifier):
         if not calls:
             raise RuntimeError(f"FlatQuant: no calibration inputs were captured for block '{name}'")
         start = time.perf_counter()
-        groups = block_groups(block, name, self._family)
+        groups = self._groups(block, name)
         dtype = next(block.parameters()).dtype
         with torch.no_grad():
             act_max = {id(g): torch.zeros(g.in_features) for g in groups}
@@ -206,11 +229,19 @@ class FlatQuantModifier(Modifier):
                 parametrization=self.parametrization,
                 generator=init_generator,
                 rank_slices=self.tp if g.row_parallel else 1,
+                head_dim=g.head_dim,
             )
             for g in groups
         ]
+        # v_proj's output heads carry a per-head o_proj transform's right factor
+        value_heads = next((t for g, t in zip(groups, transforms) if g.head_dim), None)
         wrappers = [
-            [FlatQuantLinear(lin, t, self.weight_bits, self.weight_clip) for lin in g.linears]
+            [
+                FlatQuantLinear(
+                    lin, t, self.weight_bits, self.weight_clip, value_heads if name == V_PROJ else None
+                )
+                for name, lin in zip(g.names, g.linears)
+            ]
             for g, t in zip(groups, transforms)
         ]
         with _swapped(block, groups, wrappers), _float32(block), torch.enable_grad():
@@ -306,14 +337,22 @@ class FlatQuantModifier(Modifier):
                 smooth = None if smooth is None else smooth.detach().double()
                 for lin, w in zip(group.linears, ws):
                     folded = fold_into_weight(w.w, left, right, smooth)
+                    if w.value_heads is not None:  # v_proj: o_proj's per-head right factor, bias too
+                        value_right = w.value_heads.right.detach().double()
+                        b = None if w.b is None else w.b.double()
+                        folded, bias = fold_into_value_rows(folded, b, value_right)
+                        if bias is not None:
+                            update_offload_parameter(lin, "bias", bias.to(lin.bias.dtype))
                     bound = folded.abs().amax(dim=1, keepdim=True) * w.clip_ratio().detach().double().reshape(
                         -1, 1
                     )
                     folded = torch.maximum(torch.minimum(folded, bound), -bound)
                     update_offload_parameter(lin, "weight", folded.to(dtype))
-                    online = getattr(lin, f"{TRANSFORM_GROUP}_input")
+                    online = getattr(lin, f"{HEADS_GROUP if group.head_dim else TRANSFORM_GROUP}_input")
                     online.left.data = left.to(online.left.dtype)
-                    online.right.data = right.to(online.right.dtype)
+                    # a per-head right factor runs in v_proj: online only L ⊗ I
+                    online_right = torch.eye(right.shape[0], dtype=right.dtype) if group.head_dim else right
+                    online.right.data = online_right.to(online.right.dtype)
                     online.clip_ratio.data = t.clip_ratio().detach().reshape(1).to(online.clip_ratio.dtype)
                 if smooth is not None:  # w / s, or (1 + w) / s - 1 for Gemma's norms
                     update_offload_parameter(group.norm, "weight", fold_into_norm(group, smooth))

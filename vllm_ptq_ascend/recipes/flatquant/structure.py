@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vllm_ptq_ascend.formats.kronecker import layer_factor_sizes
 from vllm_ptq_ascend.recipes.families import (
     DOWN_PROJ,
     GATE_UP,
@@ -45,6 +46,11 @@ class LinearGroup:
     norm: nn.Module | None  # has a .weight of the linears' input size
     norm_name: str | None = None  # the norm's full name
     norm_offset: float = 0.0  # the norm computes x̂·(norm_offset + w)
+    head_dim: int | None = None  # o_proj's per-head transform: L over the heads, R within each
+
+    @property
+    def factor_sizes(self) -> tuple[int, int]:
+        return layer_factor_sizes(self.in_features, self.head_dim)
 
     @property
     def in_features(self) -> int:
@@ -56,8 +62,11 @@ class LinearGroup:
         return self.names in ((O_PROJ,), (DOWN_PROJ,))
 
 
-def block_groups(block: nn.Module, block_name: str, family: Family) -> list[LinearGroup]:
-    """The transform groups of one decoder block; raises naming what the block lacks."""
+def block_groups(
+    block: nn.Module, block_name: str, family: Family, per_head_o_proj: bool = False
+) -> list[LinearGroup]:
+    """The transform groups of one decoder block; raises naming what the block lacks.
+    ``per_head_o_proj``: o_proj's transform per attention head (its right factor folded into v_proj)."""
     groups = []
     for names, norm_name in family_groups(family):
         linears = []
@@ -77,8 +86,19 @@ def block_groups(block: nn.Module, block_name: str, family: Family) -> list[Line
         full = f"{block_name}.{norm_name}" if norm is not None else None
         # inside oneshot llmcompressor holds Gemma's (1 + w) norms as x̂·w' (families.effective_offset)
         offset = effective_offset(norm, full, family) if norm is not None else 0.0
-        groups.append(LinearGroup(names, linears, norm, full, offset))
+        head_dim = _head_dim(block, block_name) if per_head_o_proj and names == (O_PROJ,) else None
+        groups.append(LinearGroup(names, linears, norm, full, offset, head_dim))
     return groups
+
+
+def _head_dim(block: nn.Module, block_name: str) -> int:
+    head_dim = getattr(block.get_submodule(O_PROJ.rpartition(".")[0]), "head_dim", None)
+    if not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(
+            f"FlatQuant: block '{block_name}' ({type(block).__name__}) has no attention head_dim, which a "
+            "per-head o_proj transform needs"
+        )
+    return head_dim
 
 
 def fold_into_norm(group: LinearGroup, smooth: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_ptq_ascend.formats.kronecker import factor_sizes, kronecker_transform
+from vllm_ptq_ascend.formats.kronecker import fold_into_value_rows, kronecker_transform, layer_factor_sizes
 
 CLIP_INIT_LOGIT = 4.0  # sigmoid(4) = 0.982, FlatQuant's initial clipping ratio
 INITS = ("identity", "random-orthogonal")
@@ -127,12 +127,16 @@ class TrainableTransform(nn.Module):
         parametrization: str = "direct",
         generator: torch.Generator | None = None,
         rank_slices: int = 1,
+        head_dim: int | None = None,
     ):
         """``rank_slices`` > 1: a row-parallel layer served at that tensor-parallel size, whose ranks
         each hold one slice of the input; the left factor is learned block-diagonal over them and the
-        activations are quantized per slice, as the ranks quantize them."""
+        activations are quantized per slice, as the ranks quantize them.
+        ``head_dim``: o_proj's per-head transform, L over the heads and R within each head; R is applied
+        upstream, by v_proj (``FlatQuantLinear(value_heads=...)``), so online only L ⊗ I runs."""
         super().__init__()
-        n1, n2 = factor_sizes(n)
+        n1, n2 = layer_factor_sizes(n, head_dim)
+        self.right_upstream = head_dim is not None
         self.act_bits = act_bits
         self.rank_slices = rank_slices
         self.left_factor = (
@@ -170,8 +174,10 @@ class TrainableTransform(nn.Module):
         s = self.smooth()
         if s is not None:
             x = x / s
+        # a right factor applied upstream has already transformed x within each head
+        right = torch.eye(self.right.shape[0], dtype=x.dtype) if self.right_upstream else self.right
         return fake_quant_activations(
-            kronecker_transform(x, self.left, self.right), self.act_bits, self.clip_ratio(), self.rank_slices
+            kronecker_transform(x, self.left, right), self.act_bits, self.clip_ratio(), self.rank_slices
         )
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -184,8 +190,18 @@ class TrainableTransform(nn.Module):
 class FlatQuantLinear(nn.Module):
     """Stands in for one nn.Linear of the block while its transform is trained."""
 
-    def __init__(self, linear: nn.Linear, transform: TrainableTransform, weight_bits: int, weight_clip: bool):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        transform: TrainableTransform,
+        weight_bits: int,
+        weight_clip: bool,
+        value_heads: TrainableTransform | None = None,
+    ):
+        """``value_heads``: v_proj, whose output heads carry o_proj's per-head right factor (folded
+        into its weight rows and bias, and quantized so)."""
         super().__init__()
+        self.value_heads = value_heads
         self.original = [linear]  # a list: not a submodule, so not trained or moved
         self.register_buffer("w", linear.weight.detach().float().clone())
         self.register_buffer("b", None if linear.bias is None else linear.bias.detach().float().clone())
@@ -201,5 +217,8 @@ class FlatQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = self.transform.activations(x.float())
-        wq = fake_quant_weight(self.transform.weight(self.w), self.weight_bits, self.clip_ratio())
-        return F.linear(xq, wq, self.b).to(x.dtype)
+        w, b = self.transform.weight(self.w), self.b
+        if self.value_heads is not None:
+            w, b = fold_into_value_rows(w, b, self.value_heads.right)
+        wq = fake_quant_weight(w, self.weight_bits, self.clip_ratio())
+        return F.linear(xq, wq, b).to(x.dtype)
