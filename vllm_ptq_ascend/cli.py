@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--init",
         choices=["identity", "random-orthogonal"],
         default=_UNSET,
-        help="FlatQuant: initial transforms (default identity; the reference starts random-orthogonal)",
+        help="FlatQuant: initial transforms (default random-orthogonal, as the reference; or identity)",
     )
     r.add_argument(
         "--parametrization",
@@ -461,8 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--o-proj-transform",
         choices=["kronecker", "per-head"],
         default=_UNSET,
-        help="FlatQuant: o_proj's input transform factored as any layer's (default), or per attention head "
-        "as the reference and msModelSlim do: the within-head factor folded into v_proj, the head one online",
+        help="FlatQuant: o_proj's input transform per attention head (default), as the reference and "
+        "msModelSlim do: the within-head factor folded into v_proj, the head one online; or factored as any "
+        "layer's",
     )
     r.add_argument("--iters", type=int, default=_UNSET, help="w4a16-autoround: tuning steps per block (200)")
     q.add_argument(

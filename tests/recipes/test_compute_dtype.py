@@ -72,6 +72,6 @@ def test_flatquant_factors_keep_their_float32_in_a_float32_run(tiny_model, tmp_p
         )  # fmt: skip
         written[dtype] = {k: t.dtype for k, t in load_file(out / "model.safetensors").items()}
     assert written["float32"] == written["bfloat16"]
-    factors = [k for k in written["float32"] if ".flatquant_input." in k]
+    factors = [k for k in written["float32"] if ".flatquant_input." in k or ".flatquant_heads_input." in k]
     assert factors and {written["float32"][k] for k in factors} == {torch.float32}
     assert written["float32"]["model.layers.0.input_layernorm.weight"] == torch.bfloat16

@@ -340,7 +340,7 @@ def test_awq_fold_keeps_the_float_model(family_model, calib, family, monkeypatch
 def test_flatquant_smoothing_fold_keeps_the_float_model(family_model, calib, family):
     """FlatQuant's smoothing (SmoothQuant init, no training: the fold is what is tested) folded into
     the family's norms, with identity transforms and clipping off."""
-    (flat, _) = build_recipe("w8a8-flatquant", epochs=0)
+    (flat, _) = build_recipe("w8a8-flatquant", epochs=0, init="identity", o_proj_transform="kronecker")
     flat.act_clip = flat.weight_clip = False
     assert_fold_keeps_function(family_model(family), [flat], calib, ["self_attn.q_proj", "mlp.gate_proj"])
 
@@ -350,8 +350,8 @@ def test_flatquant_per_head_o_proj_fold_keeps_the_float_model(family_model, cali
     """o_proj's per-head transform from random-orthogonal factors (untrained: the fold is what is
     tested): the within-head factor folded into v_proj's rows (and Qwen2's v bias), through each
     family's own attention (grouped-query, Qwen3's k/q norms, Gemma2's soft-capping and scaling)."""
-    recipe = build_recipe("w8a8-flatquant", epochs=0, init="random-orthogonal", o_proj_transform="per-head")
-    flat = recipe[0]
+    (flat, _) = build_recipe("w8a8-flatquant", epochs=0)  # random-orthogonal, per-head: the defaults
+    assert (flat.init, flat.o_proj_transform) == ("random-orthogonal", "per-head")
     flat.act_clip = flat.weight_clip = False
     folded = ["self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj"]
     assert_fold_keeps_function(family_model(family), [flat], calib, folded)

@@ -325,7 +325,8 @@ def test_transform_needs_per_channel_dynamic_scheme(vllm_dist):
 
 @pytest.fixture(scope="module")
 def calibrated(tiny_model, tmp_path_factory):
-    """The tiny model through `quantize` with each FlatQuant preset (few epochs: a test)."""
+    """The tiny model through `quantize` with each FlatQuant preset (few epochs: a test); and W4A8 with
+    the earlier defaults: identity start, o_proj factored as any layer (its own layout)."""
     from tests.conftest import PRESET_CALIBRATION
     from vllm_ptq_ascend.recipes.calibration import CalibrationSpec
     from vllm_ptq_ascend.recipes.quantize import quantize
@@ -336,13 +337,14 @@ def calibrated(tiny_model, tmp_path_factory):
         name: quantize(tiny_model, root / name, name, calibration=calib, epochs=4, progress=False)
         for name in ("w4a4-flatquant", "w4a8-flatquant")
     }
-    out["w4a8-flatquant-per-head"] = quantize(
+    out["w4a8-flatquant-kronecker"] = quantize(
         tiny_model,
-        root / "w4a8-flatquant-per-head",
+        root / "w4a8-flatquant-kronecker",
         "w4a8-flatquant",
         calibration=calib,
         epochs=4,
-        o_proj_transform="per-head",
+        init="identity",
+        o_proj_transform="kronecker",
         progress=False,
     )
     return out
@@ -361,8 +363,11 @@ def test_checkpoint_stores_factors_not_dense_transforms(calibrated):
 
     ckpt = calibrated["w4a4-flatquant"]
     cfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
-    (group,) = cfg["transform_config"]["config_groups"].values()
-    assert group["type"] == TRANSFORM_TYPE and len(group["apply"][0]["targets"]) == 2 * 7
+    groups = cfg["transform_config"]["config_groups"]
+    assert {g["type"] for g in groups.values()} == {TRANSFORM_TYPE}
+    # o_proj per head (the default) in a group of its own
+    assert len(groups["flatquant"]["apply"][0]["targets"]) == 2 * 6
+    assert len(groups["flatquant_heads"]["apply"][0]["targets"]) == 2
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if "flatquant_input" in k}
     assert shapes["model.layers.0.mlp.down_proj.flatquant_input.left"] == factor_sizes(512)[:1] * 2
@@ -413,7 +418,7 @@ def test_served_checkpoints_match_fake_quant_references(calibrated, tiny_model):
         assert "error" not in res, res
         assert res["quantization_used"] == "ptq_ascend"  # detected from config.json, no flag
         assert sum(diffs(res["prompt_logprobs"], base)) / (3 * 47) > 0.05, name  # really quantized
-    for name in ("w4a8-flatquant", "w4a8-flatquant-per-head"):
+    for name in ("w4a8-flatquant", "w4a8-flatquant-kronecker"):
         served = results[name]["prompt_logprobs"]
         ours = FakeQuantModel(calibrated[name])
         d = diffs(served, [ours.prompt_logprobs(p) for p in prompts])
@@ -434,7 +439,7 @@ def test_inspect_reports_missing_and_misshapen_transform_tensors(calibrated, tmp
     from vllm_ptq_ascend.inspect_checkpoint import inspect
 
     broken = tmp_path / "broken"
-    shutil.copytree(calibrated["w4a8-flatquant"], broken)
+    shutil.copytree(calibrated["w4a8-flatquant-kronecker"], broken)
     tensors = load_file(broken / "model.safetensors")
     del tensors["model.layers.1.mlp.down_proj.flatquant_input.right"]
     tensors["model.layers.0.self_attn.o_proj.flatquant_input.left"] = torch.eye(5)
@@ -442,7 +447,7 @@ def test_inspect_reports_missing_and_misshapen_transform_tensors(calibrated, tmp
     problems = "\n".join(inspect(broken).all_problems())
     assert "layer 'model.layers.1.mlp.down_proj', tensor 'flatquant_input.right': missing from" in problems
     assert "o_proj', tensor 'flatquant_input.left': shape [5, 5], expected [16, 16]" in problems
-    assert not inspect(calibrated["w4a8-flatquant"]).all_problems()
+    assert not inspect(calibrated["w4a8-flatquant-kronecker"]).all_problems()
 
 
 def test_per_head_o_proj_checkpoint_layout(calibrated, tmp_path):
@@ -455,7 +460,7 @@ def test_per_head_o_proj_checkpoint_layout(calibrated, tmp_path):
 
     from vllm_ptq_ascend.inspect_checkpoint import inspect
 
-    ckpt = calibrated["w4a8-flatquant-per-head"]
+    ckpt = calibrated["w4a8-flatquant"]  # per head: the presets' default
     groups = json.loads((ckpt / "config.json").read_text())["quantization_config"]["transform_config"]
     heads = groups["config_groups"]["flatquant_heads"]
     assert heads["head_dim"] == 64 and heads["type"] == TRANSFORM_TYPE

@@ -267,8 +267,16 @@ def test_modifier_checkpoint_served_at_two_ranks(tp2_checkpoint, as_rank, vllm_d
 def test_tp_that_does_not_divide_a_left_factor_is_refused_before_calibration(tiny_model, tmp_path):
     from vllm_ptq_ascend.recipes.quantize import quantize
 
-    with pytest.raises(ValueError, match=r"o_proj' has 256 inputs.*left factor \(16 x 16\).*tp=3"):
+    # o_proj per head (the default): its left factor is the 4 heads'
+    with pytest.raises(
+        ValueError, match=r"o_proj' has 256 inputs.*left factor \(4 x 4, over its attention heads\).*tp=3"
+    ):
         quantize(tiny_model, tmp_path / "out", "w8a8-flatquant", tp=3, epochs=1, progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"o_proj' has 256 inputs.*left factor \(16 x 16\) cannot.*tp=3"):
+        quantize(
+            tiny_model, tmp_path / "out", "w8a8-flatquant", tp=3, o_proj_transform="kronecker", progress=False
+        )
     assert not (tmp_path / "out").exists()
 
 

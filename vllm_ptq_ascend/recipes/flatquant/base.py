@@ -72,7 +72,7 @@ class FlatQuantModifier(Modifier):
     :param act_clip: learn a per-layer activation clipping ratio
     :param seed: seed of the batch order (and of random-orthogonal initial factors)
     :param init: initial Kronecker factors: "identity", or "random-orthogonal" as the reference
-        (ruikangliu/FlatQuant ``get_init_weight``) starts them
+        (ruikangliu/FlatQuant ``get_init_weight``) starts them (the presets' default: it measures better)
     :param parametrization: "direct" (the factor itself), or "svd-cayley": U·diag·Vᵀ with U, V kept
         orthogonal by a Cayley map, the reference's default (``SVDDecomposeTransMatrix``)
     :param tp: the largest tensor-parallel size the checkpoint is served at: the input transforms of
@@ -82,7 +82,8 @@ class FlatQuantModifier(Modifier):
     :param o_proj_transform: "kronecker" (o_proj's input factored as any other layer's), or
         "per-head" as the reference and msModelSlim do: L over the attention heads, online, and R within
         each head, folded into v_proj's weight rows (attention mixes each head's values linearly), so
-        only the small L runs online; its left factor splits over tensor-parallel ranks by heads
+        only the small L runs online; its left factor splits over tensor-parallel ranks by heads (the
+        presets' default)
     :param family: the model family (``recipes/families.py``) whose block structure says which norm
         feeds which group; detected from the model's config if None
     """
@@ -154,9 +155,11 @@ class FlatQuantModifier(Modifier):
     def _check_splittable(self, block_name: str, group: LinearGroup) -> None:
         n1 = group.factor_sizes[0]
         if group.row_parallel and n1 % self.tp:
+            heads = ", over its attention heads" if group.head_dim else ""
             raise ValueError(
                 f"FlatQuant: '{block_name}.{group.names[0]}' has {group.in_features} inputs, whose "
-                f"transform's left factor ({n1} x {n1}) cannot be split into tp={self.tp} diagonal blocks; "
+                f"transform's left factor ({n1} x {n1}{heads}) "
+                f"cannot be split into tp={self.tp} diagonal blocks; "
                 f"choose a tp dividing {n1}"
             )
 
