@@ -73,7 +73,7 @@ def test_flatquant_yaml_loads_in_a_fresh_process():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "['FlatQuantModifier', 'QuantizationModifier'] 4" in out.stdout
+    assert "['FlatQuantModifier', 'GPTQModifier'] 4" in out.stdout  # GPTQ weights: the W4A4 default
 
 
 def test_yaml_recipe_and_builder_write_the_same_checkpoint(tiny_model, tmp_path):
