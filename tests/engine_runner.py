@@ -15,13 +15,16 @@ import json
 import sys
 
 
-def _tensor_parallel(size: int) -> dict:
+def _tensor_parallel(job: dict) -> dict:
+    size = job.get("tensor_parallel_size", 1)
     if size == 1:
         return {}
     import os
 
-    # vLLM-CPU binds each worker's threads to its own NUMA node, of which this host has one: one core each
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % os.cpu_count()) for i in range(size)))
+    # vLLM-CPU binds each worker's threads to its own NUMA node, of which this host has one: one core each;
+    # in the job's env, so it is unset again for the next job
+    binding = "|".join(str(i % os.cpu_count()) for i in range(size))
+    job.setdefault("env", {}).setdefault("VLLM_CPU_OMP_THREADS_BIND", binding)
     return {"tensor_parallel_size": size, "distributed_executor_backend": "mp"}
 
 
@@ -30,6 +33,7 @@ def run_job(job: dict) -> dict:
 
     from vllm import LLM, SamplingParams
 
+    parallel = _tensor_parallel(job)
     os.environ.update(job.get("env", {}))  # e.g. the kernel backend for this job
 
     llm = LLM(
@@ -39,7 +43,7 @@ def run_job(job: dict) -> dict:
         max_model_len=512,
         enforce_eager=True,
         seed=0,
-        **_tensor_parallel(job.get("tensor_parallel_size", 1)),
+        **parallel,
     )
     try:
         params = SamplingParams(max_tokens=job.get("max_tokens", 4), temperature=0.0, prompt_logprobs=0)
