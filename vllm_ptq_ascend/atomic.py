@@ -8,8 +8,10 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -93,31 +95,62 @@ _CAUGHT = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(sig
 
 
 @contextmanager
-def _cleanup_on_termination() -> Iterator[None]:
+def _cleanup_on_termination() -> Iterator[list[int]]:
     """While inside, SIGTERM and SIGHUP raise :class:`Terminated` instead of ending the process.
 
     Only in the main thread, and only for signals left at their default action (a handler the
     program installed, or SIG_IGN as under nohup, is kept). A second signal while cleaning up is
     ignored, so the cleanup is not itself cut short.
+
+    Yields the signals received, so the caller can refuse to publish even where the exception
+    was lost: Python swallows an exception raised in a ``__del__`` or a weakref callback (the
+    garbage collector runs them between any two bytecodes), so a signal landing there is
+    delivered again from ``sys.unraisablehook``, and the list is the last guard.
     """
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
     stopping = []
 
     def handler(signum, frame):
+        if not received:
+            received.append(signum)
         if stopping:
             return
         stopping.append(signum)
         raise Terminated(signum)
 
+    previous_hook = sys.unraisablehook
+
+    def send_again(signum):
+        # from another thread, once the hook has returned: the handler then runs in the main
+        # thread's own code (raise_signal here would run it inside the hook, which drops it too)
+        time.sleep(0.01)
+        stopping.clear()
+        os.kill(os.getpid(), signum)
+
+    def redeliver(unraisable):
+        exc = unraisable.exc_value
+        if not (isinstance(exc, Terminated) and stopping):
+            previous_hook(unraisable)
+            return
+        while True:
+            try:
+                threading.Thread(target=send_again, args=(exc.signum,), daemon=True).start()
+                return
+            except Terminated:  # delivered while still in here: send it once more
+                continue
+
     previous = {}
     for sig in _CAUGHT:
         if signal.getsignal(sig) is signal.SIG_DFL:
             previous[sig] = signal.signal(sig, handler)
+    sys.unraisablehook = redeliver
     try:
-        yield
+        yield received
     finally:
+        sys.unraisablehook = previous_hook
         for sig, old in previous.items():
             signal.signal(sig, old)
 
@@ -137,18 +170,20 @@ def atomic_directory(dest: str | Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(dest)
-    with _cleanup_on_termination():
-        with _atomic_directory(dest) as tmp:
+    with _cleanup_on_termination() as received:
+        with _atomic_directory(dest, received) as tmp:
             yield tmp
 
 
 @contextmanager
-def _atomic_directory(dest: Path) -> Iterator[Path]:
+def _atomic_directory(dest: Path, received: list[int]) -> Iterator[Path]:
     tag = _prefix(dest) + _owner_tag()
     tmp = old = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=tag, dir=dest.parent))
         yield tmp
+        if received:  # a stop signal whose exception was lost: never publish after it
+            raise Terminated(received[0])
         tmp.chmod(0o755)  # mkdtemp makes it private
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=tag, dir=dest.parent))

@@ -114,6 +114,43 @@ def test_signal_handlers_are_restored_after_the_directory_is_written(tmp_path):
     assert (tmp_path / "out").is_dir()
 
 
+# SIGTERM handled while the garbage collector runs a destructor: Python prints "Exception ignored
+# in ..." and drops the exception (this stopped a CI run's quantize too late: it published).
+LOST_IN_DESTRUCTOR = DEFAULTS + textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from vllm_ptq_ascend.atomic import atomic_directory
+
+    class Collected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the handler runs here, inside the destructor
+                pass
+
+    with atomic_directory(sys.argv[1]) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"whole")
+        if sys.argv[2] == "swallow":  # a library's hook that drops unraisable exceptions
+            sys.unraisablehook = lambda unraisable: None
+        Collected()
+        time.sleep(2)
+        print("finished the run", flush=True)
+    print("published", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("hook", ["ours", "swallow"])
+def test_a_signal_lost_in_a_destructor_still_stops_the_run_unpublished(tmp_path, hook):
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, "-c", LOST_IN_DESTRUCTOR, str(out), hook], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-2000:]
+    assert "published" not in r.stdout and not out.exists() and partials(out) == []
+    # delivered again at the next bytecode; under a hook that drops it, refused at the rename
+    assert ("finished the run" in r.stdout) == (hook == "swallow"), r.stdout
+
+
 def test_stale_partial_of_a_killed_process_is_removed(tmp_path):
     out = tmp_path / "out"
     proc = hold_partial(out)
