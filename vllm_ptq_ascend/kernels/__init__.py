@@ -134,7 +134,7 @@ def platform_kernels(name: str) -> Platform:
             warn_on_fallback=True,
         )
     if name in ("cuda", "rocm", "xpu"):  # vLLM's own kernels, chosen by vLLM for its platform
-        from vllm_ptq_ascend.kernels import vllm_linear
+        from vllm_ptq_ascend.kernels import triton_quant, vllm_linear
 
         return Platform(
             name,
@@ -145,7 +145,11 @@ def platform_kernels(name: str) -> Platform:
                     composed.W4A8AsWeightOnlyKernel,
                     portable.TorchW4A8Kernel,
                 ),
-                IntDynamicSpec: torch_lists[IntDynamicSpec],
+                IntDynamicSpec: (
+                    composed.Int8ActivationsAsInt8Kernel,
+                    triton_quant.TritonIntDynamicKernel,
+                    portable.TorchIntDynamicKernel,
+                ),
                 WeightOnlySpec: (
                     composed.ActOrderKernel,
                     vllm_linear.VllmMixedPrecisionKernel,
@@ -171,8 +175,12 @@ def candidates(config: KernelConfig) -> tuple[type[LinearKernel], ...]:
 
 
 def disabled_kernels() -> list[str]:
-    """Kernel class names in vLLM's own ``VLLM_DISABLED_KERNELS`` (ours and vLLM's alike)."""
-    import vllm.envs as envs
+    """Kernel class names in vLLM's own ``VLLM_DISABLED_KERNELS`` (ours and vLLM's alike); none
+    where vLLM is not installed (the portable kernels on a bare torch machine, as in benchmarks)."""
+    try:
+        import vllm.envs as envs
+    except ImportError:
+        return []
 
     return envs.VLLM_DISABLED_KERNELS
 

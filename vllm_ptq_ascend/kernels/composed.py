@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-from vllm.model_executor.parameter import PackedvLLMParameter
 
 from vllm_ptq_ascend.kernels import torch_ops
 from vllm_ptq_ascend.kernels.base import (
@@ -111,6 +110,9 @@ class W4A8AsWeightOnlyKernel(_Composed):
         return WeightOnlySpec(num_bits=4, group_size=config.spec.group_size, symmetric=True, has_g_idx=False)
 
     def process_weights_after_loading(self, layer):
+        # imported here: this kernel runs only under vLLM, the portable ones also without it
+        from vllm.model_executor.parameter import PackedvLLMParameter
+
         w_int = torch_ops.unpack_weight(layer, 4)
         packed = pack_to_int32(w_int, 4, packed_dim=1)
         # vLLM's WNA16 layout, as its CompressedTensorsWNA16 registers it: new data in the vLLM
