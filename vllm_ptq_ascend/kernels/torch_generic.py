@@ -102,7 +102,7 @@ class TorchIntDynamicKernel(_Portable, IntDynamicKernel):
     @property
     def name(self) -> str:
         gemm = getattr(self, "gemm", None)
-        return f"TorchIntDynamicKernel({gemm.name})" if gemm is not None else "TorchIntDynamicKernel"
+        return f"{type(self).__name__}({gemm.name})" if gemm is not None else type(self).__name__
 
     def quantize_input(self, x):
         clip = 1.0
