@@ -45,6 +45,7 @@ RECIPE_FLAGS = {
     "iters": "iters",
     "tp": "tp",
     "o_proj_transform": "o_proj_transform",
+    "smooth_down_proj": "smooth_down_proj",
 }
 CALIB_FLAGS = ("calib", "calib_samples", "calib_seq_len", "calib_modes", "calib_max_new_tokens", "seed")
 
@@ -464,6 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="FlatQuant: o_proj's input transform per attention head (default), as the reference and "
         "msModelSlim do: the within-head factor folded into v_proj, the head one online; or factored as any "
         "layer's",
+    )
+    r.add_argument(
+        "--smooth-down-proj",
+        action=argparse.BooleanOptionalAction,
+        default=_UNSET,
+        help="FlatQuant: also learn a smoothing scale for down_proj's input, folded into up_proj's rows, "
+        "as the reference does",
     )
     r.add_argument("--iters", type=int, default=_UNSET, help="w4a16-autoround: tuning steps per block (200)")
     q.add_argument(

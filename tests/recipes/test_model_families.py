@@ -58,9 +58,7 @@ from vllm_ptq_ascend.recipes.families import (
 from vllm_ptq_ascend.recipes.presets import PRESETS, build_recipe
 
 CI_E2E = [f for f in TINY_FAMILIES if f != "llama"]  # llama: tests/recipes/test_presets_e2e.py
-WEIGHT_ONLY = {
-    "w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn", "w4a16-autoround", "w4a16-spinquant"
-}
+WEIGHT_ONLY = {"w4a16-awq", "w4a16-gptq", "w8a16-gptq", "w4a16-rtn", "w4a16-autoround", "w4a16-spinquant"}
 # int4 activations: see tests/recipes/test_presets_e2e.py
 CHAOTIC = {"w4a4-rtn", "w4a4-flatquant", "w4a4-spinquant", "w4a4-quip", "w4a4-mixed"}
 E2E_CALIBRATION = dict(num_samples=8, max_seq_length=64)
@@ -339,10 +337,13 @@ def test_awq_fold_keeps_the_float_model(family_model, calib, family, monkeypatch
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_flatquant_smoothing_fold_keeps_the_float_model(family_model, calib, family):
     """FlatQuant's smoothing (SmoothQuant init, no training: the fold is what is tested) folded into
-    the family's norms, with identity transforms and clipping off."""
-    (flat, _) = build_recipe("w8a8-flatquant", epochs=0, init="identity", o_proj_transform="kronecker")
+    the family's norms, and down_proj's into up_proj's rows, with identity transforms and clipping off."""
+    (flat, _) = build_recipe(
+        "w8a8-flatquant", epochs=0, init="identity", o_proj_transform="kronecker", smooth_down_proj=True
+    )
     flat.act_clip = flat.weight_clip = False
-    assert_fold_keeps_function(family_model(family), [flat], calib, ["self_attn.q_proj", "mlp.gate_proj"])
+    folded = ["self_attn.q_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert_fold_keeps_function(family_model(family), [flat], calib, folded)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

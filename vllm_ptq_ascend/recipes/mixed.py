@@ -41,8 +41,13 @@ FALLBACKS = {
     "none": None,
 }
 FALLBACK_GROUP = "fallback"
-# recipe modifiers whose rotations the sensitivity scan does not apply (it quantizes the plain model)
-ROTATION_MODIFIERS = ("QuIPModifier", "SpinQuantModifier", "FamilySpinQuantModifier")
+# recipe modifiers whose transforms the sensitivity scan does not apply (it quantizes the plain model)
+TRANSFORM_MODIFIERS = {
+    "QuIPModifier": "rotations",
+    "SpinQuantModifier": "rotations",
+    "FamilySpinQuantModifier": "rotations",
+    "FlatQuantModifier": "learned FlatQuant transforms",
+}
 
 
 class BudgetError(ValueError):
@@ -153,6 +158,9 @@ def apply_fallback(modifiers: list, kept_layers: list[str], fallback: str) -> No
     quantizers = [m for m in modifiers if getattr(m, "config_groups", None)]
     if not quantizers:
         raise ValueError("mixed precision: the recipe has no modifier with config_groups")
+    for m in modifiers:  # FlatQuant learns the kept layers' transforms on the grid they are served at
+        if type(m).__name__ == "FlatQuantModifier":
+            m.w8a8_layers = list(kept_layers)
     for m in quantizers:
         if fallback == "none":
             m.ignore = list(m.ignore or []) + [n for n in kept_layers if n not in (m.ignore or [])]
@@ -217,11 +225,12 @@ def plan_mixed_precision(model_dir, preset: str, options: dict, modifiers: list,
     plan["samples"], plan["tokens"] = len(s.samples), sum(len(x) - 1 for x in s.samples)
     plan["scan_file"] = str(scan_file) if scan_file is not None else None
     plan["ranking"] = [{k: r[k] for k in ("rank", "unit", "kl", "ppl_change_pct", "mse")} for r in ranking]
-    rotations = [type(m).__name__ for m in modifiers if type(m).__name__ in ROTATION_MODIFIERS]
-    if rotations:  # the ranking is an approximation; the written checkpoint is measured with them
+    transforms = [type(m).__name__ for m in modifiers if type(m).__name__ in TRANSFORM_MODIFIERS]
+    if transforms:  # the ranking is an approximation; the written checkpoint is measured with them
+        what = TRANSFORM_MODIFIERS[transforms[0]]
         plan["scan_note"] = (
-            f"the scan ranked layers by round-to-nearest quantization without the preset's rotations "
-            f"({', '.join(rotations)}); the checkpoint's numbers are measured with them"
+            f"the scan ranked layers by round-to-nearest quantization without the preset's {what} "
+            f"({', '.join(transforms)}); the checkpoint's numbers are measured with them"
         )
     apply_fallback(modifiers, plan["kept_layers"], fallback)
     ref.block_outputs = []  # only the logits are needed from here on

@@ -175,6 +175,8 @@ def model_card(info: dict[str, Any]) -> str:
                 "- o_proj transform per attention head: the within-head factor folded into v_proj, the "
                 "head factor applied online"
             )
+        if flat.get("smooth_down_proj"):
+            lines.append("- down_proj smoothing learned, its inverse folded into up_proj's output rows")
     if info.get("self_check"):
         lines.append(sc.card_line(info["self_check"]))
     lines.append("- libraries: " + ", ".join(f"{k} {v}" for k, v in info["libraries"].items()))
@@ -198,6 +200,7 @@ def flatquant_summary(modifiers: list) -> dict | None:
         "seconds": round(sum(b["seconds"] for b in blocks.values()), 1),
         "tp": flat[0].tp,  # row-parallel transforms are block-diagonal over this many ranks
         "o_proj_transform": flat[0].o_proj_transform,
+        "smooth_down_proj": flat[0].smooth_down_proj,
     }
 
 
@@ -260,11 +263,10 @@ def quantize(
     if budget is not None:
         from vllm_ptq_ascend.recipes.mixed import Budget, fallback_args
 
-        if any(type(m).__name__ == "FlatQuantModifier" for m in modifiers):
+        if any(type(m).__name__ == "FlatQuantModifier" for m in modifiers) and fallback not in (None, "w8a8"):
             raise ValueError(
-                f"--budget is not supported with {recipe!r} yet: the sensitivity scan measures "
-                "round-to-nearest layers, not the learned FlatQuant transforms; use the round-to-nearest "
-                "preset (w4a4-rtn) or no budget"
+                f"--fallback {fallback} with {recipe!r}: a kept layer keeps its learned FlatQuant input "
+                "transform, which needs per-token int activations; the fallback for FlatQuant is w8a8"
             )
         mixed_budget = Budget.parse(budget)
         if fallback is not None:

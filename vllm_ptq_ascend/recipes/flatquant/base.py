@@ -51,7 +51,12 @@ from vllm_ptq_ascend.formats.kronecker import (
     transform_config,
 )
 from vllm_ptq_ascend.recipes.families import V_PROJ, Family, resolve_family
-from vllm_ptq_ascend.recipes.flatquant.structure import LinearGroup, block_groups, fold_into_norm
+from vllm_ptq_ascend.recipes.flatquant.structure import (
+    LinearGroup,
+    block_groups,
+    divide_rows,
+    fold_into_norm,
+)
 from vllm_ptq_ascend.recipes.flatquant.trainable import FlatQuantLinear, TrainableTransform
 
 __all__ = ["FlatQuantModifier"]
@@ -68,6 +73,8 @@ class FlatQuantModifier(Modifier):
     :param batch_size: captured calibration batches per optimizer step (paper: 4)
     :param smooth_alpha: SmoothQuant migration strength of the initial smoothing scale (paper: 0.3)
     :param learn_smooth: learn a per-channel smoothing scale where a norm can absorb it
+    :param smooth_down_proj: also learn one for down_proj, folded into up_proj's output rows, as the
+        reference does (``down_trans.diag_scale``); where the family's MLP is act(gate)·up
     :param weight_clip: learn per-output-channel weight clipping
     :param act_clip: learn a per-layer activation clipping ratio
     :param seed: seed of the batch order (and of random-orthogonal initial factors)
@@ -84,6 +91,9 @@ class FlatQuantModifier(Modifier):
         each head, folded into v_proj's weight rows (attention mixes each head's values linearly), so
         only the small L runs online; its left factor splits over tensor-parallel ranks by heads (the
         presets' default)
+    :param w8a8_layers: full names of layers the recipe serves at W8A8 (mixed precision under a
+        budget, ``recipes/mixed.py``): their weights and activations are fake-quantized to 8 bits while
+        the transforms are learned
     :param family: the model family (``recipes/families.py``) whose block structure says which norm
         feeds which group; detected from the model's config if None
     """
@@ -97,6 +107,7 @@ class FlatQuantModifier(Modifier):
     batch_size: int = Field(default=4, ge=1)
     smooth_alpha: float = Field(default=0.3, ge=0, le=1)
     learn_smooth: bool = True
+    smooth_down_proj: bool = False
     weight_clip: bool = True
     act_clip: bool = True
     seed: int = 0
@@ -105,6 +116,7 @@ class FlatQuantModifier(Modifier):
     parametrization: Literal["direct", "svd-cayley"] = "direct"
     tp: int = Field(default=1, ge=1)
     o_proj_transform: Literal["kronecker", "per-head"] = "kronecker"
+    w8a8_layers: list[str] = Field(default_factory=list)
 
     _family: Family | None = PrivateAttr(default=None)
     _blocks: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
@@ -150,7 +162,13 @@ class FlatQuantModifier(Modifier):
         return True
 
     def _groups(self, block: torch.nn.Module, name: str) -> list[LinearGroup]:
-        return block_groups(block, name, self._family, per_head_o_proj=self.o_proj_transform == "per-head")
+        return block_groups(
+            block,
+            name,
+            self._family,
+            per_head_o_proj=self.o_proj_transform == "per-head",
+            smooth_down_proj=self.smooth_down_proj,
+        )
 
     def _check_splittable(self, block_name: str, group: LinearGroup) -> None:
         n1 = group.factor_sizes[0]
@@ -226,7 +244,7 @@ class FlatQuantModifier(Modifier):
             TrainableTransform(
                 g.in_features,
                 self.act_bits,
-                self._smooth_init(g, act_max[id(g)]) if (self.learn_smooth and g.norm is not None) else None,
+                self._smooth_init(g, act_max[id(g)]) if (self.learn_smooth and g.smoothable) else None,
                 self.act_clip,
                 init=self.init,
                 parametrization=self.parametrization,
@@ -238,12 +256,18 @@ class FlatQuantModifier(Modifier):
         ]
         # v_proj's output heads carry a per-head o_proj transform's right factor
         value_heads = next((t for g, t in zip(groups, transforms) if g.head_dim), None)
+        eight_bit = set(self.w8a8_layers)
         wrappers = [
             [
                 FlatQuantLinear(
-                    lin, t, self.weight_bits, self.weight_clip, value_heads if name == V_PROJ else None
+                    lin,
+                    t,
+                    8 if f"{name}.{rel}" in eight_bit else self.weight_bits,
+                    self.weight_clip,
+                    value_heads if rel == V_PROJ else None,
+                    act_bits=8 if f"{name}.{rel}" in eight_bit else self.act_bits,
                 )
-                for name, lin in zip(g.names, g.linears)
+                for rel, lin in zip(g.names, g.linears)
             ]
             for g, t in zip(groups, transforms)
         ]
@@ -357,12 +381,22 @@ class FlatQuantModifier(Modifier):
                     online_right = torch.eye(right.shape[0], dtype=right.dtype) if group.head_dim else right
                     online.right.data = online_right.to(online.right.dtype)
                     online.clip_ratio.data = t.clip_ratio().detach().reshape(1).to(online.clip_ratio.dtype)
-                if smooth is not None:  # w / s, or (1 + w) / s - 1 for Gemma's norms
+                if smooth is not None and group.norm is not None:  # w / s, or (1 + w) / s - 1 (Gemma)
                     update_offload_parameter(group.norm, "weight", fold_into_norm(group, smooth))
+                up = group.smooth_rows_of
+                if smooth is not None and up is not None:  # up_proj, already folded above: its rows / s
+                    weight, bias = divide_rows(up.weight.double(), _double(up.bias), smooth)
+                    update_offload_parameter(up, "weight", weight.to(up.weight.dtype))
+                    if bias is not None:
+                        update_offload_parameter(up, "bias", bias.to(up.bias.dtype))
 
 
 def _output(out):
     return out[0] if isinstance(out, tuple) else out
+
+
+def _double(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().double()
 
 
 def _to_float32(x):

@@ -3,11 +3,14 @@
 The block structure comes from the model's family (``recipes/families.py``): q/k/v after the
 family's attention norm (``input_layernorm``), ``o_proj``, gate/up after the norm that feeds the
 MLP (``post_attention_layernorm`` in Llama-style blocks, ``pre_feedforward_layernorm`` in Gemma2),
-``down_proj``. The per-channel smoothing scale is learned only where a norm precedes the group;
-its inverse is folded into the norm's weight with :func:`fold_into_norm`, right for the norm's
-parametrisation as it stands (x̂·w, or x̂·(1 + w), measured on the module; inside ``oneshot``
-llmcompressor holds Gemma's (1 + w) norms as x̂·w' with w' = 1 + w). o_proj and down_proj get the
-Kronecker transform and clipping alone.
+``down_proj``. A per-channel smoothing scale is learned where something upstream can absorb its
+inverse: a norm before the group (folded with :func:`fold_into_norm`, right for the norm's
+parametrisation as it stands: x̂·w, or x̂·(1 + w), measured on the module; inside ``oneshot``
+llmcompressor holds Gemma's (1 + w) norms as x̂·w' with w' = 1 + w), and, for down_proj, up_proj's
+output rows, since down_proj reads act(gate)·up (:func:`divide_rows`; the reference's
+``down_trans.diag_scale``, folded into up_proj by ``FlatQuantLlamaMLP.reparameterize``). o_proj gets
+the transform and clipping alone, as in the reference: its input is attention's output, whose
+value heads grouped-query attention shares between query heads.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from vllm_ptq_ascend.recipes.families import (
     GATE_UP,
     O_PROJ,
     QKV,
+    UP_PROJ,
     Family,
     effective_offset,
     fold_scale_into_norm,
@@ -47,6 +51,12 @@ class LinearGroup:
     norm_name: str | None = None  # the norm's full name
     norm_offset: float = 0.0  # the norm computes x̂·(norm_offset + w)
     head_dim: int | None = None  # o_proj's per-head transform: L over the heads, R within each
+    #: the linear whose output rows absorb the smoothing scale's inverse (up_proj for down_proj)
+    smooth_rows_of: nn.Linear | None = None
+
+    @property
+    def smoothable(self) -> bool:
+        return self.norm is not None or self.smooth_rows_of is not None
 
     @property
     def factor_sizes(self) -> tuple[int, int]:
@@ -63,10 +73,16 @@ class LinearGroup:
 
 
 def block_groups(
-    block: nn.Module, block_name: str, family: Family, per_head_o_proj: bool = False
+    block: nn.Module,
+    block_name: str,
+    family: Family,
+    per_head_o_proj: bool = False,
+    smooth_down_proj: bool = False,
 ) -> list[LinearGroup]:
     """The transform groups of one decoder block; raises naming what the block lacks.
-    ``per_head_o_proj``: o_proj's transform per attention head (its right factor folded into v_proj)."""
+    ``per_head_o_proj``: o_proj's transform per attention head (its right factor folded into v_proj).
+    ``smooth_down_proj``: down_proj's smoothing folded into up_proj's rows, where the family's MLP is
+    act(gate)·up (``Family.up_down_fold``)."""
     groups = []
     for names, norm_name in family_groups(family):
         linears = []
@@ -87,7 +103,10 @@ def block_groups(
         # inside oneshot llmcompressor holds Gemma's (1 + w) norms as x̂·w' (families.effective_offset)
         offset = effective_offset(norm, full, family) if norm is not None else 0.0
         head_dim = _head_dim(block, block_name) if per_head_o_proj and names == (O_PROJ,) else None
-        groups.append(LinearGroup(names, linears, norm, full, offset, head_dim))
+        rows_of = None
+        if smooth_down_proj and family.up_down_fold and names == (DOWN_PROJ,):
+            rows_of = block.get_submodule(UP_PROJ)
+        groups.append(LinearGroup(names, linears, norm, full, offset, head_dim, rows_of))
     return groups
 
 
@@ -105,6 +124,16 @@ def fold_into_norm(group: LinearGroup, smooth: torch.Tensor) -> torch.Tensor:
     """The group's norm weight (in its dtype) after dividing its effective scale by ``smooth``:
     w / s for x̂·w, (1 + w) / s - 1 for x̂·(1 + w)."""
     return fold_scale_into_norm(group.norm.weight, smooth, group.norm_offset).to(group.norm.weight.dtype)
+
+
+def divide_rows(
+    weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Output rows (and bias) of the linear upstream of a smoothed input divided by ``scale``: the next
+    layer's input x / s then comes out of the model as it stands. Per-row, so it commutes with
+    per-output-channel clipping and quantization."""
+    s = scale.to(weight.dtype).reshape(-1, 1)
+    return weight / s, None if bias is None else bias / s.reshape(-1)
 
 
 def _has(block: nn.Module, name: str) -> bool:

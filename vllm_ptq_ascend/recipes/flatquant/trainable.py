@@ -170,14 +170,19 @@ class TrainableTransform(nn.Module):
     def clip_ratio(self) -> torch.Tensor:
         return torch.sigmoid(self.clip_logit)
 
-    def activations(self, x: torch.Tensor) -> torch.Tensor:
+    def activations(self, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+        """x transformed and fake-quantized per token to ``bits`` (this transform's by default: a layer
+        served at another width, as under a mixed-precision budget, passes its own)."""
         s = self.smooth()
         if s is not None:
             x = x / s
         # a right factor applied upstream has already transformed x within each head
         right = torch.eye(self.right.shape[0], dtype=x.dtype) if self.right_upstream else self.right
         return fake_quant_activations(
-            kronecker_transform(x, self.left, right), self.act_bits, self.clip_ratio(), self.rank_slices
+            kronecker_transform(x, self.left, right),
+            bits or self.act_bits,
+            self.clip_ratio(),
+            self.rank_slices,
         )
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -197,11 +202,14 @@ class FlatQuantLinear(nn.Module):
         weight_bits: int,
         weight_clip: bool,
         value_heads: TrainableTransform | None = None,
+        act_bits: int | None = None,
     ):
         """``value_heads``: v_proj, whose output heads carry o_proj's per-head right factor (folded
-        into its weight rows and bias, and quantized so)."""
+        into its weight rows and bias, and quantized so). ``act_bits``: this layer's activation width,
+        if not its transform's."""
         super().__init__()
         self.value_heads = value_heads
+        self.act_bits = act_bits
         self.original = [linear]  # a list: not a submodule, so not trained or moved
         self.register_buffer("w", linear.weight.detach().float().clone())
         self.register_buffer("b", None if linear.bias is None else linear.bias.detach().float().clone())
@@ -216,7 +224,7 @@ class FlatQuantLinear(nn.Module):
         return torch.sigmoid(self.clip_logit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = self.transform.activations(x.float())
+        xq = self.transform.activations(x.float(), self.act_bits)
         w, b = self.transform.weight(self.w), self.b
         if self.value_heads is not None:
             w, b = fold_into_value_rows(w, b, self.value_heads.right)
