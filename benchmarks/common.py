@@ -32,3 +32,20 @@ def machine() -> dict:
 def machine_line(info: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     return f"{info['cpu']}, {info['cores']} cores; {versions}"
+
+
+def cuda_us_per_call(fn, iters: int = 50) -> float:
+    """Microseconds per call of ``fn`` on the current CUDA device: CUDA events around ``iters`` calls,
+    after 5 warm-up calls."""
+    import torch
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters * 1e3

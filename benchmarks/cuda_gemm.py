@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vllm_triton_source  # noqa: E402
+from common import cuda_us_per_call as bench  # noqa: E402
 
 from vllm_ptq_ascend.formats.kronecker import factor_sizes  # noqa: E402
 from vllm_ptq_ascend.kernels import (  # noqa: E402
@@ -166,19 +167,6 @@ def check_exactness(vk) -> list[dict]:
 
 
 # --- timings ----------------------------------------------------------------------------------------
-
-
-def bench(fn, iters: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters * 1e3
 
 
 def timed(label: str, fn) -> float:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from common import cuda_us_per_call as bench  # noqa: E402
 from reference import dequant_weight, pack_int32, quant_per_token, quant_static  # noqa: E402
 
 from vllm_ptq_ascend.kernels import KernelConfig, LayerShape, choose_kernel  # noqa: E402
@@ -134,19 +135,6 @@ def check_exactness() -> list[dict]:
                 }
             )
     return rows
-
-
-def bench(fn, iters=50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters * 1e3  # microseconds
 
 
 def timings() -> list[dict]:
