@@ -20,6 +20,7 @@ from vllm_ptq_ascend.formats.kronecker import (
     check_factors,
     factor_sizes,
     fold_into_weight,
+    kronecker_transform,
     transform_activations,
 )
 from vllm_ptq_ascend.validation import CheckpointError
@@ -62,6 +63,9 @@ def test_kronecker_transform_equals_dense_kron(n1, n2):
     x = torch.randn(5, n1 * n2, generator=g, dtype=torch.float64)
     got = transform_activations(x, left, right, 1.0)
     assert torch.allclose(got, kron_rows(x, left, right), rtol=0, atol=1e-12)
+    # no right factor: the identity's product skipped, as for o_proj's per-head transform
+    eye = torch.eye(n2, dtype=torch.float64)
+    assert torch.allclose(kronecker_transform(x, left, None), kron_rows(x, left, eye), rtol=0, atol=1e-12)
 
 
 def test_fold_reproduces_the_layer_before_quantization():
@@ -228,6 +232,7 @@ def test_per_head_transform_layer(vllm_dist, backend_dtype):
     w = dequant_weight({f"L.{k}": v for k, v in tensors.items()}, "L", {"num_bits": 4})
     xt = kron_rows(x.double(), tensors["flatquant_input.left"], torch.eye(16))
     assert rel_err(run_layer(layer, x), quant_per_token(xt, 8, 0.9) @ w.t()) < REL_TOL[dtype]
+    assert layer.scheme.kernel.right is None  # the identity right factor is not multiplied online
     odd = ct_config(*FLATQUANT_CONFIGS[(4, 8)], fmt="int-quantized") | {
         "transform_config": transform_config_dict(head_dim=7)
     }

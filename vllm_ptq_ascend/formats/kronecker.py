@@ -30,11 +30,14 @@ TRANSFORM_GROUP, HEADS_GROUP = "flatquant", "flatquant_heads"
 MAX_CONDITION = 1e6
 
 
-def kronecker_transform(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` [M, n1*n2] times L ⊗ R, without forming it: vec(L^T · X · R), X = row as [n1, n2]."""
-    n1, n2 = left.shape[0], right.shape[0]
-    x3 = x.reshape(-1, n1, n2)
-    return (left.t() @ (x3 @ right)).reshape(x.shape)
+def kronecker_transform(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor | None) -> torch.Tensor:
+    """Rows of ``x`` [M, n1*n2] times L ⊗ R, without forming it: vec(L^T · X · R), X = row as [n1, n2].
+    ``right`` None: the identity, whose product is skipped (o_proj's per-head transform online)."""
+    n1 = left.shape[0]
+    x3 = x.reshape(-1, n1, x.shape[-1] // n1)
+    if right is not None:
+        x3 = x3 @ right
+    return (left.t() @ x3).reshape(x.shape)
 
 
 def factor_sizes(n: int) -> tuple[int, int]:

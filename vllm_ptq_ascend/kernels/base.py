@@ -116,6 +116,12 @@ class OnlineKronecker:
         """The factors in float32 (a kernel that transforms in float32 whatever the model dtype)."""
         return OnlineKronecker(self.left.float(), self.right.float(), self.clip_ratio)
 
+    def right_or_none(self) -> torch.Tensor | None:
+        """The right factor, or None where it is exactly the identity (o_proj per head: its
+        within-head factor lives in v_proj), so a kernel can skip that product."""
+        eye = torch.eye(self.right.shape[0], dtype=self.right.dtype, device=self.right.device)
+        return None if torch.equal(self.right, eye) else self.right
+
 
 Spec = Int8LinearSpec | WeightOnlySpec | W4A8Spec | IntDynamicSpec
 

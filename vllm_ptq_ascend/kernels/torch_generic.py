@@ -94,6 +94,7 @@ class TorchIntDynamicKernel(_Portable, IntDynamicKernel):
         self.gemm: Int8Kernel = kernels.choose_kernel(inner)
         self.gemm.process_weights_after_loading(layer)
         self.factors = None if self.transform is None else self.transform.float()
+        self.right = None if self.factors is None else self.factors.right_or_none()
 
     @classmethod
     def fallback(cls, config):
@@ -107,7 +108,7 @@ class TorchIntDynamicKernel(_Portable, IntDynamicKernel):
     def quantize_input(self, x):
         clip = 1.0
         if self.factors is not None:  # transform in float32 whatever the model dtype
-            x = torch_ops.kronecker_transform(x.float(), self.factors.left, self.factors.right)
+            x = torch_ops.kronecker_transform(x.float(), self.factors.left, self.right)
             clip = self.factors.clip_ratio
         return torch_ops.per_token_quant_clipped(x, self.spec.act_qmax, clip)
 

@@ -177,7 +177,7 @@ class TrainableTransform(nn.Module):
         if s is not None:
             x = x / s
         # a right factor applied upstream has already transformed x within each head
-        right = torch.eye(self.right.shape[0], dtype=x.dtype) if self.right_upstream else self.right
+        right = None if self.right_upstream else self.right
         return fake_quant_activations(
             kronecker_transform(x, self.left, right),
             bits or self.act_bits,
