@@ -30,8 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import vllm_triton_source  # noqa: E402
 from common import cuda_us_per_call as bench  # noqa: E402
+from reference import kron_rows, quant_per_token  # noqa: E402
 
 from vllm_ptq_ascend.formats.kronecker import factor_sizes  # noqa: E402
 from vllm_ptq_ascend.kernels import (  # noqa: E402
@@ -111,18 +113,12 @@ def our_kernel(layer, n: int, k: int, act_bits: int, transform: OnlineKronecker 
 
 
 def our_reference(x: torch.Tensor, ref_w, act_bits: int, transform: OnlineKronecker | None) -> torch.Tensor:
-    """The scheme in float64: transform, clip, per-token quantization, integer GEMM, scales."""
+    """The scheme in float64 (tests/reference.py): transform, clip, per-token quantization, scales."""
     x64, clip = x.double().cpu(), 1.0
     if transform is not None:
-        n1, n2 = transform.sizes
-        x3 = x64.reshape(-1, n1, n2)
-        x64 = (transform.left.double().t() @ x3 @ transform.right.double()).reshape(x64.shape)
-        clip = transform.clip_ratio
-    qmax = (1 << (act_bits - 1)) - 1
-    s = x64.abs().amax(-1, keepdim=True).clamp(min=1e-10) * clip / qmax
-    q = torch.round(x64 / s).clamp(-qmax - 1, qmax)
+        x64, clip = kron_rows(x64, transform.left, transform.right), transform.clip_ratio
     w, w_scale = ref_w
-    return (q @ w.t()) * s * w_scale
+    return quant_per_token(x64, act_bits, clip) @ (w * w_scale.reshape(-1, 1)).t()
 
 
 # --- exactness --------------------------------------------------------------------------------------
@@ -137,8 +133,7 @@ def check_exactness(vk) -> list[dict]:
             w, ws = w8a8_weights(n, k, g)
             xq, xs = vk.per_token_quant_int8(x.to(DEV))
             out = vk.triton_scaled_mm(xq, w.to(DEV).t(), xs, ws.to(DEV), torch.bfloat16)
-            s = x.double().abs().amax(-1, keepdim=True).clamp(min=1e-10) / 127
-            ref = (torch.round(x.double() / s).clamp(-128, 127) * s) @ (w.double() * ws.double()).t()
+            ref = quant_per_token(x.double()) @ (w.double() * ws.double()).t()
             rows.append(
                 {"kernel": "vLLM triton W8A8 dynamic", "shape": [m, n, k], "rel_err": rel_err(out, ref)}
             )
