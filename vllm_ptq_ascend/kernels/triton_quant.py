@@ -155,5 +155,5 @@ class TritonIntDynamicKernel(TorchIntDynamicKernel):
     def quantize_input(self, x):
         if self.factors is None:
             return transform_quant(x, None, None, 1.0, self.spec.act_qmax)
-        f = self.factors  # float32 and row-major from process_weights_after_loading
+        f = self.factors  # float32 since process_weights_after_loading; transform_quant makes them row-major
         return transform_quant(x, f.left, f.right, f.clip_ratio, self.spec.act_qmax)

@@ -257,19 +257,14 @@ class FlatQuantModifier(Modifier):
         # v_proj's output heads carry a per-head o_proj transform's right factor
         value_heads = next((t for g, t in zip(groups, transforms) if g.head_dim), None)
         eight_bit = set(self.w8a8_layers)
+
+        def wrapper(rel: str, lin, t) -> FlatQuantLinear:
+            w_bits, a_bits = (8, 8) if f"{name}.{rel}" in eight_bit else (self.weight_bits, self.act_bits)
+            heads = value_heads if rel == V_PROJ else None
+            return FlatQuantLinear(lin, t, w_bits, self.weight_clip, heads, act_bits=a_bits)
+
         wrappers = [
-            [
-                FlatQuantLinear(
-                    lin,
-                    t,
-                    8 if f"{name}.{rel}" in eight_bit else self.weight_bits,
-                    self.weight_clip,
-                    value_heads if rel == V_PROJ else None,
-                    act_bits=8 if f"{name}.{rel}" in eight_bit else self.act_bits,
-                )
-                for rel, lin in zip(g.names, g.linears)
-            ]
-            for g, t in zip(groups, transforms)
+            [wrapper(rel, lin, t) for rel, lin in zip(g.names, g.linears)] for g, t in zip(groups, transforms)
         ]
         with _swapped(block, groups, wrappers), _float32(block), torch.enable_grad():
             best = self._train(block, calls, targets, transforms, wrappers)
