@@ -434,9 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--clip-lr", type=float, default=_UNSET, help="FlatQuant: clipping lr (default 5e-2)")
     r.add_argument(
         "--init",
-        choices=["identity", "random-orthogonal"],
+        choices=["identity", "random-orthogonal", "hadamard"],
         default=_UNSET,
-        help="FlatQuant: initial transforms (default random-orthogonal, as the reference; or identity)",
+        help="FlatQuant: initial transforms (default random-orthogonal, as the reference; identity; or "
+        "random-Hadamard factors, whose Kronecker product is QuIP's full random-Hadamard rotation)",
     )
     r.add_argument(
         "--parametrization",

@@ -19,7 +19,9 @@ from vllm_ptq_ascend.recipes.flatquant.trainable import (
     KroneckerFactor,
     TrainableTransform,
     orthogonal_from,
+    random_hadamard,
     random_orthogonal,
+    start_matrix,
 )
 
 
@@ -35,6 +37,46 @@ def test_random_orthogonal_is_the_references_formula(n):
     assert torch.equal(random_orthogonal(n, torch.Generator().manual_seed(n)), q)
 
 
+@pytest.mark.parametrize("n", [1, 2, 4, 12, 24, 48, 64])
+def test_hadamard_start_is_an_orthogonal_random_hadamard_matrix(n):
+    """The definition, in float64: every entry ±1/sqrt(n) and H·Hᵀ = I; the signs are drawn (two seeds
+    differ beyond order 1), and L ⊗ R of two such factors is itself a Hadamard matrix of order n², the
+    full rotation QuIP starts from."""
+    h = start_matrix(n, "hadamard", torch.Generator().manual_seed(0))
+    eye = torch.eye(n, dtype=torch.float64)
+    assert h.dtype == torch.float64
+    assert torch.allclose(h.abs(), torch.full_like(h, n**-0.5), atol=1e-12)
+    assert torch.allclose(h @ h.t(), eye, atol=1e-12)
+    if n > 1:
+        assert not torch.equal(h, start_matrix(n, "hadamard", torch.Generator().manual_seed(1)))
+    k = torch.kron(h, start_matrix(n, "hadamard", torch.Generator().manual_seed(2)))
+    assert torch.allclose(k.abs(), torch.full_like(k, 1 / n), atol=1e-12)
+    assert torch.allclose(k @ k.t(), torch.eye(n * n, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [3, 6, 9, 260])
+def test_hadamard_start_falls_back_to_the_random_orthogonal_draw_where_no_hadamard_exists(n):
+    """No Hadamard matrix is known for these orders (2^k·m with m outside compressed-tensors' table): the
+    factor is the random-orthogonal start drawn from the same generator."""
+    assert random_hadamard(n) is None
+    got = start_matrix(n, "hadamard", torch.Generator().manual_seed(5))
+    assert torch.equal(got, random_orthogonal(n, torch.Generator().manual_seed(5)))
+
+
+def test_hadamard_factors_keep_the_linear_function_and_start_as_hadamard():
+    """Through a TrainableTransform: 24 = 4 x 6, the 4 is Hadamard and the 6 falls back."""
+    g = torch.Generator().manual_seed(0)
+    t = TrainableTransform(
+        24, 16, None, act_clip=False, init="hadamard", parametrization="direct", generator=g
+    )
+    assert t.left.shape == (4, 4) and torch.allclose(t.left.detach().abs(), torch.full((4, 4), 0.5))
+    assert not torch.allclose(t.right.detach().abs(), torch.full((6, 6), 6**-0.5))  # random-orthogonal
+    x, w = torch.randn(5, 24, generator=g), torch.randn(8, 24, generator=g)
+    out = (t.activations(x) @ t.weight(w).t()).double()
+    ref = x.double() @ w.double().t()
+    assert float((out - ref).norm() / ref.norm()) < 1e-3
+
+
 def _reference_svd_factor(n: int, inits: list[torch.Tensor]) -> nn.Module:
     """The reference's construction of one factor of SVDDecomposeTransMatrix (U and V each drawn)."""
     ref = nn.Module()
@@ -46,12 +88,12 @@ def _reference_svd_factor(n: int, inits: list[torch.Tensor]) -> nn.Module:
     return ref
 
 
-@pytest.mark.parametrize("init", ["identity", "random-orthogonal"])
+@pytest.mark.parametrize("init", ["identity", "random-orthogonal", "hadamard"])
 def test_svd_cayley_factor_is_the_references_and_stays_invertible_exactly(init):
     n = 8
     factor = KroneckerFactor(n, init, "svd-cayley", torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
-    draws = [random_orthogonal(n, g) if init != "identity" else torch.eye(n) for _ in "uv"]
+    draws = [start_matrix(n, init, g) for _ in "uv"]
     ref = _reference_svd_factor(n, [d.float() for d in draws])
     assert torch.allclose(factor.u.weight, ref.u.weight) and torch.allclose(factor.v.weight, ref.v.weight)
     m = factor.matrix().double()
@@ -124,7 +166,7 @@ def test_per_head_o_proj_training_path_keeps_attention_without_quantization_loss
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match="init must be one of identity, random-orthogonal"):
+    with pytest.raises(ValueError, match="init must be one of identity, random-orthogonal, hadamard"):
         KroneckerFactor(4, "hadamard-ish", "direct")
     with pytest.raises(ValueError, match="parametrization must be one of direct, svd-cayley"):
         KroneckerFactor(4, "identity", "lu")

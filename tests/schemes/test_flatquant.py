@@ -491,6 +491,7 @@ def test_per_head_o_proj_checkpoint_layout(calibrated, tmp_path):
         ("identity", "direct", 3, "kronecker"),
         ("random-orthogonal", "svd-cayley", 2, "kronecker"),
         ("random-orthogonal", "direct", 1, "per-head"),
+        ("hadamard", "direct", 1, "per-head"),
     ],
 )
 def test_modifier_without_clipping_leaves_the_model_function_unchanged(

@@ -77,9 +77,12 @@ class FlatQuantModifier(Modifier):
         reference does (``down_trans.diag_scale``); where the family's MLP is act(gate)·up
     :param weight_clip: learn per-output-channel weight clipping
     :param act_clip: learn a per-layer activation clipping ratio
-    :param seed: seed of the batch order (and of random-orthogonal initial factors)
-    :param init: initial Kronecker factors: "identity", or "random-orthogonal" as the reference
-        (ruikangliu/FlatQuant ``get_init_weight``) starts them (the presets' default: it measures better)
+    :param seed: seed of the batch order (and of random initial factors)
+    :param init: initial Kronecker factors: "identity", "random-orthogonal" as the reference
+        (ruikangliu/FlatQuant ``get_init_weight``) starts them (the presets' default: it measures better),
+        or "hadamard": random-Hadamard factors (``trainable.random_hadamard``), whose Kronecker product
+        is the full random-Hadamard rotation QuIP starts from; random-orthogonal for a factor size with no
+        known Hadamard matrix
     :param parametrization: "direct" (the factor itself), or "svd-cayley": U·diag·Vᵀ with U, V kept
         orthogonal by a Cayley map, the reference's default (``SVDDecomposeTransMatrix``)
     :param tp: the largest tensor-parallel size the checkpoint is served at: the input transforms of
@@ -112,7 +115,7 @@ class FlatQuantModifier(Modifier):
     act_clip: bool = True
     seed: int = 0
     family: str | None = None
-    init: Literal["identity", "random-orthogonal"] = "identity"
+    init: Literal["identity", "random-orthogonal", "hadamard"] = "identity"
     parametrization: Literal["direct", "svd-cayley"] = "direct"
     tp: int = Field(default=1, ge=1)
     o_proj_transform: Literal["kronecker", "per-head"] = "kronecker"

@@ -1,7 +1,7 @@
 """FlatQuant's learnable pieces for one decoder block, differentiable end to end.
 
 A :class:`TrainableTransform` per group of linears that share an input: Kronecker factors L, R
-(:class:`KroneckerFactor`: identity or random-orthogonal at the start, learned directly or as
+(:class:`KroneckerFactor`: identity, random-orthogonal or random-Hadamard at the start, learned directly or as
 U·diag·Vᵀ with Cayley-orthogonal U, V; the left one block-diagonal for a row-parallel layer served
 at tensor parallelism, :class:`BlockDiagonalFactor`), a per-channel smoothing scale s (where a norm can absorb
 it) and an activation clipping ratio; a :class:`FlatQuantLinear` per linear: the folded weight
@@ -13,14 +13,19 @@ the serving kernels' grid (scale = clip·max/(2^(b-1) - 1), see kernels/base.Int
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
+from compressed_tensors.transform.utils.hadamard import random_hadamard_matrix
+from loguru import logger
 from torch import nn
 
 from vllm_ptq_ascend.formats.kronecker import fold_into_value_rows, kronecker_transform, layer_factor_sizes
 
 CLIP_INIT_LOGIT = 4.0  # sigmoid(4) = 0.982, FlatQuant's initial clipping ratio
-INITS = ("identity", "random-orthogonal")
+INITS = ("identity", "random-orthogonal", "hadamard")
 PARAMETRIZATIONS = ("direct", "svd-cayley")
 
 
@@ -29,6 +34,43 @@ def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch
     Q of the QR decomposition of a standard normal matrix, columns signed so R's diagonal is
     positive (the unique such Q: Haar-distributed), in float64."""
     return orthogonal_from(torch.randn(n, n, generator=generator, dtype=torch.float64))
+
+
+def random_hadamard(n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """A random Hadamard factor, as QuIP and SpinQuant rotate with: compressed-tensors'
+    ``random_hadamard_matrix`` (a Hadamard matrix times a random ±1 diagonal), scaled by 1/sqrt(n) to
+    be orthogonal, in float64; None where no Hadamard matrix of order n is known (n = 2^k·m with m in
+    compressed-tensors' table: multiples of 4 up to 256). The Kronecker product of two such factors is
+    itself a Hadamard matrix of their product's order, so L ⊗ R starts as a full random-Hadamard
+    rotation of the layer's input, every channel mixed with equal weight."""
+    state = None if generator is None else generator.get_state()
+    try:
+        h = random_hadamard_matrix(n, torch.float64, gen=generator)
+    except ValueError:
+        if state is not None:  # it drew the signs before refusing: the fallback draws as if it had not
+            generator.set_state(state)
+        return None
+    return h / math.sqrt(n)
+
+
+def start_matrix(n: int, init: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A factor's initial matrix (float64): ``hadamard`` falls back to a random-orthogonal draw for
+    orders with no known Hadamard matrix (SmolLM2's 9 attention heads), and says so in the log."""
+    if init == "identity":
+        return torch.eye(n, dtype=torch.float64)
+    if init == "hadamard":
+        h = random_hadamard(n, generator)
+        if h is not None:
+            return h
+        _say_no_hadamard(n)
+    return random_orthogonal(n, generator)
+
+
+@functools.cache
+def _say_no_hadamard(n: int) -> None:
+    logger.info(
+        f"FlatQuant: no Hadamard matrix of order {n} is known; factors of that size start random-orthogonal"
+    )
 
 
 def orthogonal_from(h: torch.Tensor) -> torch.Tensor:
@@ -55,7 +97,7 @@ class KroneckerFactor(nn.Module):
         self.parametrization = parametrization
 
         def start() -> torch.Tensor:
-            return (random_orthogonal(n, generator) if init == "random-orthogonal" else torch.eye(n)).float()
+            return start_matrix(n, init, generator).float()
 
         if parametrization == "direct":
             self.m = nn.Parameter(start())
