@@ -72,7 +72,7 @@ def test_w4a16_runs_on_vllms_cpu_wna16_kernel(monkeypatch, vllm_dist, platform):
     """bf16 W4A16 at kernel-friendly shapes: vLLM's CPUWNA16LinearKernel, act-order permuted first."""
     name = "VllmMixedPrecisionKernel(CPUWNA16LinearKernel)"
     if platform == "cpu":  # torch's int4 kernel for a few tokens, vLLM's above
-        name = "CpuInt4GemvKernel(large: CpuWna16Kernel(CPUWNA16LinearKernel))"
+        name = "CpuInt4GemvKernel(large: CpuWna16PrefillKernel(CPUWNA16LinearKernel))"
     for act_order in (False, True):
         cfg = ct_config(wna16(4, 32, True, "group" if act_order else None))
         tensors = make_wna16_tensors(128, 256, 4, 32, True, act_order)
@@ -185,7 +185,7 @@ def test_w8a8_on_the_cuda_list_runs_vllms_own_selection(monkeypatch, vllm_dist):
         (
             "cpu",
             32,
-            "CpuW4A8OnInt8GridKernel(CpuInt4GemvKernel(large: CpuWna16Kernel(CPUWNA16LinearKernel)))",
+            "CpuW4A8OnInt8GridKernel(CpuInt4GemvKernel(large: CpuWna16PrefillKernel(CPUWNA16LinearKernel)))",
         ),
         ("cuda", None, "PerChannelW4A8AsInt8Kernel(VllmInt8Kernel(CPUInt8ScaledMMLinearKernel))"),
         ("torch", None, "PerChannelW4A8AsInt8Kernel(TorchInt8Kernel)"),
@@ -217,10 +217,11 @@ def test_reasons_name_every_candidate_passed_over():
     shape = LayerShape(256, 128, 256, (128,), torch.float32)
     config = KernelConfig(WeightOnlySpec(8, -1, True, False), shape, "model.layers.0.mlp.down_proj", "cpu")
     chosen, reasons = first_candidate(config)
-    assert chosen.__name__ == "TorchWeightOnlyKernel"
+    assert chosen.__name__ == "CpuInt8WeightKernel"
     assert reasons == [
         "ActOrderKernel: no act-order g_idx",
         "CpuInt4GemvKernel: 8-bit weights (the int4 kernel takes 4-bit ones)",
+        "CpuWna16PrefillKernel: 8-bit weights (it reads vLLM-CPU's 4-bit layout)",
         "CpuWna16Kernel: cpu_gemm_wna16 has no torch.float32 kernel",
     ]
 

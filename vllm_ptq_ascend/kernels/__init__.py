@@ -86,7 +86,7 @@ def platform_kernels(name: str) -> Platform:
         WeightOnlySpec: (composed.ActOrderKernel, portable.TorchWeightOnlyKernel),
     }
     if name == "cpu":
-        from vllm_ptq_ascend.kernels import cpu
+        from vllm_ptq_ascend.kernels import cpu, cpu_dequant
 
         return Platform(
             name,
@@ -101,7 +101,9 @@ def platform_kernels(name: str) -> Platform:
                 WeightOnlySpec: (
                     composed.ActOrderKernel,
                     cpu.CpuInt4GemvKernel,
+                    cpu_dequant.CpuWna16PrefillKernel,
                     cpu.CpuWna16Kernel,
+                    cpu_dequant.CpuInt8WeightKernel,
                     portable.TorchWeightOnlyKernel,
                 ),
             },

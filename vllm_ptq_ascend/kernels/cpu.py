@@ -140,8 +140,9 @@ INT4_GEMV_GROUPS = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm_for
 class CpuInt4GemvKernel(LinearKernel):
     """W4A16 decode on torch's own CPU int4 kernel (``_weight_int4pack_mm_for_cpu``, the one torchao
     uses), which reads the 4-bit weight once per call and beats both cpu_gemm_wna16 and the bf16 GEMM
-    at a few tokens; calls with more tokens go to the platform's next W4A16 kernel (cpu_gemm_wna16, else
-    the weight dequantized once). It keeps a second 4-bit copy of the weight for that."""
+    at a few tokens; calls with more tokens go to the platform's next W4A16 kernel in its list
+    (cpu_dequant's, else cpu_gemm_wna16, else the weight dequantized once). It keeps a second 4-bit copy
+    of the weight for that."""
 
     family = WeightOnlySpec
 
@@ -170,8 +171,10 @@ class CpuInt4GemvKernel(LinearKernel):
         zero = torch.zeros_like(scale) if zp is None else -zp.float() * scale
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((w_int.to(torch.int32) + 8), 8)
         self.scales_zeros = torch.stack((scale.t(), zero.t()), dim=-1).to(dtype).contiguous()
-        large = CpuWna16Kernel if CpuWna16Kernel.can_implement(self.config)[0] else TorchWeightOnlyKernel
-        self.large = large(self.config)
+        from vllm_ptq_ascend import kernels  # the platform's list (lazy: the package chooses)
+
+        large, _ = kernels.first_candidate(self.config, exclude=(type(self),))
+        self.large = (large or TorchWeightOnlyKernel)(self.config)
         self.large.process_weights_after_loading(layer)
 
     @property
