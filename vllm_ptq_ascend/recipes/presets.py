@@ -345,19 +345,26 @@ def _flatquant(weight_bits: int, act_bits: int, ignore, weights: str = "rtn", **
 
 
 def _flatquant_preset(
-    name: str, weight_bits: int, act_bits: int, summary: str, weights_default: str, smooth_down_default: bool
+    name: str,
+    weight_bits: int,
+    act_bits: int,
+    summary: str,
+    weights_default: str,
+    smooth_down_default: bool,
+    init_default: str,
 ):
-    """Register FlatQuant preset ``name``; the three differ in their bit widths, weight rounding and
-    down_proj smoothing (each default chosen by measurement)."""
+    """Register FlatQuant preset ``name``; the three differ in their bit widths, weight rounding,
+    down_proj smoothing and initial factors (each default chosen by measurement)."""
 
     def build(
         ignore: list[str] | None = None,
         epochs: int = 15,
         lr: float = 5e-3,
         clip_lr: float = 5e-2,
-        # the reference's start and o_proj structure: on SmolLM2 they cut W4A8's perplexity change from
-        # +33.8% to +11.7%, W8A8's from +2.06% to -0.23% (results/flatquant_o_proj_smollm2.md, _init_)
-        init: str = "random-orthogonal",
+        # the reference's start (or a Hadamard one) and o_proj structure: on SmolLM2 they cut W4A8's
+        # perplexity change from +33.8% to +11.7%, W8A8's from +2.06% to -0.23%
+        # (results/flatquant_o_proj_smollm2.md, _init_, _hadamard_)
+        init: str = init_default,
         parametrization: str = "direct",
         weights: str = weights_default,
         tp: int = 1,
@@ -390,6 +397,7 @@ _flatquant_preset(
     "W4A4 FlatQuant: learned Kronecker transforms, clipping; GPTQ int4 channel weights, int4 token acts.",
     "gptq",  # SmolLM2: x2.45 perplexity beside round-to-nearest's x2.83 (results/flatquant_init_smollm2.md)
     True,  # down_proj smoothing: x2.45 -> x2.11 on SmolLM2 (results/flatquant_down_smooth_smollm2.md)
+    "hadamard",  # x2.11 -> x1.67 beside random-orthogonal, same run (results/flatquant_hadamard_smollm2.md)
 )
 _flatquant_preset(
     "w4a8-flatquant",
@@ -398,6 +406,7 @@ _flatquant_preset(
     "W4A8 FlatQuant: learned Kronecker transforms, clipping; GPTQ int4 channel weights, int8 token acts.",
     "gptq",  # SmolLM2: +33.8% beside round-to-nearest's +118% (results/flatquant_weights_smollm2.md)
     False,  # down_proj smoothing: +11.7% -> +13.9% on SmolLM2 (results/flatquant_down_smooth_smollm2.md)
+    "random-orthogonal",  # a Hadamard start: +11.7% -> +14.3% (results/flatquant_hadamard_smollm2.md)
 )
 _flatquant_preset(
     "w8a8-flatquant",
@@ -406,6 +415,7 @@ _flatquant_preset(
     "W8A8 FlatQuant: learned Kronecker transforms, clipping; int8 channel weights, int8 token acts.",
     "rtn",
     False,  # down_proj smoothing not measured at W8A8
+    "random-orthogonal",  # a Hadamard start not measured at W8A8
 )
 
 
