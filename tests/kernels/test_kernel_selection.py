@@ -95,7 +95,7 @@ def test_fp32_and_irregular_g_idx_fall_back_to_exact_torch(monkeypatch, vllm_dis
         128,
         torch.float32,
     )
-    assert layer.scheme.kernel.name == "CpuInt4GemvKernel(large: TorchWeightOnlyKernel)"
+    assert layer.scheme.kernel.name == "CpuInt4GemvKernel(large: CpuDequantizedKernel)"
 
     # g_idx whose groups are not all group_size wide: no contiguous layout exists
     tensors = make_wna16_tensors(128, 256, 4, 32, True, act_order=True)
@@ -199,7 +199,7 @@ def test_w4a8_per_channel_runs_on_the_platforms_int8_gemm(monkeypatch, vllm_dist
     elif "CpuOneDnn" in expect and not onednn_int8_is_exact():
         expect = expect.replace("CpuOneDnnInt8Kernel", "TorchInt8Kernel")
     if "CpuWna16" in expect and not _wna16_built():
-        expect = "CpuW4A8OnInt8GridKernel(CpuInt4GemvKernel(large: TorchWeightOnlyKernel))"
+        expect = "CpuW4A8OnInt8GridKernel(CpuInt4GemvKernel(large: CpuDequantizedKernel))"
     tensors = make_w4a8_tensors(128, 256, group, packed=False)
     layer = _layer(monkeypatch, platform, ct_config(*w4a8(group)), tensors, 256, 128, torch.bfloat16)
     assert layer.scheme.kernel.name == expect

@@ -104,7 +104,7 @@ def platform_kernels(name: str) -> Platform:
                     cpu_dequant.CpuWna16PrefillKernel,
                     cpu.CpuWna16Kernel,
                     cpu_dequant.CpuInt8WeightKernel,
-                    portable.TorchWeightOnlyKernel,
+                    cpu.CpuDequantizedKernel,
                 ),
             },
         )

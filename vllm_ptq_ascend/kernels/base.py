@@ -175,6 +175,12 @@ class LinearKernel(ABC):
         return self.config.spec
 
     @property
+    def switches_on_tokens(self) -> bool:
+        """True if the path a call takes depends on its token count: it then runs as one custom op
+        (``token_switch``), so a compiled graph takes the branch per call."""
+        return False
+
+    @property
     def name(self) -> str:
         return type(self).__name__
 

@@ -42,6 +42,10 @@ class _Composed(LinearKernel):
     def name(self) -> str:
         return f"{type(self).__name__}({self.inner.name})" if hasattr(self, "inner") else type(self).__name__
 
+    @property
+    def switches_on_tokens(self) -> bool:
+        return hasattr(self, "inner") and self.inner.switches_on_tokens
+
     def apply(self, layer, x, bias):
         return self.inner.apply(layer, x, bias)
 

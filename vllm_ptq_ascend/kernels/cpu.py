@@ -177,6 +177,8 @@ class CpuInt4GemvKernel(LinearKernel):
         self.large = (large or TorchWeightOnlyKernel)(self.config)
         self.large.process_weights_after_loading(layer)
 
+    switches_on_tokens = True
+
     @property
     def name(self) -> str:
         large = getattr(self, "large", None)
@@ -186,4 +188,31 @@ class CpuInt4GemvKernel(LinearKernel):
         if x.shape[0] > INT4_GEMV_MAX_TOKENS:
             return self.large.apply(layer, x, bias)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros)
+        return out if bias is None else out + bias
+
+
+class CpuDequantizedKernel(TorchWeightOnlyKernel):
+    """The portable kernel's weight, dequantized once at load, multiplied by vLLM-CPU's own unquantized
+    GEMM (``dispatch_cpu_unquantized_gemm``: sgl-kernel's or oneDNN's prepacked weight, as vLLM's bf16
+    layers are), not F.linear, which ran at 0.34-0.68x that GEMM at one token here
+    (``benchmarks/results/w8a16_int8_cpu.md``). For the weight-only layers no CPU kernel reads in their
+    low-bit form: grouped or asymmetric W8A16, float32 W4A16, irregular act-order groups."""
+
+    @classmethod
+    def fallback(cls, config):
+        return False
+
+    def process_weights_after_loading(self, layer):
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        super().process_weights_after_loading(layer)
+        # vLLM's dispatch packs a layer's ``weight`` and sets ``cpu_linear``; a holder keeps ours apart
+        self.holder = torch.nn.Module()
+        self.holder.weight = torch.nn.Parameter(self.weight, requires_grad=False)
+        self.weight = None
+        dispatch_cpu_unquantized_gemm(self.holder, remove_weight=True)
+
+    def apply(self, layer, x, bias):
+        # bias added here: vLLM's sgl path wants it in float32, converted on its own layer
+        out = self.holder.cpu_linear(x, self.holder.weight, None)
         return out if bias is None else out + bias

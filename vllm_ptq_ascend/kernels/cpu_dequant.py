@@ -81,6 +81,8 @@ class CpuWna16PrefillKernel(CpuWna16Kernel):
     dequantized from vLLM's own packed copy, tile by tile, and GEMMs in the model dtype (numerics:
     each weight rounded once to the model dtype, then the GEMM, as a bf16 layer)."""
 
+    switches_on_tokens = True
+
     @classmethod
     def can_implement(cls, config):
         spec = config.spec
@@ -148,6 +150,7 @@ class CpuInt8WeightKernel(LinearKernel):
     long ones."""
 
     family = WeightOnlySpec
+    switches_on_tokens = True
 
     @classmethod
     def can_implement(cls, config):

