@@ -7,6 +7,8 @@ eager backend): a 600-token prefill ran torch's int4 GEMV meant for 1-8 tokens. 
 ``switches_on_tokens`` is true is therefore called through ``vllm_ptq_ascend::token_switched_apply``,
 which dynamo records as one operator with a shape-only fake; the branch is taken when the op runs.
 Eager engines call the kernel directly (``torch.compiler.is_compiling()`` is false outside a trace).
+vLLM does the same for its own CPU code where a traced branch would stick
+(``vllm/models/deepseek_v4/cpu/cpu_sparse.py``: an opaque custom op, looked up by layer name).
 """
 
 import itertools
