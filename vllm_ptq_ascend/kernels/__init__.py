@@ -105,6 +105,7 @@ def platform_kernels(name: str) -> Platform:
                     cpu.CpuWna16Kernel,
                     cpu_dequant.CpuInt8WeightKernel,
                     cpu.CpuDequantizedKernel,
+                    portable.TorchWeightOnlyKernel,  # where the one above is disabled
                 ),
             },
         )
