@@ -32,7 +32,8 @@ from vllm_ptq_ascend.kernels.torch_ops import unpack_weight
 
 #: tokens per call from which dequantize + GEMM beats cpu_gemm_wna16 (measured on the 2-core AMD EPYC
 #: with AVX-512 BF16, ``benchmarks/bench_dequant_cpu.py --bits 4``, ``w4_prefill_dequant_cpu.md``): at
-#: 256 SmolLM2's and Llama-2-7B's layers gain 1.2-1.4x; at 128 SmolLM2's lose (0.87-0.89x), at 64 7B's
+#: 256 SmolLM2's and Llama-2-7B's layers gain 1.2-1.5x; at 128 SmolLM2's lose (0.86-0.88x), at 64 7B's
+#: (0.5-0.6x)
 DEQUANT_MIN_TOKENS = 256
 #: tokens per call up to which torch's int8 weight-only kernel beats dequantize + GEMM (same host and
 #: benchmark, ``--bits 8``)
@@ -40,10 +41,10 @@ INT8_GEMV_MAX_TOKENS = 16
 BLOCK_N = 16  # output channels per block of vLLM's packed layout
 
 
-#: a weight of up to this many elements is dequantized whole (it stays in cache: tiles only cost it,
-#: 0.84x against 0.93x bf16 at 1024 tokens on SmolLM2's gate_up); a larger one TILE_ROWS output rows at
-#: a time (a multiple of 16), each tile multiplied while still in cache: 0.86x against 0.76x bf16 at
-#: 2048 tokens on Llama-2-7B's o_proj, and at 256 tokens 0.57x where the whole weight gave 0.41x
+#: a weight of up to this many elements is dequantized whole (tiles gave SmolLM2's nothing: 0.84x bf16
+#: at 1024 tokens on gate_up, whole 0.86-0.93x); a larger one TILE_ROWS output rows at a time (a multiple
+#: of 16), each tile multiplied while still in cache: on Llama-2-7B's o_proj 0.86x against 0.76x bf16 at
+#: 2048 tokens, and at 256 tokens 0.56x where the whole weight gave 0.37x
 SMALL_WEIGHT = 1 << 22
 TILE_ROWS = 512
 
