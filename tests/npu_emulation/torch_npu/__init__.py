@@ -306,6 +306,38 @@ def npu_dynamic_quant(x: torch.Tensor, *, smooth_scales=None, group_index=None, 
     return y.to(torch.int8), scale
 
 
+# -- norms (what vLLM-Ascend's RMSNorm calls, and the fused norm + quant its compilation pass swaps in) --
+def npu_add_rms_norm(x1: torch.Tensor, x2: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6):
+    """(y, rstd, x): x = x1 + x2, rstd = 1 / sqrt(mean(x^2) + epsilon) (float32, last dim 1),
+    y = x * rstd * gamma; y and x in x1's dtype (hicann/ops-nn norm/add_rms_norm docs)."""
+    op = "npu_add_rms_norm"
+    _served_chip(op, on_310p=True)
+    if x1.shape != x2.shape or gamma.shape != x1.shape[-1:]:
+        _fail(op, f"x1 {tuple(x1.shape)}, x2 {tuple(x2.shape)} and gamma {tuple(gamma.shape)} do not fit")
+    x = x1.float() + x2.float()
+    rstd = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + epsilon)
+    return (x * rstd * gamma.float()).to(x1.dtype), rstd, x.to(x1.dtype)
+
+
+def npu_add_rms_norm_dynamic_quant(
+    x1, x2, gamma, *, smooth_scale1=None, smooth_scale2=None, beta=None, epsilon=1e-6, output_mask=None
+):
+    """(y1, y2, x, scale1, scale2) of aclnnAddRmsNormDynamicQuant(V2) (hicann/ops-nn
+    norm/add_rms_norm_dynamic_quant docs): y as npu_add_rms_norm's, kept in float32, then
+    scale1 = row_max(|y|) / 127 and y1 = round(y / scale1) in int8; y2 and scale2 carry nothing
+    without smoothScale2 (returned empty). Smoothing scales and beta are not emulated."""
+    op = "npu_add_rms_norm_dynamic_quant"
+    _served_chip(op, on_310p=False)
+    if smooth_scale1 is not None or smooth_scale2 is not None or beta is not None:
+        _fail(op, "smooth scales and beta are not emulated", NotImplementedError)
+    _, rstd, x = npu_add_rms_norm(x1, x2, gamma, epsilon)
+    y = (x1.float() + x2.float()) * rstd * gamma.float()
+    scale = y.abs().amax(dim=-1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    y1 = torch.round(y / safe.unsqueeze(-1)).clamp(-128, 127).to(torch.int8)
+    return y1, y1.new_empty(0), x, scale, scale.new_empty(0)
+
+
 def npu_kronecker_quant(x, kronecker_p1, kronecker_p2, clip_ratio=None, dst_dtype=None, dst_type_max=None):
     """Per token (first dim): x'' = P1 @ (x @ P2), scale = max|x''| * clip / 7, int4 packed in int32.
 
