@@ -91,8 +91,8 @@ class PtqScheme(ABC):
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The layer's forward pass: the kernel on 2-D activations."""
-        # no reshape of 2-D input (vLLM's): a view between a norm and the kernel's quantization would hide
-        # the pair from vLLM-Ascend's norm + quant fusion pass (tests/integrations/test_ascend_norm_quant_fusion.py)
+        # no reshape of 2-D input (vLLM's): a view between a norm and the kernel's quantization would
+        # hide the pair from vLLM-Ascend's norm + quant fusion pass (test_ascend_norm_quant_fusion.py)
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         key = getattr(self, "switch_key", None)
         if key is not None and torch.compiler.is_compiling():
