@@ -65,12 +65,14 @@ LLMCOMPRESSOR_SCHEMES = {
 }
 
 
-def llmcompressor_checkpoint(model_dir: Path, out: Path, name: str) -> Path:
+def llmcompressor_checkpoint(model_dir: Path, out: Path, name: str, scheme: tuple | None = None) -> Path:
+    """llmcompressor's checkpoint of scheme ``name`` (LLMCOMPRESSOR_SCHEMES), or of ``scheme`` given as
+    (config_groups, needs calibration data)."""
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    groups, calibrate = LLMCOMPRESSOR_SCHEMES[name]
+    groups, calibrate = scheme or LLMCOMPRESSOR_SCHEMES[name]
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     kw = dict(dataset=_calibration(tok), num_calibration_samples=8, max_seq_length=64) if calibrate else {}

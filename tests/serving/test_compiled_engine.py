@@ -5,7 +5,9 @@ pass once and drops its guards), so a Python branch on the token count would kee
 took: before ``kernels/token_switch.py`` a 600-token W4A16 prefill ran torch's 1-8-token int4 GEMV.
 Here a real engine, compiled with dynamo's eager backend (``VLLM_CPU_CI_ENV=1``, vLLM's own switch for
 that; inductor is the same trace), is profiled: decode must run the GEMV, a long prefill the
-dequantize-and-GEMM path, and both must generate what the eager engine does.
+dequantize-and-GEMM path, and both must generate what the eager engine does. W4A16 needs vLLM-CPU's
+cpu_gemm_wna16 (AVX-512 BF16 builds); per-channel W8A16 (torch's int8 GEMV up to 16 tokens) runs on
+every CPU.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import pytest
 
 from tests.kernels.test_kernel_selection import needs_wna16
 
-pytestmark = [pytest.mark.engine, needs_wna16]
+pytestmark = pytest.mark.engine
 
 GEMV = "aten::_weight_int4pack_mm_for_cpu"
 DEQUANT = "aten::stack"  # CpuWna16PrefillKernel's nibble expansion
+INT8_GEMV = "aten::_weight_int8pack_mm"
 
 
 def _probe(model, mode: str) -> dict:
@@ -38,11 +41,29 @@ def _probe(model, mode: str) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def test_compiled_engine_takes_each_calls_branch(make_ckpt):
+def _same_tokens(eager: dict, compiled: dict) -> None:
+    assert compiled["decode_tokens"] == eager["decode_tokens"]
+    assert compiled["prefill_tokens"] == eager["prefill_tokens"]
+
+
+@needs_wna16
+def test_compiled_w4a16_engine_takes_each_calls_branch(make_ckpt):
     model = make_ckpt("w4a16-g128-sym")
     eager, compiled = _probe(model, "eager"), _probe(model, "compiled")
     for run in (eager, compiled):
         assert run["decode"].get(GEMV, 0) > 0 and DEQUANT not in run["decode"], run["decode"]
         assert run["prefill"].get(DEQUANT, 0) > 0 and GEMV not in run["prefill"], run["prefill"]
-    assert compiled["decode_tokens"] == eager["decode_tokens"]
-    assert compiled["prefill_tokens"] == eager["prefill_tokens"]
+    _same_tokens(eager, compiled)
+
+
+def test_compiled_w8a16_engine_takes_each_calls_branch(tiny_model, tmp_path):
+    from tests.checkpoints import W, _group, llmcompressor_checkpoint
+
+    model = llmcompressor_checkpoint(
+        tiny_model, tmp_path / "w8a16-channel", "w8a16-channel", (_group(W(8, "channel")), False)
+    )
+    eager, compiled = _probe(model, "eager"), _probe(model, "compiled")
+    for run in (eager, compiled):
+        assert run["decode"].get(INT8_GEMV, 0) > 0, run["decode"]
+        assert INT8_GEMV not in run["prefill"], run["prefill"]
+    _same_tokens(eager, compiled)
