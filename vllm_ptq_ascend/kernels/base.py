@@ -64,6 +64,10 @@ class WeightOnlySpec:
     symmetric: bool
     has_g_idx: bool  # GPTQ act-order: input channels are grouped by g_idx, not by position
 
+    def group_width(self, in_features: int) -> int:
+        """Input channels per weight scale: ``group_size``, or the whole input per channel."""
+        return in_features if self.group_size == -1 else self.group_size
+
 
 @dataclass(frozen=True)
 class W4A8Spec:

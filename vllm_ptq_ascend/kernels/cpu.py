@@ -145,11 +145,12 @@ class CpuInt4GemvKernel(LinearKernel):
     of the weight for that."""
 
     family = WeightOnlySpec
+    switches_on_tokens = True
 
     @classmethod
     def can_implement(cls, config):
         spec: WeightOnlySpec = config.spec
-        group = config.in_features if spec.group_size == -1 else spec.group_size
+        group = spec.group_width(config.in_features)
         if spec.num_bits != 4:
             return False, f"{spec.num_bits}-bit weights (the int4 kernel takes 4-bit ones)"
         if spec.has_g_idx:
@@ -163,7 +164,7 @@ class CpuInt4GemvKernel(LinearKernel):
     def process_weights_after_loading(self, layer):
         spec: WeightOnlySpec = self.spec
         dtype = self.config.params_dtype
-        self.group = self.config.in_features if spec.group_size == -1 else spec.group_size
+        self.group = spec.group_width(self.config.in_features)
         w_int = torch_ops.unpack_weight(layer, 4)  # [out, in] signed
         zp = torch_ops.unpack_zero_point(layer, 4)  # [out, groups] signed, or None
         scale = layer.weight_scale.data.float()  # [out, groups]
@@ -176,8 +177,6 @@ class CpuInt4GemvKernel(LinearKernel):
         large, _ = kernels.first_candidate(self.config, exclude=(type(self),))
         self.large = (large or TorchWeightOnlyKernel)(self.config)
         self.large.process_weights_after_loading(layer)
-
-    switches_on_tokens = True
 
     @property
     def name(self) -> str:

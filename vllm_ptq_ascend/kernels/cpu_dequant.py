@@ -91,7 +91,7 @@ class CpuWna16PrefillKernel(CpuWna16Kernel):
             return False, f"{spec.num_bits}-bit weights (it reads vLLM-CPU's 4-bit layout)"
         if not spec.symmetric:
             return False, "asymmetric weights (it expands symmetric uint4b8 nibbles)"
-        group = config.in_features if spec.group_size == -1 else spec.group_size
+        group = spec.group_width(config.in_features)
         if config.in_features % group:
             return False, f"group size {group} does not divide the input ({config.in_features})"
         if cls.vllm_uses_w4a8_layout(config):
@@ -117,7 +117,7 @@ class CpuWna16PrefillKernel(CpuWna16Kernel):
                 "which CpuWna16PrefillKernel cannot read"
             )
         n, k = self.config.out_features, self.config.in_features
-        group = k if self.spec.group_size == -1 else self.spec.group_size
+        group = self.spec.group_width(k)
         # [N/16, K, 8] bytes, byte j holding outputs 2j (low nibble) and 2j + 1 of its block: a view
         self.nibbles = layer.weight_packed.data.view(torch.uint8).reshape(n // BLOCK_N, k, BLOCK_N // 2)
         scale = layer.weight_scale.data  # [groups, N]

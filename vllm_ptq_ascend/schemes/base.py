@@ -26,6 +26,8 @@ class PtqScheme(ABC):
     tensor_names: tuple[str, ...] = ()
     #: the plans this scheme serves, as (format, scheme) pairs; each class names its own
     serves: tuple[tuple[str, str], ...] = ()
+    #: token_switch's key for a kernel that switches path by token count (set in prepare), else None
+    switch_key: int | None = None
 
     @classmethod
     def matches(cls, plan: LayerPlan) -> bool:
@@ -94,10 +96,9 @@ class PtqScheme(ABC):
         # no reshape of 2-D input (vLLM's): a view between a norm and the kernel's quantization would
         # hide the pair from vLLM-Ascend's norm + quant fusion pass (test_ascend_norm_quant_fusion.py)
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        key = getattr(self, "switch_key", None)
-        if key is not None and torch.compiler.is_compiling():
+        if self.switch_key is not None and torch.compiler.is_compiling():
             # one opaque op in the traced graph, so that it takes the kernel's branch per call
-            out = torch.ops.vllm_ptq_ascend.token_switched_apply(x2, bias, key)
+            out = torch.ops.vllm_ptq_ascend.token_switched_apply(x2, bias, self.switch_key)
         else:
             out = self.kernel.apply(layer, x2, bias)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
