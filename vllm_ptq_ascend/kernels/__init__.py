@@ -86,7 +86,11 @@ def platform_kernels(name: str) -> Platform:
         WeightOnlySpec: (composed.ActOrderKernel, portable.TorchWeightOnlyKernel),
     }
     if name == "cpu":
+        from vllm_ptq_ascend.cpu_features import request_amx_tiles
         from vllm_ptq_ascend.kernels import cpu, cpu_dequant
+
+        # vLLM-CPU's own AMX attention needs the permission too, and our kernels may not be what asks
+        request_amx_tiles()
 
         return Platform(
             name,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from vllm import _custom_ops as ops  # this module is imported only on vLLM's CPU platform
 
-from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
+from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact, request_amx_tiles
 from vllm_ptq_ascend.kernels import torch_ops
 from vllm_ptq_ascend.kernels.base import Int8Kernel, LinearKernel, WeightOnlySpec
 from vllm_ptq_ascend.kernels.composed import W4A8OnInt8GridKernel
@@ -123,10 +123,9 @@ class CpuWna16Kernel(VllmMixedPrecisionKernel):
 
     def process_weights_after_loading(self, layer):
         super().process_weights_after_loading(layer)
-        # cpu_gemm_wna16's AMX path does not ask Linux for the AMX tile state itself: without that
-        # permission (granted per process, e.g. once oneDNN has used AMX) it dies of SIGILL, as
-        # measured on a Sapphire Rapids VM. Ask once; keep to the AVX-512 path if refused.
-        if getattr(layer, "isa_hint", None) == "amx" and not torch._C._cpu._init_amx():
+        # cpu_gemm_wna16's AMX path does not ask for the AMX tile state itself (request_amx_tiles):
+        # keep to its AVX-512 path where the kernel refuses it
+        if getattr(layer, "isa_hint", None) == "amx" and not request_amx_tiles():
             layer.isa_hint = "vec"
 
 
