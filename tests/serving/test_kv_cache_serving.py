@@ -93,36 +93,69 @@ def test_fp8_kv_checkpoint_is_served_with_an_fp8_cache_as_the_reference(served, 
     def reference(**kv):
         return [FakeQuantModel(kv_ckpts["good"], **kv).prompt_logprobs(p) for p in prompts]
 
-    # vLLM-CPU writes the cache rounding toward zero (pinned below); the weights are served exactly,
-    # so the engine sits on that reference, and clearly off the nearest-rounding and unquantized ones
-    near = _mean_diff(ours, reference(kv_rounding="toward_zero"))
-    others = [_mean_diff(ours, reference(kv_rounding="nearest")), _mean_diff(ours, reference(kv_cache=False))]
+    # vLLM-CPU's own write rounds toward zero (pinned below); ours rounds to nearest (fp8_cache_write).
+    # The weights are served exactly, so the engine sits on the nearest-rounding reference, and clearly
+    # off the toward-zero and unquantized ones
+    near = _mean_diff(ours, reference(kv_rounding="nearest"))
+    others = [
+        _mean_diff(ours, reference(kv_rounding="toward_zero")),
+        _mean_diff(ours, reference(kv_cache=False)),
+    ]
     assert near < 1e-3 and min(others) > 10 * near, (near, others)
 
 
 @needs_fp8_cache
 def test_vllm_cpu_writes_its_fp8_cache_rounding_toward_zero():
-    """Pins what the reference above models: vLLM-CPU's cpu_attn_reshape_and_cache stores k / k_scale
-    truncated to e4m3 (17.65 -> 16, not 18), a bias toward zero of up to one e4m3 step (6-12%)
-    that round-to-nearest would halve and unbias. When vLLM rounds to nearest, the engine test
-    above fails and the reference's rounding follows. Keys sit transposed in their block."""
-    import vllm._custom_ops as ops
-
+    """Pins what serving/fp8_cache_write.py corrects: vLLM-CPU's cpu_attn_reshape_and_cache stores
+    k / k_scale truncated to e4m3 (17.65 -> 16, not 18), a bias toward zero of up to one e4m3 step
+    (6-12%) that round-to-nearest halves and unbiases. When vLLM rounds to nearest itself, this fails
+    and the correction can go."""
     from tests.reference import fake_quant_fp8
 
-    g = torch.Generator().manual_seed(0)
-    tokens, heads, head_size, scale = 32, 2, 64, 0.05
-    key = torch.randn(tokens, heads, head_size, generator=g) * 3
-    value = torch.randn(tokens, heads, head_size, generator=g)
-    caches = [torch.zeros(1, heads, tokens, head_size, dtype=torch.uint8) for _ in range(2)]
-    ops.cpu_attn_reshape_and_cache(key, value, *caches, torch.arange(tokens), "vec", scale, 1.0, "fp8")
-    k_cache, v_cache = (c.view(torch.float8_e4m3fn).double() for c in caches)
-    # a key block is stored head_size-major (head_size x tokens), a value block token-major
-    stored_k = k_cache[0].reshape(heads, head_size, tokens).permute(2, 0, 1) * scale
-    stored_v = v_cache[0].permute(1, 0, 2)
+    key, value, scale = _keys_and_values(torch.float32)
+    stored_k, stored_v = _vllm_cpu_cache_write(key, value, scale, 1.0)
     assert torch.equal(stored_k, fake_quant_fp8(key.double(), scale, "toward_zero"))
     assert torch.equal(stored_v, fake_quant_fp8(value.double(), 1.0, "toward_zero"))
     assert not torch.equal(stored_k, fake_quant_fp8(key.double(), scale, "nearest"))
+
+
+@needs_fp8_cache
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_our_fp8_cache_write_rounds_to_nearest_through_vllms_own_op(dtype):
+    """What ptq_ascend hands vLLM-CPU's truncating write is stored as the nearest e4m3 code of the
+    original value: every code, over the normal and subnormal range, at ±448 and beyond it."""
+    from tests.reference import fake_quant_fp8
+    from vllm_ptq_ascend.serving.fp8_cache_write import nearest_before_truncation
+
+    key, value, scale = _keys_and_values(dtype)
+    value[0, 0, :4] = torch.tensor([0.0, 1e-4, -2.5e-3, 900.0])  # zero, subnormals, beyond 448
+    stored_k, stored_v = _vllm_cpu_cache_write(
+        nearest_before_truncation(key, scale), nearest_before_truncation(value, 1.0), scale, 1.0
+    )
+    assert torch.equal(stored_k, fake_quant_fp8(key.double(), scale, "nearest"))
+    assert torch.equal(stored_v, fake_quant_fp8(value.double(), 1.0, "nearest"))
+    assert not torch.equal(stored_k, fake_quant_fp8(key.double(), scale, "toward_zero"))
+
+
+def _keys_and_values(dtype):
+    g = torch.Generator().manual_seed(0)
+    tokens, heads, head_size, scale = 32, 2, 64, 0.05
+    key = (torch.randn(tokens, heads, head_size, generator=g) * 3).to(dtype)
+    value = torch.randn(tokens, heads, head_size, generator=g).to(dtype)
+    return key, value, scale
+
+
+def _vllm_cpu_cache_write(key, value, k_scale, v_scale):
+    """What vLLM-CPU's own cache write stores, read back and dequantized in float64. Keys sit
+    transposed in their block (head_size x tokens), values token-major."""
+    import vllm._custom_ops as ops
+
+    tokens, heads, head_size = key.shape
+    caches = [torch.zeros(1, heads, tokens, head_size, dtype=torch.uint8) for _ in range(2)]
+    ops.cpu_attn_reshape_and_cache(key, value, *caches, torch.arange(tokens), "vec", k_scale, v_scale, "fp8")
+    k_cache, v_cache = (c.view(torch.float8_e4m3fn).double() for c in caches)
+    stored_k = k_cache[0].reshape(heads, head_size, tokens).permute(2, 0, 1) * k_scale
+    return stored_k, v_cache[0].permute(1, 0, 2) * v_scale
 
 
 @pytest.mark.engine

@@ -6,7 +6,8 @@ uses whatever is there after loading, so a checkpoint missing a layer's scales i
 scale 1.0 (keys above 448 saturate) and a zero or NaN scale silently ruins the layer. Here each
 scale must arrive, hold one value, and be finite and positive; the error names the file, the
 layer and the tensor. The cache itself (fp8, e4m3) is vLLM's: vLLM's ``Attention`` switches an
-``auto`` cache dtype to fp8 when the config has a ``kv_cache_scheme``, as for compressed-tensors.
+``auto`` cache dtype to fp8 when the config has a ``kv_cache_scheme``, as for compressed-tensors. On
+vLLM-CPU the cache writes are made to round to nearest (``fp8_cache_write``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tenso
 )
 
 from vllm_ptq_ascend.formats.kv_cache import KV_SCALE_NAMES, checkpoint_block
+from vllm_ptq_ascend.serving.fp8_cache_write import round_cache_writes_to_nearest
 from vllm_ptq_ascend.validation import CheckpointError, require_positive_finite, where
 
 
@@ -58,3 +60,4 @@ class PtqKVCacheMethod(CompressedTensorsKVCacheMethod):
                 )
             require_positive_finite(self.block, name, param.data, files)
         super().process_weights_after_loading(layer)
+        round_cache_writes_to_nearest(layer)
