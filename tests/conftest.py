@@ -10,6 +10,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VLLM_PTQ_ASCEND_CACHE", str(REPO / ".cache"))
+# child processes (engine runners, the CLI, `vllm serve`) import this checkout's package, not the one
+# the editable install points at: from a git worktree they would otherwise test another tree
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 from vllm_ptq_ascend.env import apply_cpu_defaults  # noqa: E402
 
 apply_cpu_defaults()

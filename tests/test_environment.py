@@ -28,3 +28,14 @@ def test_vllm_command_works():
     out = subprocess.run([str(vllm_cli), "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "0.32.0+cpu"
+
+
+def test_child_processes_import_this_checkouts_package(tmp_path):
+    """Engine runners and CLIs run as children; from a git worktree they must test that tree, not the
+    checkout the editable install points at (tests/conftest.py puts this one first)."""
+    code = "import vllm_ptq_ascend; print(vllm_ptq_ascend.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    repo = Path(__file__).resolve().parents[1]
+    assert Path(out.stdout.strip()).resolve() == repo / "vllm_ptq_ascend" / "__init__.py", out.stderr[-2000:]
