@@ -13,6 +13,14 @@ from tests.reference import dequant_weight
 from vllm_ptq_ascend.kernels import KernelConfig, LayerShape, WeightOnlySpec, cpu_dequant
 
 PREFILL = "CpuWna16PrefillKernel(CPUWNA16LinearKernel)"
+WNA16_RUNS_AMX = cpu_dequant.wna16_runs_amx  # the host's answer, before the fixture below replaces it
+
+
+@pytest.fixture(autouse=True)
+def no_wna16_amx(monkeypatch):
+    """These tests are of the dequantizing kernel, which steps aside where cpu_gemm_wna16 runs its AMX
+    path (tested at the end): here it is taken on every CPU, AMX hosts included."""
+    monkeypatch.setattr(cpu_dequant, "wna16_runs_amx", lambda config: False)
 
 
 @pytest.fixture
@@ -191,3 +199,32 @@ def test_weights_dequantized_at_load_run_on_vllms_unquantized_gemm(
         x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(dtype)
         out = layer(x)[0]
         assert out.dtype == dtype and _rel(out, x.double() @ w64.t() + bias.double()) < tol, m
+
+
+def test_where_cpu_gemm_wna16_runs_amx_long_calls_stay_on_it(monkeypatch, vllm_dist, vllm_layout):
+    """On an AMX CPU in bf16, vLLM's cpu_gemm_wna16 beat dequantizing at 16-4096 tokens per call
+    (benchmarks/results/w4_prefill_dequant_cpu_amx.md), so the dequantizing kernel passes, saying why."""
+    monkeypatch.setattr(cpu_dequant, "wna16_runs_amx", lambda config: True)
+    layer, _ = _w4a16(monkeypatch, 128, 256, 32)
+    assert layer.scheme.kernel.name == "CpuInt4GemvKernel(large: CpuWna16Kernel(CPUWNA16LinearKernel))"
+    shape = LayerShape(256, 128, 256, (128,), torch.bfloat16)
+    config = KernelConfig(WeightOnlySpec(4, 32, True, False), shape, "model.layers.0.mlp.down_proj", "cpu")
+    ok, why = cpu_dequant.CpuWna16PrefillKernel.can_implement(config)
+    assert not ok and "cpu_gemm_wna16 runs its AMX path here" in why
+
+
+@pytest.mark.parametrize(
+    "amx,granted,dtype,expect",
+    [
+        (True, True, torch.bfloat16, True),
+        (True, True, torch.float16, False),  # vLLM's _get_isa_hint: AMX for bf16 scales only
+        (True, False, torch.bfloat16, False),  # permission refused: CpuWna16Kernel stays on AVX-512
+        (False, True, torch.bfloat16, False),
+    ],
+)
+def test_wna16_runs_amx_follows_vllms_isa_choice(monkeypatch, amx, granted, dtype, expect):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(cpu_dequant, "request_amx_tiles", lambda: granted)
+    shape = LayerShape(256, 128, 256, (128,), dtype)
+    config = KernelConfig(WeightOnlySpec(4, 32, True, False), shape, "model.layers.0.mlp.down_proj", "cpu")
+    assert WNA16_RUNS_AMX(config) is expect

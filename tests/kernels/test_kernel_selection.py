@@ -54,6 +54,15 @@ needs_wna16 = pytest.mark.skipif(
 )
 
 
+def _large_w4a16() -> str:
+    """The kernel bf16 W4A16 calls past the int4 GEMV get on this CPU: vLLM's cpu_gemm_wna16 where it
+    runs its AMX path, else the dequantizing one (tests/kernels/test_cpu_dequant.py tests both)."""
+    from vllm_ptq_ascend.cpu_features import request_amx_tiles
+
+    amx = torch.cpu._is_amx_tile_supported() and request_amx_tiles()
+    return "CpuWna16Kernel" if amx else "CpuWna16PrefillKernel"
+
+
 def _layer(monkeypatch, platform, cfg, tensors, in_f, out_f, dtype, bias=False):
     monkeypatch.setenv(BACKEND_ENV, platform)
     layer = build_layer("ReplicatedLinear", cfg, in_f, out_f, dtype, bias=bias)
@@ -72,7 +81,7 @@ def test_w4a16_runs_on_vllms_cpu_wna16_kernel(monkeypatch, vllm_dist, platform):
     """bf16 W4A16 at kernel-friendly shapes: vLLM's CPUWNA16LinearKernel, act-order permuted first."""
     name = "VllmMixedPrecisionKernel(CPUWNA16LinearKernel)"
     if platform == "cpu":  # torch's int4 kernel for a few tokens, vLLM's above
-        name = "CpuInt4GemvKernel(large: CpuWna16PrefillKernel(CPUWNA16LinearKernel))"
+        name = f"CpuInt4GemvKernel(large: {_large_w4a16()}(CPUWNA16LinearKernel))"
     for act_order in (False, True):
         cfg = ct_config(wna16(4, 32, True, "group" if act_order else None))
         tensors = make_wna16_tensors(128, 256, 4, 32, True, act_order)
@@ -185,7 +194,7 @@ def test_w8a8_on_the_cuda_list_runs_vllms_own_selection(monkeypatch, vllm_dist):
         (
             "cpu",
             32,
-            "CpuW4A8OnInt8GridKernel(CpuInt4GemvKernel(large: CpuWna16PrefillKernel(CPUWNA16LinearKernel)))",
+            "CpuW4A8OnInt8GridKernel(CpuInt4GemvKernel(large: LARGE_W4A16(CPUWNA16LinearKernel)))",
         ),
         ("cuda", None, "PerChannelW4A8AsInt8Kernel(VllmInt8Kernel(CPUInt8ScaledMMLinearKernel))"),
         ("torch", None, "PerChannelW4A8AsInt8Kernel(TorchInt8Kernel)"),
@@ -194,6 +203,7 @@ def test_w8a8_on_the_cuda_list_runs_vllms_own_selection(monkeypatch, vllm_dist):
 def test_w4a8_per_channel_runs_on_the_platforms_int8_gemm(monkeypatch, vllm_dist, platform, group, expect):
     from vllm_ptq_ascend.cpu_features import onednn_int8_is_exact
 
+    expect = expect.replace("LARGE_W4A16", _large_w4a16())
     if "CpuOneDnn" in expect and _amx_int8():
         expect = expect.replace("CpuOneDnnInt8Kernel", AMX_INT8)
     elif "CpuOneDnn" in expect and not onednn_int8_is_exact():

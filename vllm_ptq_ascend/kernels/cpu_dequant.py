@@ -11,7 +11,9 @@ is the only copy kept.
 - :class:`CpuWna16PrefillKernel` (W4A16, and per-group W4A8 through it): vLLM's
   ``CPUWNA16LinearKernel`` (``cpu_gemm_wna16``, about 0.4x the bf16 GEMM at every size,
   ``benchmarks/results/w4_prefill_dequant_cpu.md``) below :data:`DEQUANT_MIN_TOKENS`; from there
-  vLLM's packed nibbles read in place. vLLM's layout, from
+  vLLM's packed nibbles read in place. Not where cpu_gemm_wna16 runs its AMX path (a bf16 model on an
+  AMX CPU): that beats dequantizing at every token count (``w4_prefill_dequant_cpu_amx.md``).
+  vLLM's layout, from
   ``CPUWNA16LinearKernel._process_gptq_weights_w4a16`` (vLLM 0.32.0): int32 words [N/16, K·2], each
   16 output channels a block, for each input channel k two words of 8 nibbles, output 8·w + i in bits
   4i..4i+3, unsigned (q + 8 for symmetric uint4b8); scales [groups, N]. The tests check this against
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_ptq_ascend.cpu_features import request_amx_tiles
 from vllm_ptq_ascend.kernels.base import LinearKernel, WeightOnlySpec
 from vllm_ptq_ascend.kernels.cpu import CpuWna16Kernel
 from vllm_ptq_ascend.kernels.torch_generic import drop_params
@@ -77,6 +80,14 @@ def tiled_matmul(x: torch.Tensor, n: int, rows: int, tile_t, bias: torch.Tensor 
     return out if bias is None else out.add_(bias)
 
 
+def wna16_runs_amx(config) -> bool:
+    """Whether vLLM's cpu_gemm_wna16 takes its AMX path for this layer: AMX tiles and a bf16 model, as
+    its ``_get_isa_hint`` decides, with the tile permission granted (else CpuWna16Kernel keeps it on
+    AVX-512)."""
+    bf16 = config.params_dtype == torch.bfloat16
+    return bf16 and torch.cpu._is_amx_tile_supported() and request_amx_tiles()
+
+
 class CpuWna16PrefillKernel(CpuWna16Kernel):
     """cpu_gemm_wna16 below :data:`DEQUANT_MIN_TOKENS` tokens per call; from there the weight
     dequantized from vLLM's own packed copy, tile by tile, and GEMMs in the model dtype (numerics:
@@ -96,6 +107,11 @@ class CpuWna16PrefillKernel(CpuWna16Kernel):
             return False, f"group size {group} does not divide the input ({config.in_features})"
         if cls.vllm_uses_w4a8_layout(config):
             return False, "vLLM-CPU repacks for its int4 W4A8 kernel here (VLLM_CPU_INT4_W4A8 on AMX)"
+        if wna16_runs_amx(config):
+            return False, (
+                "cpu_gemm_wna16 runs its AMX path here, faster than dequantizing at 16-4096 tokens "
+                "(benchmarks/results/w4_prefill_dequant_cpu_amx.md)"
+            )
         return super().can_implement(config)
 
     @staticmethod
