@@ -458,6 +458,37 @@ def test_every_mode_of_a_hybrid_thinking_model_is_evaluated(tiny_model, tmp_path
     assert "slow_think" in report and "no_think" in report
 
 
+def test_throughput_reports_the_median_round_and_its_spread(monkeypatch):
+    """One round of a small model's prefill moved by 10-15% between runs on a 2-core VM: the rates are
+    medians over rounds, each decode rate net of its own round's prefill, with the spread beside them."""
+    from types import SimpleNamespace
+
+    from vllm_ptq_ascend.eval import basic
+
+    durations = iter([0.1, 1.1] + [0.5, 2.5, 0.25, 1.25, 0.2, 1.8])  # the warm-up pair, then 3 rounds
+    clock = [0.0]
+
+    def generate(prompts, params, use_tqdm=False):
+        clock[0] += next(durations)
+        out = SimpleNamespace(token_ids=[1] * params.max_tokens)
+        return [SimpleNamespace(outputs=[out]) for _ in prompts]
+
+    monkeypatch.setattr(basic.time, "perf_counter", lambda: clock[0])
+    cache = SimpleNamespace(enable_prefix_caching=False)
+    llm = SimpleNamespace(
+        llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(cache_config=cache)),
+        get_tokenizer=lambda: SimpleNamespace(vocab_size=100),
+        generate=generate,
+    )
+    speed = basic.throughput(llm, n_prompts=2, prompt_len=10, gen_len=5, rounds=3)
+    # prefill rates 20/0.5, 20/0.25, 20/0.2 = 40, 80, 100; decode 8 tokens over 2.0, 1.0, 1.6 s
+    assert speed.rounds == 3 and speed.prefill_tok_s == pytest.approx(80)
+    assert speed.prefill_spread == pytest.approx((100 - 40) / 80)
+    assert speed.decode_tok_s == pytest.approx(8 / 1.6) and speed.decode_spread == pytest.approx((8 - 4) / 5)
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        basic.throughput(llm, rounds=0)
+
+
 def test_throughput_refuses_an_engine_with_prefix_caching():
     """Its warm-up runs the measured prompts first: with prefix caching on, "prefill" would time a
     cache hit (bench and the demo build their engines without it)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import resource
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -57,16 +58,28 @@ class Throughput:
     decode_tok_s: float
     prompt_tokens: int
     generated_tokens: int
+    rounds: int = 1
+    #: (slowest - fastest) / median over the rounds: this run's own noise band
+    prefill_spread: float = 0.0
+    decode_spread: float = 0.0
 
 
-def throughput(llm, n_prompts: int = 8, prompt_len: int = 256, gen_len: int = 64) -> Throughput:
+#: measured rounds per throughput(): one round of a 2-core VM's prefill (about 0.5 s) moved by 10-15%
+#: between two runs of the same checkpoint (2026-12-06), so the rates are medians of several
+THROUGHPUT_ROUNDS = 3
+
+
+def throughput(
+    llm, n_prompts: int = 8, prompt_len: int = 256, gen_len: int = 64, rounds: int = THROUGHPUT_ROUNDS
+) -> Throughput:
     """Offline prefill and decode rates for a batch of ``n_prompts`` synthetic prompts.
 
     Prefill: a batch generating one token each, prompt tokens / wall time.
     Decode: the same batch generating ``gen_len`` tokens (ignore_eos); the prefill
     time just measured is subtracted, and the tokens after the first are divided by
     what remains. Both calls are first run once, unmeasured, at full size (the
-    first call of a shape pays for allocations and kernel selection).
+    first call of a shape pays for allocations and kernel selection). Each rate is the median of
+    ``rounds`` measured rounds, and its spread over them is returned beside it.
 
     The engine must run without prefix caching (``LLM(..., enable_prefix_caching=False)``): with it,
     every measured prompt was cached by the warm-up, and "prefill" times a cache hit.
@@ -78,6 +91,8 @@ def throughput(llm, n_prompts: int = 8, prompt_len: int = 256, gen_len: int = 64
             "throughput() needs an engine without prefix caching (LLM(..., enable_prefix_caching=False)): "
             "its warm-up would cache the measured prompts, and prefill would time a cache hit"
         )
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
 
     vocab = llm.get_tokenizer().vocab_size
     prompts = [
@@ -88,20 +103,30 @@ def throughput(llm, n_prompts: int = 8, prompt_len: int = 256, gen_len: int = 64
     many = SamplingParams(max_tokens=gen_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts, one, use_tqdm=False)  # warm-up, same shapes as measured
     llm.generate(prompts, many, use_tqdm=False)
-    t0 = time.perf_counter()
-    llm.generate(prompts, one, use_tqdm=False)
-    prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, many, use_tqdm=False)
-    total_s = time.perf_counter() - t0
-    generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    decode_s = max(total_s - prefill_s, 1e-9)
+    prefill_rates, decode_rates = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        llm.generate(prompts, one, use_tqdm=False)
+        prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, many, use_tqdm=False)
+        total_s = time.perf_counter() - t0
+        generated = sum(len(o.outputs[0].token_ids) for o in outs)
+        prefill_rates.append(n_prompts * prompt_len / prefill_s)
+        decode_rates.append((generated - n_prompts) / max(total_s - prefill_s, 1e-9))
     return Throughput(
-        prefill_tok_s=n_prompts * prompt_len / prefill_s,
-        decode_tok_s=(generated - n_prompts) / decode_s,
+        prefill_tok_s=statistics.median(prefill_rates),
+        decode_tok_s=statistics.median(decode_rates),
         prompt_tokens=n_prompts * prompt_len,
         generated_tokens=generated,
+        rounds=rounds,
+        prefill_spread=_spread(prefill_rates),
+        decode_spread=_spread(decode_rates),
     )
+
+
+def _spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values)
 
 
 def peak_rss_mib() -> float:

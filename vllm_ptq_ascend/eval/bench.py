@@ -90,6 +90,9 @@ def _offline(llm, config: BenchConfig) -> dict:
     return {
         "prefill_tok_s": speed.prefill_tok_s,
         "decode_tok_s": speed.decode_tok_s,
+        "rounds": speed.rounds,
+        "prefill_spread": speed.prefill_spread,
+        "decode_spread": speed.decode_spread,
         "ttft_ms": 1000 * ttft,
         "tpot_ms": 1000 * max(total - ttft, 0.0) / max(config.gen_len - 1, 1),
         "batch": config.batch,
