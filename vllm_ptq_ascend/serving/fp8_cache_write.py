@@ -10,13 +10,10 @@ vLLM-CPU's attention reads keys and values back from the cache only, so nothing 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-logger = logging.getLogger(__name__)
+from vllm_ptq_ascend.formats.kv_cache import FP8_E4M3_MAX
 
-FP8_E4M3_MAX = 448.0
 E4M3_MANTISSA_BITS = 3
 E4M3_MIN_NORMAL_EXP = -6  # below 2^-6 the grid is subnormal, one step of 2^-9 throughout
 #: vLLM-CPU cache dtypes that are e4m3 ("fp8" is e4m3 in vLLM)
